@@ -1,0 +1,33 @@
+"""lojax: parameter-efficient fine-tuning (LoRA) as pure transforms of JAX param trees."""
+
+from lojax._src.apply import lorafy
+from lojax._src.lora import LoraParams
+from lojax._src.lora import wrap
+from lojax._src.merge import merge
+from lojax._src.merge import unmerge
+from lojax._src.spec import LoraSpec
+from lojax._src.spec import TaskType
+from lojax._src.training import ParameterCount
+from lojax._src.training import count_parameters
+from lojax._src.training import partition_labels
+from lojax._src.training import print_trainable_parameters
+from lojax._src.training import set_adapter
+from lojax._src.training import trainable_mask
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LoraParams",
+    "LoraSpec",
+    "ParameterCount",
+    "TaskType",
+    "count_parameters",
+    "lorafy",
+    "merge",
+    "partition_labels",
+    "print_trainable_parameters",
+    "set_adapter",
+    "trainable_mask",
+    "unmerge",
+    "wrap",
+)

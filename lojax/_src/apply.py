@@ -1,0 +1,156 @@
+"""``lorafy``: run any function of a param tree with LoRA composed inside."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lojax._src import analysis
+from lojax._src import interpret
+from lojax._src import paths as P
+from lojax._src import rules
+from lojax._src import tagged as tg
+from lojax._src.lora import LoraParams, TargetMeta
+
+
+def _expand_layers(x, t: TargetMeta):
+  """Scatters per-selected-layer factors into the full stack (zeros elsewhere)."""
+  if not t.stacked or t.layers is None:
+    return x
+  full = jnp.zeros((t.stacked,) + x.shape[1:], x.dtype)
+  return full.at[jnp.asarray(t.layers)].set(x)
+
+
+def factors(t: TargetMeta, params: dict):
+  """The (A, B·scaling) factors of one target in the kernel's own layout."""
+  a = _expand_layers(params["lora_A"], t)
+  b = _expand_layers(params["lora_B"], t) * jnp.asarray(t.scaling, params["lora_B"].dtype)
+  return a, b
+
+
+def check_fit(lora: LoraParams, paths: list[str], leaves: list[Any]):
+  """Raises if the active adapters do not fit the base they are applied to."""
+  shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}
+  problems = []
+  for name in lora.meta.active:
+    meta = lora.meta.adapter(name)
+    params = lora.adapters.get(name, {})
+    for t in meta.targets:
+      got = shapes.get(t.leaf_path)
+      if got is None:
+        problems.append(f"  [{name}] {t.leaf_path}: not in the params")
+        continue
+      if got != t.shape:
+        problems.append(f"  [{name}] {t.leaf_path}: params have shape {got}, adapter was built "
+                        f"for {t.shape}")
+      entry = params.get("lora", {}).get(t.path)
+      if entry is None:
+        problems.append(f"  [{name}] {t.path}: adapter weights missing")
+        continue
+      for k, want in (("lora_A", t.a_shape()), ("lora_B", t.b_shape())):
+        have = tuple(np.shape(entry.get(k))) if k in entry else None
+        if have != want:
+          problems.append(f"  [{name}] {t.path}/{k}: shape {have}, expected {want}")
+    for group in ("bias", "modules_to_save"):
+      for p, x in params.get(group, {}).items():
+        if p not in shapes:
+          problems.append(f"  [{name}] {group} {p}: not in the params")
+        elif tuple(np.shape(x)) != shapes[p]:
+          problems.append(f"  [{name}] {group} {p}: shape {tuple(np.shape(x))}, params have "
+                          f"{shapes[p]}")
+  if problems:
+    raise ValueError("The adapters do not fit these params:\n" + "\n".join(problems) +
+                     "\nWrap the params this model uses (same paths and shapes), or load "
+                     "adapters made for this base.")
+
+
+def view(lora: LoraParams):
+  """The base leaves as the wrapped function sees them, plus kernel terms."""
+  paths, leaves, treedef = P.flatten(lora.base)
+  check_fit(lora, paths, leaves)
+  index = {p: i for i, p in enumerate(paths)}
+  leaves = list(leaves)
+  saved_by: dict[str, str] = {}
+  terms: dict[int, list[tuple[TargetMeta, Any, Any]]] = {}
+  for name in lora.meta.active:
+    meta = lora.meta.adapter(name)
+    params = lora.adapters[name]
+    for p, x in params["modules_to_save"].items():
+      if p in saved_by:
+        raise ValueError(
+            f"Active adapters {saved_by[p]!r} and {name!r} both hold a trained copy of "
+            f"'{p}' (modules_to_save); activate only one of them.")
+      saved_by[p] = name
+      leaves[index[p]] = x
+    for p, d in params["bias"].items():
+      leaves[index[p]] = leaves[index[p]] + d.astype(leaves[index[p]].dtype)
+    for t in meta.targets:
+      a, b = factors(t, params["lora"][t.path])
+      terms.setdefault(index[t.leaf_path], []).append((t, a, b, name))
+  return paths, leaves, treedef, terms
+
+
+def lorafy(fn: Callable) -> Callable:
+  """Turns ``fn(params, *args, **kwargs)`` into ``f(lora, *args, **kwargs)``.
+
+  The returned function runs ``fn`` on the base params with every active
+  adapter composed in factorized form: each matmul, conv or embedding lookup
+  that reads an adapted kernel computes ``x@W + s*((dropout(x)@A)@B)``; the
+  delta ``A@B`` is never formed (except for uses lojax cannot factorize,
+  which warn). Works for ``model.apply`` of Flax linen, a function that
+  merges an NNX graphdef with its state, or any function of a pytree.
+
+  Extra keyword arguments of the returned function:
+    lora_rng: PRNG key for LoRA dropout (training).
+    lora_deterministic: set True to disable LoRA dropout (evaluation).
+  A spec with ``lora_dropout > 0`` needs one of the two.
+
+  >>> import jax, jax.numpy as jnp, lojax
+  >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+  >>> f = lambda p, x: x @ p["dense"]["kernel"]
+  >>> lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["dense"]),
+  ...                   key=jax.random.key(0))
+  >>> jax.jit(lojax.lorafy(f))(lora, jnp.ones((1, 4))).shape
+  (1, 3)
+  """
+
+  @functools.wraps(fn)
+  def wrapped(lora, /, *args, lora_rng=None, lora_deterministic=False, **kwargs):
+    if not isinstance(lora, LoraParams):
+      raise TypeError(
+          f"The first argument must be the LoraParams returned by lojax.wrap, got "
+          f"{type(lora).__name__}. For plain params call the original function.")
+    paths, leaves, treedef, terms = view(lora)
+    dropout = max((t.dropout for ts in terms.values() for t, *_ in ts), default=0.0)
+    rng = None
+    if dropout > 0 and not lora_deterministic:
+      if lora_rng is None:
+        raise ValueError(
+            f"This adapter has `lora_dropout={dropout}`: pass `lora_rng=key` when training "
+            "or `lora_deterministic=True` when evaluating.")
+      rng = lora_rng
+    dyn, rebuild = analysis.split_args(args, kwargs)
+
+    def flat_fn(tree_leaves, dyn_vals):
+      a, kw = rebuild(dyn_vals)
+      return fn(jax.tree_util.tree_unflatten(treedef, tree_leaves), *a, **kw)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
+    invals = list(leaves)
+    for i, ts in terms.items():
+      t0 = ts[0][0]
+      sides = t0.sides()
+      invals[i] = tg.Tagged(
+          leaves[i], t0.leaf_path, sides,
+          tuple(tg.Term(a, b, dropout=t.dropout if rng is not None else 0.0, name=name)
+                for t, a, b, name in ts),
+          tuple(range(len(sides))))
+    outs = interpret.run_closed(closed, invals + list(dyn), rules.Context(rng=rng))
+    outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return wrapped

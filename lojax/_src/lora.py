@@ -1,0 +1,261 @@
+"""The LoRA tree: a frozen base plus named adapters, and ``wrap``."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lojax._src import analysis
+from lojax._src import inits
+from lojax._src import matcher
+from lojax._src import paths as P
+from lojax._src import spec as spec_lib
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetMeta:
+  """Static description of one adapted kernel."""
+  path: str                      # module path, e.g. "params/h_0/attn/c_attn"
+  leaf: str                      # "kernel" or "embedding"
+  shape: tuple[int, ...]         # full leaf shape (leading layer axis included if stacked)
+  kind: str                      # dense | conv | embed
+  in_axes: tuple[int, ...]       # per-layer kernel axes on the input side
+  stacked: int | None            # number of stacked layers, if any
+  layers: tuple[int, ...] | None  # adapted layers of a stacked kernel (None: all)
+  r: int
+  alpha: float
+  scaling: float
+  dropout: float
+
+  @property
+  def leaf_path(self) -> str:
+    return f"{self.path}/{self.leaf}"
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    return self.shape[1:] if self.stacked else self.shape
+
+  @property
+  def out_axes(self) -> tuple[int, ...]:
+    return tuple(a for a in range(len(self.kernel_shape)) if a not in self.in_axes)
+
+  @property
+  def n_layers(self) -> int | None:
+    if not self.stacked:
+      return None
+    return len(self.layers) if self.layers is not None else self.stacked
+
+  def a_shape(self) -> tuple[int, ...]:
+    lead = (self.n_layers,) if self.stacked else ()
+    return lead + tuple(self.kernel_shape[a] for a in self.in_axes) + (self.r,)
+
+  def b_shape(self) -> tuple[int, ...]:
+    lead = (self.n_layers,) if self.stacked else ()
+    return lead + (self.r,) + tuple(self.kernel_shape[a] for a in self.out_axes)
+
+  def sides(self) -> tuple[str, ...]:
+    per = tuple("I" if a in self.in_axes else "O" for a in range(len(self.kernel_shape)))
+    return (("L",) if self.stacked else ()) + per
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterMeta:
+  name: str
+  spec: Any
+  targets: tuple[TargetMeta, ...]
+  modules_to_save: tuple[str, ...]
+  bias_paths: tuple[str, ...]
+  heads: tuple[str, ...] = ()
+
+  def target(self, path: str) -> TargetMeta:
+    for t in self.targets:
+      if t.path == path:
+        return t
+    raise KeyError(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraMeta:
+  adapters: tuple[AdapterMeta, ...]
+  active: tuple[str, ...]
+
+  def adapter(self, name: str) -> AdapterMeta:
+    for a in self.adapters:
+      if a.name == name:
+        return a
+    names = [a.name for a in self.adapters]
+    raise ValueError(f"No adapter named {name!r}; this LoRA tree has adapters {names}.")
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(a.name for a in self.adapters)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LoraParams:
+  """A frozen base param tree plus named LoRA adapters (a pytree).
+
+  Attributes:
+    base: the original param tree, never modified by training.
+    adapters: ``{name: {"lora": {module path: {"lora_A", "lora_B"}},
+      "bias": {leaf path: delta}, "modules_to_save": {leaf path: array}}}``.
+      Bias entries are *deltas* added to the base bias; modules_to_save
+      entries are full trainable copies of the saved modules' leaves.
+    meta: static description (specs, targets, active adapters).
+
+  ``lora.trainable`` is the subtree to differentiate and optimise (the active
+  adapters); ``lora.with_trainable(t)`` puts an updated one back.
+  """
+
+  def __init__(self, base, adapters, meta: LoraMeta):
+    self.base = base
+    self.adapters = adapters
+    self.meta = meta
+
+  def tree_flatten_with_keys(self):
+    return ((jax.tree_util.GetAttrKey("base"), self.base),
+            (jax.tree_util.GetAttrKey("adapters"), self.adapters)), self.meta
+
+  @classmethod
+  def tree_unflatten(cls, meta, children):
+    return cls(children[0], children[1], meta)
+
+  @property
+  def trainable(self) -> dict:
+    """The trainable part: ``{active adapter name: its params}``."""
+    return {name: self.adapters[name] for name in self.meta.active}
+
+  def with_trainable(self, trainable: Mapping) -> "LoraParams":
+    """Returns a copy whose active adapters are replaced by ``trainable``."""
+    if set(trainable) != set(self.meta.active):
+      raise ValueError(
+          f"`trainable` has adapters {sorted(trainable)} but the active adapters are "
+          f"{list(self.meta.active)}; pass the tree returned by `lora.trainable`.")
+    adapters = dict(self.adapters)
+    adapters.update(trainable)
+    return LoraParams(self.base, adapters, self.meta)
+
+  def __repr__(self):
+    parts = [f"{a.name}{'*' if a.name in self.meta.active else ''}: {len(a.targets)} kernels"
+             for a in self.meta.adapters]
+    return f"LoraParams({', '.join(parts)})"
+
+
+def _key_for(key, path: str):
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAULT_ADAPTER,
+         apply_fn: Callable | None = None, example_args: Sequence[Any] = (),
+         example_kwargs: Mapping[str, Any] | None = None, dtype: Any = jnp.float32) -> LoraParams:
+  """Adds LoRA adapters to a param tree.
+
+  Args:
+    params: any param pytree (a linen variables dict, an NNX ``State``, a plain
+      dict), or a :class:`LoraParams` to add another named adapter to (it
+      starts inactive; see :func:`lojax.set_adapter`).
+    spec: a :class:`lojax.LoraSpec` choosing and configuring the targets.
+    key: PRNG key for the adapters' initialisation.
+    adapter_name: name of the new adapter.
+    apply_fn: optional; the function that consumes the params, e.g.
+      ``model.apply``. When given, lojax traces it once with abstract inputs
+      to learn each kernel's input/output axes, conv/embedding use and stacked
+      layer axes — required for N-D kernels (DenseGeneral, einsum, conv,
+      ``nn.scan``) unless ``spec.kernel_axes`` names their input axes.
+    example_args: positional inputs for ``apply_fn`` after the params (arrays
+      or ``jax.ShapeDtypeStruct``).
+    example_kwargs: keyword inputs for ``apply_fn``.
+    dtype: dtype of the adapter weights (float32 by default).
+
+  Returns:
+    A :class:`LoraParams` whose ``trainable`` part holds the new adapter.
+
+  Raises:
+    ValueError: a target matches nothing, is not a matmul/conv/embedding
+      kernel, its layout cannot be determined, or the adapter name is taken.
+
+  >>> import jax, jax.numpy as jnp, lojax
+  >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+  >>> lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["dense"]),
+  ...                   key=jax.random.key(0))
+  >>> lora.trainable["default"]["lora"]["dense"]["lora_A"].shape
+  (4, 2)
+  """
+  if not isinstance(spec, spec_lib.LoraSpec):
+    raise TypeError(f"`spec` must be a lojax.LoraSpec, got {type(spec).__name__}.")
+  if isinstance(params, LoraParams):
+    existing = params
+    if adapter_name in existing.meta.names:
+      raise ValueError(
+          f"These params already carry an adapter named {adapter_name!r} (adapters: "
+          f"{list(existing.meta.names)}). Pass `adapter_name=` with a new name to add another "
+          "adapter, or wrap the original params.")
+    base = existing.base
+  else:
+    existing = None
+    base = params
+    _check_plain(base)
+  infos, layouts = analysis.kernel_infos(base, spec, apply_fn, tuple(example_args), example_kwargs)
+  paths, leaves, _ = P.flatten(base)
+  leaf_shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}
+  resolution = matcher.resolve(spec, infos, P.module_paths(paths), leaf_shapes)
+  _check_layouts(resolution, layouts, leaf_shapes, apply_fn is not None)
+  targets = []
+  for t in resolution.targets:
+    use = layouts[t.path]
+    leaf = next(i.leaf for i in infos if i.path == t.path)
+    targets.append(TargetMeta(
+        path=t.path, leaf=leaf, shape=leaf_shapes[f"{t.path}/{leaf}"], kind=use.kind,
+        in_axes=use.in_axes, stacked=use.stacked, layers=t.layers, r=t.r, alpha=t.alpha,
+        scaling=t.scaling, dropout=spec.lora_dropout))
+  by_path = dict(zip(paths, leaves))
+  lora_params = {}
+  for t in targets:
+    a, b = inits.init_factors(spec.init_lora_weights, _key_for(key, t.path), t, dtype,
+                              kernel=by_path[t.leaf_path])
+    lora_params[t.path] = {"lora_A": a, "lora_B": b}
+  bias = {p: jnp.zeros_like(by_path[p]) for p in resolution.bias_paths}
+  saved = {p: jnp.array(by_path[p], copy=True) for p in paths
+           if any(P.is_under(p, m) for m in resolution.modules_to_save)}
+  adapter = {"lora": lora_params, "bias": bias, "modules_to_save": saved}
+  meta_entry = AdapterMeta(adapter_name, spec, tuple(targets), resolution.modules_to_save,
+                           resolution.bias_paths, tuple(resolution.heads))
+  if existing is None:
+    return LoraParams(base, {adapter_name: adapter}, LoraMeta((meta_entry,), (adapter_name,)))
+  adapters = dict(existing.adapters)
+  adapters[adapter_name] = adapter
+  meta = LoraMeta(existing.meta.adapters + (meta_entry,), existing.meta.active)
+  return LoraParams(base, adapters, meta)
+
+
+def _check_plain(base):
+  paths, _, _ = P.flatten(base)
+  nested = [p for p in paths if any(c in ("lora_A", "lora_B") for c in p.split("/"))]
+  if nested:
+    raise ValueError(
+        "These params already contain LoRA factors at "
+        f"{nested[:10]}{' …' if len(nested) > 10 else ''}; lojax never adapts adapters. "
+        "Pass the LoraParams returned by lojax.wrap (with a new `adapter_name`) or the "
+        "original base params.")
+
+
+def _check_layouts(resolution, layouts, leaf_shapes, traced: bool):
+  bad = []
+  for t in resolution.targets:
+    use = layouts[t.path]
+    if use.kind in ("unknown", "unused"):
+      shape = next(s for p, s in leaf_shapes.items() if P.split(p)[0] == t.path
+                   and P.split(p)[1] in P.KERNEL_LEAVES)
+      bad.append(f"  {t.path} (shape {shape}): {use.reason}")
+  if bad:
+    hint = ("Give `spec.kernel_axes={pattern: input axes}` for these kernels." if traced else
+            "Pass `apply_fn=model.apply, example_args=(x,)` to lojax.wrap so lojax can trace "
+            "how each kernel is contracted, or give `spec.kernel_axes={pattern: input axes}`.")
+    raise ValueError("Cannot adapt these kernels:\n" + "\n".join(bad) + "\n" + hint)

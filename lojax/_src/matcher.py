@@ -1,0 +1,465 @@
+"""Which kernels a :class:`LoraSpec` adapts: :func:`resolve` and its rules.
+
+Every problem is collected and raised in one ``ValueError``; no rule may match
+nothing silently. A *module path* is the "/"-joined tree path of the dict that
+holds a kernel: ``params/h_3/attn/c_attn`` (linen), ``layers/3/attn/query``
+(NNX lists give a bare digit component).
+
+Names (PEFT's rules, with "/" for "."). A str ``target_modules`` or
+``exclude_modules`` is a regex that must ``re.fullmatch`` the module path; a
+list entry matches a path equal to it or ending in ``"/" + entry`` (entries
+may contain "/": ``"attn/c_attn"``). ``modules_to_save`` uses the list rule;
+those modules and everything below them are never targets. A kernel is
+excluded when its path or an enclosing module's path matches
+``exclude_modules``. Both win over ``target_modules``.
+
+Output heads. ``"all-linear"`` adapts every dense (matmul) kernel except the
+output heads. A kernel is a head when (a) the last component of its path is
+one of ``lm_head, head, output_head, out_head, classifier, score, qa_outputs,
+logits``, or (b) it is a 2-D dense kernel whose output size (last axis) equals
+the vocabulary size (first axis) of an ``embedding`` leaf. A model with tied
+embeddings computes its logits with the embedding matrix: it has no head
+kernel and nothing is left out. Embeddings and convolutions are never in
+``"all-linear"``; name them in a list to adapt them.
+
+Groups. Without ``target_modules`` the ``finetune_*`` flags pick from the
+``"all-linear"`` set (unset flags count as True). *Attention*: a component
+(any case, linen suffixes like ``_0`` ignored) is one of ``attn, attention,
+self_attn, self_attention, cross_attn, cross_attention, encdecattention,
+mha``, or starts with ``multiheaddotproductattention`` /
+``multiheadattention``, or the last component is a projection name such as
+``q_proj, query, qkv, c_attn, wq, out_proj``. *MLP*: a component is one of
+``mlp, ffn, feed_forward, feedforward, mlpblock``, or the last is one of
+``fc1, fc2, c_fc, gate_proj, up_proj, down_proj, w1, w2, w3, wi, wi_0, wi_1,
+dense_h_to_4h, dense_4h_to_h, intermediate``. Attention wins if both hold.
+*Vision* tower: a component contains ``vision, visual, vit, image_encoder``
+or ``img``; everything else is the *language* tower.
+
+Layers. A path's layer index comes from its first numbered component: all
+digits (``layers/3``) or ending in ``_<digits>`` (``h_3``, ``Block_2``). With
+``layers_pattern`` only ``<pattern>/<digits>`` or ``<pattern>_<digits>``
+count. A path without an index never matches ``layers_to_transform``. Stacked
+kernels (layers scanned into a leading axis) use positions along that axis,
+unless ``layers_pattern`` finds an index in the path (so linen auto-names such
+as ``ScanBlock_0`` are not read as layer 0).
+
+Pattern keys (``rank_pattern``, ``alpha_pattern``, ``kernel_axes``). A key
+matches a path when ``re.fullmatch(rf"(?:.*/)?(?:{key})", path)`` holds, i.e.
+it matches a whole "/"-separated tail; a key starting with ``^`` must match
+the whole path. Among the matching keys of one dict the most specific wins:
+the one matching the longest tail (a ``^`` key: the whole path), then the
+longer key, then the lexicographically smaller one. Dict order never matters:
+``{"c_attn": 4, "h_8/attn/c_attn": 16}`` gives ``params/h_8/attn/c_attn``
+r=16 and every other ``c_attn`` r=4. A key that matches no target is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+from lojax._src.spec import ALL_LINEAR, GROUP_FLAGS, LoraSpec, compile_pattern_key
+
+V = TypeVar("V")
+
+HEAD_NAMES = frozenset(
+    {"lm_head", "head", "output_head", "out_head", "classifier", "score", "qa_outputs", "logits"})
+KINDS = ("dense", "conv", "embed", "unknown")
+_ATTN_NAMES = frozenset({"attn", "attention", "self_attn", "self_attention", "cross_attn",
+                         "cross_attention", "encdecattention", "mha"})
+_ATTN_PREFIXES = ("multiheaddotproductattention", "multiheadattention")
+_ATTN_LAST = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv",
+                        "c_attn", "wq", "wk", "wv", "wo", "out_proj"})
+_MLP_NAMES = frozenset({"mlp", "ffn", "feed_forward", "feedforward", "mlpblock"})
+_MLP_LAST = frozenset({"fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3",
+                       "wi", "wi_0", "wi_1", "dense_h_to_4h", "dense_4h_to_h", "intermediate"})
+_VISION_PARTS = ("vision", "visual", "vit", "image_encoder", "img")
+_DIGITS = re.compile(r"[0-9]+")
+_SUFFIX_INDEX = re.compile(r".*_([0-9]+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInfo:
+  """One kernel of the parameter tree, as seen by :func:`resolve`.
+
+  Attributes:
+    path: Module path, e.g. ``"params/h_0/attn/c_attn"``.
+    leaf: Leaf name, ``"kernel"`` or ``"embedding"``.
+    shape: Full leaf shape, including a leading layer axis if stacked.
+    kind: ``"dense"``, ``"conv"``, ``"embed"`` or ``"unknown"`` (an N-D
+      kernel whose use is not known).
+    stacked: Size of the leading layer axis of scanned layers, else None.
+
+  >>> KernelInfo("params/h_0/attn/c_attn", "kernel", (64, 192), "dense").shape
+  (64, 192)
+  """
+
+  path: str
+  leaf: str
+  shape: tuple[int, ...]
+  kind: str
+  stacked: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+    if self.kind not in KINDS:
+      raise ValueError(f"`kind` must be one of {KINDS}; got kind={self.kind!r} "
+                       f"for {self.path!r}.")
+    if self.stacked is not None and (not self.shape or self.shape[0] != self.stacked):
+      raise ValueError(f"`stacked={self.stacked}` must equal the leading axis of "
+                       f"shape={self.shape} for {self.path!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One kernel to adapt.
+
+  Attributes:
+    path: Module path of the kernel.
+    r: Rank.
+    alpha: Alpha.
+    scaling: ``spec.scaling(r, alpha)``.
+    layers: For a stacked kernel, the positions along the layer axis to
+      adapt; None means all of them (or not stacked).
+
+  >>> Target("params/h_0/attn/c_attn", r=8, alpha=16, scaling=2.0).layers is None
+  True
+  """
+
+  path: str
+  r: int
+  alpha: float
+  scaling: float
+  layers: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+  """What :func:`resolve` decided.
+
+  Attributes:
+    targets: Adapted kernels, sorted by path.
+    modules_to_save: Module paths copied and trained in full.
+    bias_paths: Full leaf paths (``"<module>/bias"``) of trainable biases.
+    heads: Module paths recognised as output heads.
+
+  >>> Resolution(targets=(), modules_to_save=(), bias_paths=(), heads=()).targets
+  ()
+  """
+
+  targets: tuple[Target, ...]
+  modules_to_save: tuple[str, ...]
+  bias_paths: tuple[str, ...]
+  heads: tuple[str, ...]
+
+
+def _coverage(key: str, path: str) -> int | None:
+  """Length of the longest "/"-separated tail of ``path`` that ``key`` matches."""
+  rx = compile_pattern_key(key)  # re caches compiled patterns
+  if key.startswith("^"):
+    return len(path) if rx.fullmatch(path) else None
+  for start in [0] + [i + 1 for i, c in enumerate(path) if c == "/"]:
+    if rx.fullmatch(path, start):
+      return len(path) - start
+  return None
+
+
+def lookup(pattern: Mapping[str, V], path: str) -> tuple[str, V] | None:
+  """The most specific key of ``pattern`` that matches ``path``, with its value.
+
+  Keys follow the rule in the module docstring: a key must match a whole
+  "/"-separated tail of the path (``^key``: the whole path); the longest
+  matched tail wins, then the longer key, then the smaller key.
+
+  Args:
+    pattern: ``{regex key: value}``, e.g. ``spec.rank_pattern``.
+    path: A module path.
+
+  Returns:
+    ``(key, value)`` of the winning key, or None if no key matches.
+
+  >>> lookup({"c_attn": 4, "h_8/attn/c_attn": 16}, "params/h_8/attn/c_attn")
+  ('h_8/attn/c_attn', 16)
+  """
+  best = None
+  for key, value in pattern.items():
+    cover = _coverage(key, path)
+    if cover is not None:
+      rank = (-cover, -len(key), key)
+      if best is None or rank < best[0]:
+        best = (rank, key, value)
+  return None if best is None else (best[1], best[2])
+
+
+def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int | None:
+  """The layer index in ``path``, read as described in the module docstring.
+
+  >>> layer_index("params/h_3/attn/c_attn"), layer_index("layers/2/mlp/fc1")
+  (3, 2)
+  """
+  parts = path.split("/")
+  for i, part in enumerate(parts):
+    if layers_pattern is None:
+      if _DIGITS.fullmatch(part):
+        return int(part)
+      if m := _SUFFIX_INDEX.fullmatch(part):
+        return int(m.group(1))
+      continue
+    nxt = parts[i + 1] if i + 1 < len(parts) else ""
+    for pat in layers_pattern:
+      if _DIGITS.fullmatch(nxt) and re.fullmatch(pat, part):
+        return int(nxt)
+      if m := re.fullmatch(rf"(?:{pat})_([0-9]+)", part):
+        return int(m.group(1))
+  return None
+
+
+def _list_match(entry: str) -> Callable[[str], bool]:
+  return lambda path: path == entry or path.endswith("/" + entry)
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+  return any(path == r or path.startswith(r + "/") for r in roots)
+
+
+def _closest(word: str, candidates: Iterable[str], n: int = 10) -> list[str]:
+  """Up to ``n`` candidates, most similar to ``word`` first (difflib ratio).
+
+  Paths that differ only in their numbers (one per layer) are shown once.
+  """
+  k = word.count("/") + 1
+
+  def score(c: str) -> float:
+    tail = "/".join(c.split("/")[-k:])
+    return max(difflib.SequenceMatcher(None, word, c).ratio(),
+               difflib.SequenceMatcher(None, word, tail).ratio())
+
+  out, seen = [], set()
+  for c in sorted(set(candidates), key=lambda c: (-score(c), c)):
+    if (shape := re.sub(r"[0-9]+", "#", c)) not in seen:
+      seen.add(shape)
+      out.append(c)
+  return out[:n]
+
+
+def _fmt(paths: Iterable[str], n: int = 10) -> str:
+  paths = list(paths)
+  more = f", ... ({len(paths) - n} more)" if len(paths) > n else ""
+  return ", ".join(paths[:n]) + more if paths else "(none)"
+
+
+def _group(path: str) -> str | None:
+  raw = [p.lower() for p in path.split("/")]
+  parts = raw + [re.sub(r"_[0-9]+$", "", p) for p in raw]  # linen names: MlpBlock_0
+  if (any(p in _ATTN_NAMES or p.startswith(_ATTN_PREFIXES) for p in parts)
+          or raw[-1] in _ATTN_LAST):
+    return "attention"
+  if any(p in _MLP_NAMES for p in parts) or raw[-1] in _MLP_LAST:
+    return "mlp"
+  return None
+
+
+def _is_vision(path: str) -> bool:
+  return any(v in p for p in path.lower().split("/") for v in _VISION_PARTS)
+
+
+def _select_groups(spec: LoraSpec, linear: list[KernelInfo], problems: list[str]):
+  """The dense kernels chosen by the ``finetune_*`` flags (unset counts as True)."""
+  attn, mlp, language, vision = (getattr(spec, f) is not False for f in GROUP_FLAGS)
+  groups = {g for g, on in (("attention", attn), ("mlp", mlp)) if on}
+  towers = {t for t, on in ((False, language), (True, vision)) if on}
+  chosen = [k for k in linear if _group(k.path) in groups and _is_vision(k.path) in towers]
+  if not chosen:
+    flags = ", ".join(f"{f}={getattr(spec, f)}" for f in GROUP_FLAGS)
+    problems.append(
+        f"The group flags ({flags}) selected no kernel. Attention kernels have a path "
+        "component such as 'attn', 'attention', 'self_attn' or a last component such as "
+        "'q_proj', 'query', 'c_attn'; MLP kernels have a component 'mlp', 'ffn', "
+        "'feed_forward' or a last component such as 'fc1', 'c_fc', 'up_proj', 'wi'; vision "
+        "kernels have a component containing 'vision', 'visual', 'vit', 'image_encoder' or "
+        f"'img'. Candidates (dense kernels that are not heads): {_fmt(k.path for k in linear)}."
+        " Pass `target_modules` instead.")
+  return chosen
+
+
+def _explain(what: str, word: str, hits: list[str], kernel_paths: list[str],
+             leaf_shapes: Mapping[str, tuple[int, ...]]) -> str:
+  """Why a target entry selected no kernel, given the non-kernel modules it hit."""
+  if not hits:
+    return (f"{what} matched no module path. Module paths that hold kernels, closest "
+            f"first: {_fmt(_closest(word, kernel_paths))}.")
+  details = []
+  for m in hits[:5]:
+    leaves = [f"{p[len(m) + 1:]} {tuple(s)}" for p, s in leaf_shapes.items()
+              if p.rpartition("/")[0] == m]
+    below = [k for k in kernel_paths if k.startswith(m + "/")]
+    details.append(f"{m} (leaves: {', '.join(leaves)})" if leaves
+                   else f"{m} (holds no leaf; kernels below it: {_fmt(below, 5)})")
+  return (f"{what} matched only module paths that are not a matmul kernel: "
+          f"{'; '.join(details)}. Target a module that holds a `kernel` or `embedding` leaf.")
+
+
+def _requested(spec: LoraSpec, kernels: list[KernelInfo], heads: list[str],
+               all_modules: list[str], leaf_shapes, problems: list[str]) -> list[KernelInfo]:
+  """The kernels named by ``target_modules`` or chosen by the group flags."""
+  tm = spec.target_modules
+  kernel_paths = [k.path for k in kernels]
+  if tm is None or tm == ALL_LINEAR:
+    linear = [k for k in kernels if k.kind == "dense" and k.path not in heads]
+    if tm is None:
+      return _select_groups(spec, linear, problems)
+    if not linear:
+      problems.append("`target_modules='all-linear'` found no dense kernel that is not an "
+                      f"output head. Kernels: {_fmt(kernel_paths)}; heads: {_fmt(heads)}.")
+    return linear
+  if isinstance(tm, str):
+    rules = [(f"`target_modules` regex {tm!r}", tm, re.compile(tm).fullmatch)]
+  else:
+    rules = [(f"`target_modules` entry {e!r}", e, _list_match(e)) for e in tm]
+  matched: dict[str, KernelInfo] = {}
+  for what, word, rule in rules:
+    hits = [k for k in kernels if rule(k.path)]
+    if not hits:
+      others = [m for m in all_modules if rule(m)]
+      problems.append(_explain(what, word, others, kernel_paths, leaf_shapes))
+    matched.update((k.path, k) for k in hits)
+  if flat := [f"{k.path} {k.shape}" for k in matched.values()
+              if len(k.shape) - bool(k.stacked) < 2]:
+    problems.append(f"`target_modules` matched leaves that are not matrices (at least 2 axes "
+                    f"per layer are needed): {', '.join(flat)}. Remove or exclude them.")
+  return sorted(matched.values(), key=lambda k: k.path)
+
+
+def _pick_layers(spec: LoraSpec, chosen: list[KernelInfo], problems: list[str]):
+  """Applies ``layers_to_transform``; returns ``[(kernel, layers or None)]``."""
+  lt = spec.layers_to_transform
+  if lt is None or not chosen:
+    return [(k, None) for k in chosen]
+  wanted = {lt} if isinstance(lt, int) else set(lt)
+  pats = spec.layers_pattern
+  picked, available = [], set()
+  for k in chosen:
+    idx = layer_index(k.path, pats)
+    if k.stacked and (idx is None or pats is None):
+      available.update(range(k.stacked))
+      layers = tuple(i for i in sorted(wanted) if i < k.stacked)
+      if layers:
+        picked.append((k, None if len(layers) == k.stacked else layers))
+    elif idx is not None:
+      available.add(idx)
+      if idx in wanted:
+        picked.append((k, None))
+  if missing := sorted(wanted - available):
+    how = (f"with `layers_pattern={list(pats)!r}`" if pats
+           else "(components like 'h_3', 'layers_3' or 'layers/3', or stacked layers)")
+    problems.append(
+        f"`layers_to_transform` indices {missing} select no layer. Layer indices found in "
+        f"the targeted paths {how}: {sorted(available) or 'none'}. Targeted paths: "
+        f"{_fmt(k.path for k in chosen)}.")
+  return picked
+
+
+def resolve(spec: LoraSpec, kernels: Sequence[KernelInfo], module_paths: Sequence[str],
+            leaf_shapes: Mapping[str, tuple[int, ...]]) -> Resolution:
+  """Decides which kernels ``spec`` adapts, with which rank and alpha.
+
+  The rules are stated in the module docstring.
+
+  Args:
+    spec: The LoRA spec.
+    kernels: Every kernel of the tree.
+    module_paths: Every internal node path of the tree.
+    leaf_shapes: Every leaf's full "/" path mapped to its shape.
+
+  Returns:
+    A :class:`Resolution`.
+
+  Raises:
+    ValueError: listing every problem at once: entries of ``target_modules``,
+      ``exclude_modules`` or ``modules_to_save`` that match nothing, matched
+      leaves that are not matrices, ``layers_to_transform`` indices that
+      select no layer, pattern keys that match no target.
+
+  >>> k = [KernelInfo("params/h_0/attn/c_attn", "kernel", (4, 12), "dense")]
+  >>> res = resolve(LoraSpec(target_modules=["c_attn"]), k, ["params/h_0/attn/c_attn"],
+  ...               {"params/h_0/attn/c_attn/kernel": (4, 12)})
+  >>> [(t.path, t.r) for t in res.targets]
+  [('params/h_0/attn/c_attn', 8)]
+  """
+  if not isinstance(spec, LoraSpec):
+    raise TypeError(f"`spec` must be a LoraSpec; got {type(spec).__name__}.")
+  kernels = sorted(kernels, key=lambda k: k.path)
+  if dup := sorted({k.path for k in kernels if [j.path for j in kernels].count(k.path) > 1}):
+    raise ValueError(f"`kernels` lists these module paths more than once: {dup}.")
+  all_modules = sorted(set(module_paths) | {k.path for k in kernels})
+  problems: list[str] = []
+
+  # modules_to_save: trained in full, never targets. Task-added names are optional.
+  optional = set(spec.optional_modules_to_save())
+  saved: set[str] = set()
+  for entry in spec.effective_modules_to_save():
+    hits = [m for m in all_modules if _list_match(entry)(m)]
+    if not hits and entry not in optional:
+      problems.append(f"`modules_to_save` entry {entry!r} matched no module path. Closest "
+                      f"module paths: {_fmt(_closest(entry, all_modules))}.")
+    saved.update(hits)
+  saved_roots = sorted(m for m in saved if not _under(m, saved - {m}))
+
+  # exclude_modules: a kernel is out if its path or an enclosing module matches.
+  ex = spec.exclude_modules
+  rules = [] if ex is None else ([(ex, re.compile(ex).fullmatch)] if isinstance(ex, str)
+                                 else [(e, _list_match(e)) for e in ex])
+  for word, rule in rules:
+    if not any(rule(m) for m in all_modules):
+      kind = "regex" if isinstance(ex, str) else "entry"
+      problems.append(f"`exclude_modules` {kind} {word!r} matched no module path. Closest "
+                      f"module paths: {_fmt(_closest(word, all_modules))}.")
+  excluded = {k.path for k in kernels if any(
+      rule(k.path.rsplit("/", n)[0]) for n in range(k.path.count("/") + 1) for _, rule in rules)}
+
+  vocab = {s[0] for p, s in leaf_shapes.items()
+           if p.rpartition("/")[2] == "embedding" and len(s) == 2}
+  heads = [k.path for k in kernels if k.path.rpartition("/")[2].lower() in HEAD_NAMES or (
+      k.kind == "dense" and k.stacked is None and len(k.shape) == 2 and k.shape[1] in vocab)]
+  n_problems = len(problems)
+  matched = _requested(spec, kernels, heads, all_modules, leaf_shapes, problems)
+  chosen = [k for k in matched if k.path not in excluded and not _under(k.path, saved_roots)]
+  picked = _pick_layers(spec, chosen, problems)
+  targeting_failed = len(problems) > n_problems
+  if not picked and not problems:
+    problems.append(
+        "No kernel is left to adapt: every match was removed by `exclude_modules` or "
+        f"`modules_to_save`. Matched: {_fmt(k.path for k in matched)}; excluded: "
+        f"{_fmt(sorted(excluded))}; modules_to_save: {_fmt(saved_roots)}.")
+
+  targets = []
+  for k, layers in picked:
+    r = (lookup(spec.rank_pattern, k.path) or (None, spec.r))[1]
+    alpha = (lookup(spec.alpha_pattern, k.path) or (None, spec.lora_alpha))[1]
+    targets.append(Target(k.path, r=r, alpha=alpha, scaling=spec.scaling(r, alpha),
+                          layers=layers))
+  if targets and not targeting_failed:  # keys are only judged against a sound target set
+    for name in ("rank_pattern", "alpha_pattern", "kernel_axes"):
+      for key in getattr(spec, name):
+        if not any(_coverage(key, t.path) is not None for t in targets):
+          problems.append(
+              f"`{name}` key {key!r} matches no targeted module path. Closest targeted "
+              f"paths: {_fmt(_closest(key, [t.path for t in targets]))}. Keys are "
+              "regexes matched against a '/'-separated tail of the path.")
+  if problems:
+    head = ("Cannot resolve LoRA targets: " if len(problems) == 1 else
+            f"Cannot resolve LoRA targets ({len(problems)} problems):\n  - ")
+    raise ValueError(head + "\n  - ".join(problems))
+
+  if spec.bias == "all":
+    bias = [p for p in leaf_shapes
+            if p.rpartition("/")[2] == "bias" and not _under(p, saved_roots)]
+  else:
+    bias = [f"{t.path}/bias" for t in targets
+            if spec.bias == "lora_only" and f"{t.path}/bias" in leaf_shapes]
+  return Resolution(targets=tuple(targets), modules_to_save=tuple(saved_roots),
+                    bias_paths=tuple(sorted(bias)), heads=tuple(sorted(heads)))

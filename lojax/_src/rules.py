@@ -1,0 +1,196 @@
+"""Factorized consumers of adapted kernels: dot_general, conv and gather.
+
+Each rule receives the equation's inputs (one of them a :class:`Tagged`),
+computes the frozen op on the base value as the function would, and adds each
+adapter term as ``(x @ A) @ B`` — two skinny contractions, never ``W + A@B``.
+A rule returns ``None`` when the use cannot be factorized; the interpreter
+then falls back to the merged kernel and warns once, naming the path and op.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lojax._src import tagged as tg
+
+_LETTERS = string.ascii_letters
+
+
+class Context:
+  """Per-trace state: dropout rng, use counter, analysis recorder."""
+
+  def __init__(self, rng=None, record: Callable | None = None):
+    self.rng = rng
+    self.record = record
+    self.counter = 0
+    self.warned: set[tuple[str, str]] = set()
+
+  def next_key(self):
+    self.counter += 1
+    return jax.random.fold_in(self.rng, self.counter)
+
+  def with_rng(self, rng) -> "Context":
+    ctx = Context(rng, self.record)
+    ctx.counter = self.counter
+    ctx.warned = self.warned
+    return ctx
+
+
+def _dropout(ctx: Context, x, rate: float):
+  if rate <= 0.0 or ctx.rng is None:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(ctx.next_key(), keep, x.shape)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+# --------------------------------------------------------------------------
+# dot_general
+# --------------------------------------------------------------------------
+
+def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
+                preferred_element_type=None, out_sharding=None, **unused):
+  base = lax.dot_general(
+      lhs.value if isinstance(lhs, tg.Tagged) else lhs,
+      rhs.value if isinstance(rhs, tg.Tagged) else rhs,
+      dimension_numbers, precision=precision, preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding)
+  (lc, rc), (lb, rb) = dimension_numbers
+  if isinstance(lhs, tg.Tagged) and isinstance(rhs, tg.Tagged):
+    return None  # kernel @ kernel: materialise both (caller handles)
+  if isinstance(rhs, tg.Tagged):
+    k, x, kc, xc, kb, xb, k_first = rhs, lhs, rc, lc, rb, lb, False
+  else:
+    k, x, kc, xc, kb, xb, k_first = lhs, rhs, lc, rc, lb, rb, True
+  if ctx.record is not None:
+    ctx.record(k, "dot_general", contract=tuple(kc), batch=tuple(kb))
+  if not k.terms:
+    return base
+  sides = k.sides
+  csides = {sides[a] for a in kc}
+  if not kc or len(csides) != 1 or "L" in csides:
+    return None
+  first = 0 if csides == {"I"} else 1
+  # Einsum symbols: kernel value axes, then x's own free axes.
+  nk, nx = len(k.shape), len(x.shape)
+  k_syms = list(_LETTERS[:nk])
+  x_syms = [None] * nx
+  for a, b in zip(xc, kc):
+    x_syms[a] = k_syms[b]
+  for a, b in zip(xb, kb):
+    x_syms[a] = k_syms[b]
+  fresh = iter(_LETTERS[nk:])
+  for j in range(nx):
+    if x_syms[j] is None:
+      x_syms[j] = next(fresh)
+  r_sym = next(fresh)
+  k_free = [k_syms[j] for j in range(nk) if j not in kc and j not in kb]
+  x_free = [x_syms[j] for j in range(nx) if j not in xc and j not in xb]
+  batch = [k_syms[j] for j in kb]
+  out_syms = batch + (k_free + x_free if k_first else x_free + k_free)
+  a_s, b_s = tg.factor_symbols(sides, k_syms, r_sym)
+  f1_s, f2_s = (a_s, b_s) if first == 0 else (b_s, a_s)
+  t_syms = [s for s in x_syms if s in out_syms or s in f2_s]
+  t_syms += [s for s in f1_s if s not in t_syms and (s in out_syms or s in f2_s)]
+  dtype = k.dtype
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  out = base
+  xs, fs, ts, os_ = "".join(x_syms), f1_s, "".join(t_syms), "".join(out_syms)
+  for term in k.terms:
+    f1, f2 = (term.a, term.b) if first == 0 else (term.b, term.a)
+    xd = _dropout(ctx, x, term.dropout)
+    t = jnp.einsum(f"{xs},{fs}->{ts}", xd, f1.astype(dtype), **kw)
+    d = jnp.einsum(f"{ts},{f2_s}->{os_}", t.astype(dtype), f2.astype(dtype), **kw)
+    out = out + d.astype(out.dtype)
+  return out
+
+
+# --------------------------------------------------------------------------
+# conv_general_dilated (kernel as rhs)
+# --------------------------------------------------------------------------
+
+def conv(ctx: Context, lhs, rhs, **params):
+  if isinstance(lhs, tg.Tagged) or not isinstance(rhs, tg.Tagged):
+    return None
+  base = lax.conv_general_dilated_p.bind(lhs, rhs.value, **params)
+  dn = params["dimension_numbers"]
+  rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
+  if ctx.record is not None:
+    ctx.record(rhs, "conv", out_axis=rhs_spec[0])
+  if not rhs.terms:
+    return base
+  if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+    return None
+  sides = rhs.sides
+  if "L" in sides or sides[rhs_spec[0]] != "O" or sides.count("O") != 1:
+    return None
+  out = base
+  feat = out_spec[1]
+  for term in rhs.terms:
+    a = jnp.moveaxis(term.a.astype(rhs.dtype), -1, rhs_spec[0])
+    xd = _dropout(ctx, lhs, term.dropout)
+    p = dict(params)
+    t = lax.conv_general_dilated_p.bind(xd, a, **p)
+    d = jnp.tensordot(t, term.b.astype(t.dtype), axes=[[feat], [0]])
+    d = jnp.moveaxis(d, -1, feat)
+    out = out + d.astype(out.dtype)
+  return out
+
+
+# --------------------------------------------------------------------------
+# gather (embedding lookup)
+# --------------------------------------------------------------------------
+
+def gather(ctx: Context, operand, indices, *, dimension_numbers, slice_sizes, **params):
+  if not isinstance(operand, tg.Tagged) or isinstance(indices, tg.Tagged):
+    return None
+  base = lax.gather_p.bind(operand.value, indices, dimension_numbers=dimension_numbers,
+                           slice_sizes=slice_sizes, **params)
+  dn = dimension_numbers
+  if ctx.record is not None:
+    ctx.record(operand, "gather", index_axes=tuple(dn.start_index_map))
+  if not operand.terms:
+    return base
+  sides = operand.sides
+  i_axes = [j for j, s in enumerate(sides) if s == "I"]
+  o_axes = [j for j, s in enumerate(sides) if s == "O"]
+  if ("L" in sides or dn.operand_batching_dims or len(o_axes) != 1
+      or sorted(dn.start_index_map) != i_axes or sorted(dn.collapsed_slice_dims) != i_axes
+      or any(slice_sizes[j] != 1 for j in i_axes)
+      or slice_sizes[o_axes[0]] != operand.shape[o_axes[0]]):
+    return None
+  # Factor a is [I-side..., r]: gather it the same way, r in place of the O axis.
+  pos = {j: n for n, j in enumerate(i_axes)}
+  a_dn = lax.GatherDimensionNumbers(
+      offset_dims=dn.offset_dims,
+      collapsed_slice_dims=tuple(pos[j] for j in dn.collapsed_slice_dims),
+      start_index_map=tuple(pos[j] for j in dn.start_index_map),
+      operand_batching_dims=(), start_indices_batching_dims=())
+  out = base
+  off = dn.offset_dims[0]
+  for term in operand.terms:
+    r = term.a.shape[-1]
+    a_sizes = tuple([1] * len(i_axes) + [r])
+    t = lax.gather_p.bind(term.a.astype(operand.dtype), indices, dimension_numbers=a_dn,
+                          slice_sizes=a_sizes, **params)
+    d = jnp.tensordot(t, term.b.astype(t.dtype), axes=[[off], [0]])
+    d = jnp.moveaxis(d, -1, off)
+    out = out + d.astype(out.dtype)
+  return out
+
+
+def record_other(ctx: Context, t: tg.Tagged, prim: str):
+  if ctx.record is not None:
+    ctx.record(t, "other", prim=prim)
+
+
+RULES: dict[str, Callable[..., Any]] = {
+    "dot_general": lambda ctx, invals, params: dot_general(ctx, *invals, **params),
+    "conv_general_dilated": lambda ctx, invals, params: conv(ctx, *invals, **params),
+    "gather": lambda ctx, invals, params: gather(ctx, *invals, **params),
+}

@@ -1,0 +1,282 @@
+"""Values derived from an adapted kernel, carried through the interpreter.
+
+A :class:`Tagged` stands for ``value + sum(delta_t)`` where ``value`` is the
+(frozen) kernel as the traced function currently sees it — after any
+transposes, reshapes, casts or slices — and each delta is the low-rank product
+of two factors laid out like the value:
+
+* every value axis has a *side*: ``"I"`` (input side: lives in factor A),
+  ``"O"`` (output side: lives in factor B) or ``"L"`` (a stacked layer axis:
+  leading axis of both factors);
+* ``a`` has shape ``[L?] + [I-side dims in value order] + [r]``;
+* ``b`` has shape ``[L?] + [r] + [O-side dims in value order]`` (the adapter
+  scaling is already folded into ``b``).
+
+Layout ops (transpose, reshape, slice, ...) are applied to the factors, never
+to a materialised delta, so the delta reaches its consumer (dot_general, conv,
+gather) in factorized form. ``kaxes`` maps value axes back to the axes of the
+original leaf (or ``None`` once a reshape mixes them); the analysis pass
+uses it to learn how a function contracts each kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_LETTERS = string.ascii_letters
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One adapter's low-rank delta in value layout."""
+  a: Any
+  b: Any
+  dropout: float = 0.0
+  name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tagged:
+  value: Any
+  path: str
+  sides: tuple[str, ...] | None        # None in analysis mode
+  terms: tuple[Term, ...]
+  kaxes: tuple[int, ...] | None         # value axis -> original leaf axis
+  stack: tuple[int, ...] = ()           # leaf axes sliced away by scans
+
+  @property
+  def shape(self):
+    return self.value.shape
+
+  @property
+  def dtype(self):
+    return self.value.dtype
+
+  def replace(self, **kw) -> "Tagged":
+    return dataclasses.replace(self, **kw)
+
+  # --- bookkeeping: where each value axis lives in the factors -------------
+  def owners(self, axis: int) -> list[tuple[int, int]]:
+    """(factor index 0=a / 1=b, axis in that factor) for value ``axis``."""
+    sides = self.sides
+    has_l = "L" in sides
+    side = sides[axis]
+    if side == "L":
+      return [(0, 0), (1, 0)]
+    pos = sum(1 for j in range(axis) if sides[j] == side)
+    if side == "I":
+      return [(0, pos + int(has_l))]
+    return [(1, pos + 1 + int(has_l))]
+
+
+def _map_terms(t: Tagged, fa, fb) -> tuple[Term, ...]:
+  return tuple(dataclasses.replace(term, a=fa(term.a), b=fb(term.b)) for term in t.terms)
+
+
+# --------------------------------------------------------------------------
+# Layout ops on tagged values. Each returns a new Tagged, or None when the op
+# cannot be carried by the factors (the caller then materialises).
+# --------------------------------------------------------------------------
+
+def transpose(t: Tagged, value, permutation: Sequence[int]) -> Tagged:
+  kaxes = None if t.kaxes is None else tuple(t.kaxes[p] for p in permutation)
+  if t.sides is None:
+    return t.replace(value=value, kaxes=kaxes)
+  sides = tuple(t.sides[p] for p in permutation)
+  has_l = int("L" in t.sides)
+  i_old = [j for j in range(len(t.sides)) if t.sides[j] == "I"]
+  o_old = [j for j in range(len(t.sides)) if t.sides[j] == "O"]
+  i_new = [p for p in permutation if t.sides[p] == "I"]
+  o_new = [p for p in permutation if t.sides[p] == "O"]
+  perm_a = list(range(has_l)) + [has_l + i_old.index(p) for p in i_new] + [has_l + len(i_old)]
+  perm_b = list(range(has_l + 1)) + [has_l + 1 + o_old.index(p) for p in o_new]
+  terms = _map_terms(t, lambda a: jnp.transpose(a, perm_a), lambda b: jnp.transpose(b, perm_b))
+  return t.replace(value=value, sides=sides, terms=terms, kaxes=kaxes)
+
+
+def squeeze(t: Tagged, value, dims: Sequence[int]) -> Tagged:
+  dims = sorted(d % len(t.shape) for d in dims)
+  keep = [j for j in range(len(t.shape)) if j not in dims]
+  kaxes = None if t.kaxes is None else tuple(t.kaxes[j] for j in keep)
+  if t.sides is None:
+    return t.replace(value=value, kaxes=kaxes)
+  drop_a, drop_b = [], []
+  for d in dims:
+    for f, ax in t.owners(d):
+      (drop_a if f == 0 else drop_b).append(ax)
+  sides = tuple(t.sides[j] for j in keep)
+  terms = _map_terms(t, lambda a: jnp.squeeze(a, tuple(drop_a)) if drop_a else a,
+                     lambda b: jnp.squeeze(b, tuple(drop_b)) if drop_b else b)
+  return t.replace(value=value, sides=sides, terms=terms, kaxes=kaxes)
+
+
+def expand(t: Tagged, value, positions: Sequence[int]) -> Tagged:
+  """Inserts size-1 axes at ``positions`` of the result (sorted)."""
+  nd = len(t.shape) + len(positions)
+  positions = sorted(p % nd for p in positions)
+  kaxes, sides, it = [], [], 0
+  old_for_new = []
+  for j in range(nd):
+    if j in positions:
+      kaxes.append(-1)
+      sides.append("I")
+      old_for_new.append(None)
+    else:
+      kaxes.append(None if t.kaxes is None else t.kaxes[it])
+      sides.append(None if t.sides is None else t.sides[it])
+      old_for_new.append(it)
+      it += 1
+  new_kaxes = None if t.kaxes is None else tuple(kaxes)
+  if t.sides is None:
+    return t.replace(value=value, kaxes=new_kaxes)
+  has_l = int("L" in t.sides)
+  # New I-side size-1 axes go into ``a`` at their rank among I-side axes.
+  a_pos = [has_l + sum(1 for k in range(j) if sides[k] == "I") for j in positions]
+  terms = _map_terms(t, lambda a: jnp.expand_dims(a, tuple(a_pos)), lambda b: b)
+  return t.replace(value=value, sides=tuple(sides), terms=terms, kaxes=new_kaxes)
+
+
+def _blocks(old: Sequence[int], new: Sequence[int]):
+  """Splits a reshape of non-unit dims into aligned (old, new) index blocks."""
+  blocks, i, j = [], 0, 0
+  while i < len(old) and j < len(new):
+    bi, bj = [i], [j]
+    po, pn = old[i], new[j]
+    i += 1
+    j += 1
+    while po != pn:
+      if po < pn:
+        bi.append(i)
+        po *= old[i]
+        i += 1
+      else:
+        bj.append(j)
+        pn *= new[j]
+        j += 1
+    blocks.append((bi, bj))
+  if i != len(old) or j != len(new):
+    return None
+  return blocks
+
+
+def reshape(t: Tagged, value, new_sizes: Sequence[int]) -> Tagged | None:
+  old = list(t.shape)
+  new = list(new_sizes)
+  # 1. squeeze unit axes, 2. reshape non-unit blocks, 3. insert unit axes.
+  unit_old = [j for j, d in enumerate(old) if d == 1]
+  cur = squeeze(t, jnp.squeeze(t.value, tuple(unit_old)) if unit_old else t.value, unit_old) if unit_old else t
+  core_old = [d for d in old if d != 1]
+  core_new = [d for d in new if d != 1]
+  blocks = _blocks(core_old, core_new)
+  if blocks is None:
+    return None
+  kaxes: list[int] | None = [] if cur.kaxes is not None else None
+  sides: list[str] = []
+  for bi, bj in blocks:
+    if kaxes is not None:
+      if len(bi) == 1 and len(bj) == 1:
+        kaxes.append(cur.kaxes[bi[0]])
+      else:
+        kaxes = None
+    if cur.sides is not None:
+      s = {cur.sides[k] for k in bi}
+      if len(s) != 1 or ("L" in s and (len(bi) != 1 or len(bj) != 1)):
+        return None
+      sides.extend([s.pop()] * len(bj))
+  core_value = jnp.reshape(value, core_new)
+  if cur.sides is None:
+    out = cur.replace(value=core_value, kaxes=None if kaxes is None else tuple(kaxes))
+  else:
+    has_l = int("L" in cur.sides)
+    new_a = [d for d, s in zip(core_new, sides) if s == "I"]
+    new_b = [d for d, s in zip(core_new, sides) if s == "O"]
+
+    def fa(a):
+      return jnp.reshape(a, a.shape[:has_l] + tuple(new_a) + a.shape[-1:])
+
+    def fb(b):
+      return jnp.reshape(b, b.shape[:has_l + 1] + tuple(new_b))
+
+    out = cur.replace(value=core_value, sides=tuple(sides), terms=_map_terms(cur, fa, fb),
+                      kaxes=None if kaxes is None else tuple(kaxes))
+  unit_new = [j for j, d in enumerate(new) if d == 1]
+  if unit_new:
+    out = expand(out, value, unit_new)
+  return out.replace(value=value)
+
+
+def slice_axes(t: Tagged, value, slicer) -> Tagged:
+  """Applies ``slicer(x, axis_map)`` — a slice of value axes — to the factors.
+
+  ``slicer(x, axes)`` receives an array and a dict {axis of x: value axis} and
+  must return x sliced like the value along those axes.
+  """
+  if t.sides is None:
+    return t.replace(value=value)
+  amap: dict[int, dict[int, int]] = {0: {}, 1: {}}
+  for j in range(len(t.shape)):
+    for f, ax in t.owners(j):
+      amap[f][ax] = j
+  terms = _map_terms(t, lambda a: slicer(a, amap[0]), lambda b: slicer(b, amap[1]))
+  return t.replace(value=value, terms=terms)
+
+
+def index_leading(t: Tagged, value, i) -> Tagged:
+  """The tagged value of ``t[i]`` (scan slicing of value axis 0)."""
+  kaxes = None if t.kaxes is None else t.kaxes[1:]
+  stack = t.stack + ((t.kaxes[0],) if t.kaxes is not None else (-1,))
+  if t.sides is None:
+    return t.replace(value=value, kaxes=kaxes, stack=stack)
+  owners = t.owners(0)
+  fa = fb = (lambda x: x)
+  for f, ax in owners:
+    fn = (lambda ax: (lambda x: lax.index_in_dim(x, i, ax, keepdims=False)))(ax)
+    if f == 0:
+      fa = fn
+    else:
+      fb = fn
+  return t.replace(value=value, sides=t.sides[1:], terms=_map_terms(t, fa, fb), kaxes=kaxes,
+                   stack=stack)
+
+
+# --------------------------------------------------------------------------
+# Materialisation (merged fallback) and delta in value layout
+# --------------------------------------------------------------------------
+
+def factor_symbols(sides: Sequence[str], value_syms: Sequence[str], r_sym: str):
+  """Einsum symbols of factors a and b given the value's symbols."""
+  l_sym = [s for s, side in zip(value_syms, sides) if side == "L"]
+  a_syms = l_sym + [s for s, side in zip(value_syms, sides) if side == "I"] + [r_sym]
+  b_syms = l_sym + [r_sym] + [s for s, side in zip(value_syms, sides) if side == "O"]
+  return "".join(a_syms), "".join(b_syms)
+
+
+def delta(t: Tagged, dtype=None):
+  """The summed delta of ``t``'s terms in the value's layout (materialised)."""
+  nd = len(t.shape)
+  syms = _LETTERS[:nd]
+  r_sym = _LETTERS[nd]
+  a_s, b_s = factor_symbols(t.sides, syms, r_sym)
+  dtype = dtype or t.dtype
+  out = None
+  for term in t.terms:
+    d = jnp.einsum(f"{a_s},{b_s}->{syms}", term.a.astype(dtype), term.b.astype(dtype))
+    out = d if out is None else out + d
+  return out
+
+
+def materialize(t: Tagged):
+  if not t.terms:
+    return t.value
+  return t.value + delta(t).astype(t.dtype)
+
+
+def factor_bytes(shape: Sequence[int]) -> int:
+  return math.prod(shape)
