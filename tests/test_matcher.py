@@ -1,5 +1,7 @@
 """Tests for lojax._src.matcher."""
 
+import math
+
 import pytest
 
 from lojax._src.matcher import KernelInfo, Target, layer_index, lookup, resolve
@@ -110,7 +112,8 @@ def test_regex_must_fullmatch_the_module_path():
   assert paths(t.resolve(target_modules=r".*h_[0-2]/attn/c_attn")) == [
       "params/h_0/attn/c_attn", "params/h_1/attn/c_attn", "params/h_2/attn/c_attn"]
   with pytest.raises(ValueError, match=r"`target_modules` regex 'c_attn' matched no module "
-                     r"path\. Module paths that hold kernels, closest first: params/h_0/attn/c_attn"):
+                     r"path\. Module paths that hold kernels, closest first: "
+                     r"params/h_0/attn/c_attn"):
     t.resolve(target_modules="c_attn")
 
 
@@ -125,12 +128,14 @@ def test_all_bad_entries_are_reported_in_one_error():
   assert "params/h_0/attn (holds no leaf; kernels below it: params/h_0/attn/c_attn, " \
          "params/h_0/attn/c_proj)" in msg
   assert "'c_fc'" not in msg
+  assert "params/h_1/attn/c_attn" not in msg  # one path per layer-less shape, not ten
 
 
 def test_targeting_a_vector_is_an_error_with_path_and_shape():
   t = gpt().kernel("params/gate", (D,), "unknown")
   with pytest.raises(ValueError, match=r"not matrices .*: params/gate \(16,\)"):
     t.resolve(target_modules=["c_attn", "gate"])
+  assert len(t.resolve(target_modules=["c_attn", "gate"], exclude_modules=["gate"]).targets) == 10
   s = Tree().kernel("params/layers/gate", (4, D), "unknown", stacked=4)
   with pytest.raises(ValueError, match=r"params/layers/gate \(4, 16\)"):
     s.resolve(target_modules=["gate"])
@@ -300,6 +305,14 @@ def test_layers_to_transform_on_stacked_kernels():
     t.resolve(target_modules=["query"], layers_to_transform=[6])
 
 
+def test_layers_pattern_index_in_a_stacked_path_wins_over_the_stack_axis():
+  t = Tree().kernel("enc/layers_2/sub/query", (4, D, D), stacked=4)
+  res = t.resolve(target_modules=["query"], layers_to_transform=[2], layers_pattern="layers")
+  assert paths(res) == ["enc/layers_2/sub/query"] and res.targets[0].layers is None
+  res = t.resolve(target_modules=["query"], layers_to_transform=[1])  # no pattern: stack axis
+  assert res.targets[0].layers == (1,)
+
+
 # --- rank_pattern / alpha_pattern -------------------------------------------------
 
 @pytest.mark.parametrize("specific", ["h_8/attn/c_attn", "h.8.attn.c_attn"])
@@ -317,7 +330,8 @@ def test_pattern_alpha_defaults_to_lora_alpha_and_rslora_scaling():
                       rank_pattern={"h_1/attn/c_attn": 64})
   got = {t.path: t for t in res.targets}
   assert got["params/h_1/attn/c_attn"] == Target("params/h_1/attn/c_attn", 64, 16, 2.0)
-  assert got["params/h_0/attn/c_attn"] == Target("params/h_0/attn/c_attn", 8, 16, 16 / 8 ** 0.5)
+  h0 = got["params/h_0/attn/c_attn"]
+  assert (h0.r, h0.alpha) == (8, 16) and h0.scaling == pytest.approx(16 / math.sqrt(8))
 
 
 def test_lookup_rules():
@@ -358,6 +372,14 @@ def test_bias_modes():
   assert "params/h_0/ln_1/bias" in every and len(every) == 10
   saved = t.resolve(target_modules=["c_attn"], bias="all", modules_to_save=["h_1"]).bias_paths
   assert not any(p.startswith("params/h_1/") for p in saved)
+
+
+def test_resolve_argument_errors():
+  t = gpt(n=1)
+  with pytest.raises(TypeError, match=r"`spec` must be a LoraSpec; got dict"):
+    resolve({"target_modules": ["c_attn"]}, t.kernels, sorted(t.modules), t.leaves)
+  with pytest.raises(ValueError, match=r"more than once: \['params/wte'\]"):
+    resolve(LoraSpec(target_modules=["c_attn"]), t.kernels + t.kernels[:1], [], t.leaves)
 
 
 def test_kernel_info_validation():

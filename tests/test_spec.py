@@ -108,7 +108,8 @@ def test_task_type_members():
     (dict(loftq_config={"bits": 4}), r"`loftq_config` has unknown keys \['bits'\]"),
     (dict(init_lora_weights="loftq"), r"`init_lora_weights='loftq'` needs `loftq_config`"),
     (dict(init_lora_weights="orthogonal", r=7), r"'orthogonal'` needs an even `r`; got r=7"),
-    (dict(task_type="CLS"), r"`task_type` must be None or one of \['CAUSAL_LM'.*got task_type='CLS'"),
+    (dict(task_type="CLS"),
+     r"`task_type` must be None or one of \['CAUSAL_LM'.*got task_type='CLS'"),
 ])
 def test_invalid_fields(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -152,6 +152,7 @@ def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
       use = KernelUse("unknown", (), None,
                       f"a {len(shape)}-D kernel's input axes cannot be read from its path")
     layouts[module] = use
-    infos.append(matcher.KernelInfo(path=module, leaf=leaf, shape=shape, kind=use.kind,
+    kind = "unknown" if use.kind == "unused" else use.kind
+    infos.append(matcher.KernelInfo(path=module, leaf=leaf, shape=shape, kind=kind,
                                     stacked=use.stacked))
   return infos, layouts

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -148,10 +147,6 @@ class LoraParams:
     return f"LoraParams({', '.join(parts)})"
 
 
-def _key_for(key, path: str):
-  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-
-
 def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAULT_ADAPTER,
          apply_fn: Callable | None = None, example_args: Sequence[Any] = (),
          example_kwargs: Mapping[str, Any] | None = None, dtype: Any = jnp.float32) -> LoraParams:
@@ -218,7 +213,7 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   by_path = dict(zip(paths, leaves))
   lora_params = {}
   for t in targets:
-    a, b = inits.init_factors(spec.init_lora_weights, _key_for(key, t.path), t, dtype,
+    a, b = inits.init_factors(spec.init_lora_weights, key, t, dtype,
                               kernel=by_path[t.leaf_path])
     lora_params[t.path] = {"lora_A": a, "lora_B": b}
   bias = {p: jnp.zeros_like(by_path[p]) for p in resolution.bias_paths}

@@ -38,7 +38,8 @@ or ``img``; everything else is the *language* tower.
 Layers. A path's layer index comes from its first numbered component: all
 digits (``layers/3``) or ending in ``_<digits>`` (``h_3``, ``Block_2``). With
 ``layers_pattern`` only ``<pattern>/<digits>`` or ``<pattern>_<digits>``
-count. A path without an index never matches ``layers_to_transform``. Stacked
+count; use it when an outer module carries a number (``Encoder_0/Block_3``).
+A path without an index never matches ``layers_to_transform``. Stacked
 kernels (layers scanned into a leading axis) use positions along that axis,
 unless ``layers_pattern`` finds an index in the path (so linen auto-names such
 as ``ScanBlock_0`` are not read as layer 0).
@@ -55,16 +56,16 @@ r=16 and every other ``c_attn`` r=4. A key that matches no target is an error.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
-import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from lojax._src.spec import ALL_LINEAR, GROUP_FLAGS, LoraSpec, compile_pattern_key
 
-V = TypeVar("V")
+_V = TypeVar("_V")
 
 HEAD_NAMES = frozenset(
     {"lm_head", "head", "output_head", "out_head", "classifier", "score", "qa_outputs", "logits"})
@@ -168,7 +169,7 @@ def _coverage(key: str, path: str) -> int | None:
   return None
 
 
-def lookup(pattern: Mapping[str, V], path: str) -> tuple[str, V] | None:
+def lookup(pattern: Mapping[str, _V], path: str) -> tuple[str, _V] | None:
   """The most specific key of ``pattern`` that matches ``path``, with its value.
 
   Keys follow the rule in the module docstring: a key must match a whole
@@ -185,14 +186,9 @@ def lookup(pattern: Mapping[str, V], path: str) -> tuple[str, V] | None:
   >>> lookup({"c_attn": 4, "h_8/attn/c_attn": 16}, "params/h_8/attn/c_attn")
   ('h_8/attn/c_attn', 16)
   """
-  best = None
-  for key, value in pattern.items():
-    cover = _coverage(key, path)
-    if cover is not None:
-      rank = (-cover, -len(key), key)
-      if best is None or rank < best[0]:
-        best = (rank, key, value)
-  return None if best is None else (best[1], best[2])
+  ranked = [((-cover, -len(key), key), key, value) for key, value in pattern.items()
+            if (cover := _coverage(key, path)) is not None]
+  return min(ranked)[1:] if ranked else None  # keys are unique: values are never compared
 
 
 def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int | None:
@@ -238,12 +234,15 @@ def _closest(word: str, candidates: Iterable[str], n: int = 10) -> list[str]:
     return max(difflib.SequenceMatcher(None, word, c).ratio(),
                difflib.SequenceMatcher(None, word, tail).ratio())
 
-  out, seen = [], set()
-  for c in sorted(set(candidates), key=lambda c: (-score(c), c)):
-    if (shape := re.sub(r"[0-9]+", "#", c)) not in seen:
-      seen.add(shape)
-      out.append(c)
-  return out[:n]
+  return _distinct(sorted(set(candidates), key=lambda c: (-score(c), c)))[:n]
+
+
+def _distinct(paths: Iterable[str]) -> list[str]:
+  """The first of each set of paths that differ only in their numbers (layers)."""
+  firsts: dict[str, str] = {}
+  for p in paths:
+    firsts.setdefault(re.sub(r"[0-9]+", "#", p), p)
+  return list(firsts.values())
 
 
 def _fmt(paths: Iterable[str], n: int = 10) -> str:
@@ -324,13 +323,9 @@ def _requested(spec: LoraSpec, kernels: list[KernelInfo], heads: list[str],
   for what, word, rule in rules:
     hits = [k for k in kernels if rule(k.path)]
     if not hits:
-      others = [m for m in all_modules if rule(m)]
+      others = _distinct(m for m in all_modules if rule(m))
       problems.append(_explain(what, word, others, kernel_paths, leaf_shapes))
     matched.update((k.path, k) for k in hits)
-  if flat := [f"{k.path} {k.shape}" for k in matched.values()
-              if len(k.shape) - bool(k.stacked) < 2]:
-    problems.append(f"`target_modules` matched leaves that are not matrices (at least 2 axes "
-                    f"per layer are needed): {', '.join(flat)}. Remove or exclude them.")
   return sorted(matched.values(), key=lambda k: k.path)
 
 
@@ -393,7 +388,7 @@ def resolve(spec: LoraSpec, kernels: Sequence[KernelInfo], module_paths: Sequenc
   if not isinstance(spec, LoraSpec):
     raise TypeError(f"`spec` must be a LoraSpec; got {type(spec).__name__}.")
   kernels = sorted(kernels, key=lambda k: k.path)
-  if dup := sorted({k.path for k in kernels if [j.path for j in kernels].count(k.path) > 1}):
+  if dup := sorted(p for p, n in collections.Counter(k.path for k in kernels).items() if n > 1):
     raise ValueError(f"`kernels` lists these module paths more than once: {dup}.")
   all_modules = sorted(set(module_paths) | {k.path for k in kernels})
   problems: list[str] = []
@@ -428,6 +423,9 @@ def resolve(spec: LoraSpec, kernels: Sequence[KernelInfo], module_paths: Sequenc
   n_problems = len(problems)
   matched = _requested(spec, kernels, heads, all_modules, leaf_shapes, problems)
   chosen = [k for k in matched if k.path not in excluded and not _under(k.path, saved_roots)]
+  if flat := [f"{k.path} {k.shape}" for k in chosen if len(k.shape) - bool(k.stacked) < 2]:
+    problems.append(f"`target_modules` matched leaves that are not matrices (at least 2 axes "
+                    f"per layer are needed): {', '.join(flat)}. Remove or exclude them.")
   picked = _pick_layers(spec, chosen, problems)
   targeting_failed = len(problems) > n_problems
   if not picked and not problems:

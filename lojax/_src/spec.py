@@ -272,8 +272,6 @@ class LoraSpec:
       head = "Invalid LoraSpec: " if len(p) == 1 else f"Invalid LoraSpec ({len(p)} problems):\n  - "
       raise ValueError(head + "\n  - ".join(p))
 
-  # --- equality and hashing over a canonical form -------------------------
-
   def _canonical(self) -> tuple:
     return tuple((f.name, _freeze(getattr(self, f.name))) for f in dataclasses.fields(self))
 
@@ -284,8 +282,6 @@ class LoraSpec:
 
   def __hash__(self) -> int:
     return hash(self._canonical())
-
-  # --- derived values -----------------------------------------------------
 
   def scaling(self, r: int, alpha: float) -> float:
     """The factor ``s`` that multiplies ``B @ A``.
@@ -319,8 +315,6 @@ class LoraSpec:
     user = set(self.modules_to_save or ())
     return tuple(m for m in _TASK_MODULES.get(self.task_type, ()) if m not in user)
 
-  # --- serialisation ------------------------------------------------------
-
   def to_dict(self) -> dict[str, Any]:
     """A JSON-friendly dict of all fields (enums as str, tuples as lists).
 
@@ -343,12 +337,9 @@ class LoraSpec:
     if not isinstance(data, Mapping):
       raise TypeError(f"`data` must be a dict; got {type(data).__name__}.")
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(str(k) for k in data if k not in names)
-    if unknown:
-      raise ValueError(
-          f"`data` has keys that are not LoraSpec fields: {unknown}. "
-          f"Valid fields: {names}. Remove the extra keys before calling `from_dict`."
-      )
+    if unknown := sorted(str(k) for k in data if k not in names):
+      raise ValueError(f"`data` has keys that are not LoraSpec fields: {unknown}. Valid "
+                       f"fields: {names}. Remove the extra keys before calling `from_dict`.")
     return cls(**data)
 
 
