@@ -102,7 +102,6 @@ def test_dense_general_axes_are_traced():
     node = merged["params"]
     for c in path.split("/"):
       node = node[c]
-    r = a.shape[-1]
     node["kernel"] = node["kernel"] + (8 / 3) * np.tensordot(a, b, axes=([a.ndim - 1], [0])).reshape(
         node["kernel"].shape)
   with jax.enable_x64(True):
@@ -272,3 +271,47 @@ def test_static_args_and_kwargs_pass_through():
                                                            scale=jnp.ones(()))
   np.testing.assert_allclose(out["y"], 4.0)
   assert set(out) == {"y", "scale"}
+
+
+def test_gradients_equal_the_merged_formulation():
+  """d loss / d(A, B) through the factorized path equals it through W + s*A@B."""
+  m = gpt.GPT(general=True, scan=True)
+  params, ids = gpt.init(m)
+  spec = lojax.LoraSpec(r=2, target_modules="all-linear", layers_to_transform=[1])
+  lora = random_adapters(lojax.wrap(params, spec, key=jax.random.key(0), apply_fn=m.apply,
+                                    example_args=(ids,)))
+
+  def factorized(t):
+    return jnp.mean(lojax.lorafy(m.apply)(lora.with_trainable(t), ids) ** 2)
+
+  def merged(t):
+    return jnp.mean(m.apply(lojax.merge(lora.with_trainable(t)), ids) ** 2)
+
+  g1 = jax.jit(jax.grad(factorized))(lora.trainable)
+  g2 = jax.jit(jax.grad(merged))(lora.trainable)
+  flat1, flat2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
+  assert len(flat1) == len(flat2) and any(np.abs(g).max() > 0 for g in flat1)
+  for a, b in zip(flat1, flat2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_custom_jvp_and_vjp_functions_in_the_model():
+  @jax.custom_vjp
+  def clip_grad(x):
+    return x
+
+  clip_grad.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.01, 0.01),))
+
+  def f(p, x):
+    h = jax.nn.relu(x @ p["a"]["kernel"])          # relu is a custom_jvp function
+    return jnp.sum(clip_grad(h @ p["b"]["kernel"]) ** 2)
+
+  params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (4, 4))},
+            "b": {"kernel": jax.random.normal(jax.random.key(1), (4, 4))}}
+  x = jax.random.normal(jax.random.key(2), (3, 4))
+  lora = random_adapters(lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["a", "b"]),
+                                    key=jax.random.key(3)))
+  g1 = jax.grad(lambda t: lojax.lorafy(f)(lora.with_trainable(t), x))(lora.trainable)
+  g2 = jax.grad(lambda t: f(lojax.merge(lora.with_trainable(t)), x))(lora.trainable)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

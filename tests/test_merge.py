@@ -292,10 +292,6 @@ def test_safe_merge_raises_on_non_finite(bad, where):
   assert not np.all(np.isfinite(lojax.merge(lora)["enc"]["dense"]["kernel"]))
 
 
-@pytest.mark.xfail(strict=True, raises=jax.errors.TracerArrayConversionError, reason=(
-    "lojax/_src/merge.py _finite: np.asarray(tracer) raises TracerArrayConversionError, "
-    "but only ConcretizationTypeError is caught, so the 'needs concrete arrays' ValueError "
-    "is never raised under jax.jit"))
 def test_safe_merge_under_jit_needs_concrete_arrays():
   lora = _dense_lora()
   with pytest.raises(ValueError, match=r"needs concrete arrays.*outside jax.jit"):
@@ -322,3 +318,26 @@ def test_merge_unknown_adapter_name_raises():
     lojax.merge(lora, adapter_names=["default", "nope"])
   with pytest.raises(ValueError, match=r"No adapter named 'nope'"):
     lojax.unmerge(lojax.merge(lora), lora, adapter_names="nope")
+
+
+def test_safe_merge_names_a_non_finite_bias_delta():
+  params = {"a": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["a"], bias="all",
+                                           init_lora_weights=False), key=jax.random.key(0))
+  tr = jax.tree.map(lambda x: x, lora.trainable)
+  tr["default"]["bias"]["a/bias"] = jnp.array([0.0, np.nan, 0.0])
+  with pytest.raises(ValueError, match=r"non-finite.* in a/bias;"):
+    lojax.merge(lora.with_trainable(tr), safe_merge=True)
+
+
+def test_merge_two_adapters_saving_the_same_module_raises():
+  params = {"a": {"kernel": jnp.ones((4, 3))}, "head": {"kernel": jnp.ones((3, 2))}}
+  fn = lambda p, x: x @ p["a"]["kernel"] @ p["head"]["kernel"]
+  spec = lojax.LoraSpec(r=2, target_modules=["a"], modules_to_save=["head"])
+  lora = lojax.wrap(params, spec, key=jax.random.key(0))
+  lora = lojax.set_adapter(lojax.wrap(lora, spec, key=jax.random.key(1), adapter_name="b"),
+                           ["default", "b"])
+  with pytest.raises(ValueError, match=r"both hold a trained copy of 'head/kernel'"):
+    lojax.lorafy(fn)(lora, jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match=r"head/kernel"):
+    lojax.merge(lora)

@@ -1,6 +1,5 @@
 """Tests for training with lojax: grads, optax, counts, bias, heads, dropout, adapters."""
 
-import copy
 import operator
 
 import flax.linen as nn
@@ -20,15 +19,19 @@ RTOL = ATOL = 1e-5   # float32 forward vs float64-merged reference
 # Helpers and models
 # ---------------------------------------------------------------------------
 
-def _random_like(shapes, seed, scale=0.2):
+def _params(model, *args, seed=0):
+  """Random params with the model's structure (eval_shape: nothing compiles).
+
+  LayerNorm scales are 1 + noise, everything else N(0, 0.2).
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(seed), *args)
   rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape).astype(np.float32)), shapes)
 
+  def make(path, s):
+    x = rng.normal(0.0, 0.2, s.shape) + (jax.tree_util.keystr(path).endswith("['scale']"))
+    return jnp.asarray(x.astype(np.float32))
 
-def _params(model, ids, seed=0):
-  """Random params with the model's structure (eval_shape: nothing compiles)."""
-  return _random_like(jax.eval_shape(model.init, jax.random.key(seed), ids), seed)
+  return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 def _leaf(tree, path):
@@ -42,8 +45,7 @@ def _np_merge(params, factors, s, replace=None, add=None):
 
   factors: [(module path, A, B)]; replace: {leaf path: array}; add: {leaf path: delta}.
   """
-  out = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-  out = copy.deepcopy(out)
+  out = jax.tree.map(lambda x: np.asarray(x, np.float64), params)  # fresh dicts
   for path, a, b in factors:
     mod = _leaf(out, path)
     mod["kernel"] = mod["kernel"] + s * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
@@ -86,18 +88,18 @@ class Classifier(nn.Module):
     return nn.Dense(3, name="classifier")(x)
 
 
-GPT_KW = dict(vocab=32, d=16, heads=2, layers=2, max_len=8)
+GPT_KW = dict(vocab=32, d=16, heads=2, layers=1, max_len=8)
+MODEL = gpt.GPT(**GPT_KW)
 BIAS_PATHS = sorted(
-    [f"params/h_{i}/{m}/bias" for i in range(2)
+    [f"params/h_0/{m}/bias"
      for m in ("ln_1", "attn/c_attn", "attn/c_proj", "ln_2", "mlp/c_fc", "mlp/c_proj")]
     + ["params/ln_f/bias"])
 
 
 @pytest.fixture(scope="module")
 def small_gpt():
-  model = gpt.GPT(**GPT_KW)
   ids = jax.random.randint(jax.random.key(1), (2, 8), 0, GPT_KW["vocab"])
-  return model, _params(model, ids), ids
+  return MODEL, _params(MODEL, ids), ids
 
 
 @pytest.fixture(scope="module")
@@ -117,101 +119,116 @@ def _loss_fn(model, ids):
   return lambda lora: _ce(f(lora, ids), ids)
 
 
+# One spec and one jitted AdamW step shared by the GPT training tests (one compile).
+STEP_SPEC = lojax.LoraSpec(r=4, lora_alpha=8, target_modules="all-linear", bias="lora_only",
+                           init_lora_weights=False)
+STEP_TX = optax.adamw(3e-2)
+STEP_TRACES = []
+
+
+@jax.jit
+def _adamw_step(lora, opt_state, ids):
+  STEP_TRACES.append(1)
+  loss = _loss_fn(MODEL, ids)
+  value, grads = jax.value_and_grad(lambda tr: loss(lora.with_trainable(tr)))(lora.trainable)
+  updates, opt_state = STEP_TX.update(grads, opt_state, lora.trainable)
+  new = lora.with_trainable(optax.apply_updates(lora.trainable, updates))
+  return new, opt_state, value, grads
+
+
+@pytest.fixture(scope="module")
+def stepped(small_gpt):
+  """(lora, result of one _adamw_step)."""
+  _, params, ids = small_gpt
+  lora = lojax.wrap(params, STEP_SPEC, key=jax.random.key(0))
+  return lora, _adamw_step(lora, STEP_TX.init(lora.trainable), ids)
+
+
 # ---------------------------------------------------------------------------
 # Gradients and optimiser steps
 # ---------------------------------------------------------------------------
 
-def test_grads_over_trainable_match_chain_rule(small_gpt, apply_jit):
-  model, params, ids = small_gpt
-  r, alpha = 2, 6
-  spec = lojax.LoraSpec(r=r, lora_alpha=alpha, target_modules="all-linear",
-                        init_lora_weights=False)
-  lora = lojax.wrap(params, spec, key=jax.random.key(0))
-  loss = _loss_fn(model, ids)
-  value, grads = jax.jit(jax.value_and_grad(lambda tr: loss(lora.with_trainable(tr))))(
-      lora.trainable)
+def test_grads_over_trainable_match_chain_rule(small_gpt, stepped):
+  _, params, ids = small_gpt
+  lora, (_, _, value, grads) = stepped
   # Exactly the trainable structure: one adapter, no base leaves.
   assert jax.tree.structure(grads) == jax.tree.structure(lora.trainable)
   assert list(grads) == ["default"]
-  assert len(jax.tree.leaves(grads)) == 2 * 8
-  # Reference: the plain model at W' = W + s*A@B; dL/dA = s*G@B^T, dL/dB = s*A^T@G.
-  s = alpha / r
+  assert len(jax.tree.leaves(grads)) == 2 * 4 + 4  # A, B and bias delta of 4 kernels
+  # Reference: the plain model at W' = W + s*A@B, b' = b + delta (= b: deltas start at 0);
+  # dL/dA = s*G@B^T, dL/dB = s*A^T@G, dL/d(delta) = dL/db.
+  s = 8 / 4
   merged = _np_merge(params, _factors(lora), s)
-  ref_value, g_w = jax.value_and_grad(lambda p: _ce(apply_jit(p, ids), ids))(merged)
+  ref_value, g_ref = jax.jit(jax.value_and_grad(lambda p: _ce(MODEL.apply(p, ids), ids)))(merged)
   np.testing.assert_allclose(value, ref_value, rtol=RTOL)
   for path, a, b in _factors(lora):
-    g = np.asarray(_leaf(g_w, path + "/kernel"), np.float64)
+    g = np.asarray(_leaf(g_ref, path + "/kernel"), np.float64)
     ga = grads["default"]["lora"][path]["lora_A"]
     gb = grads["default"]["lora"][path]["lora_B"]
     assert np.abs(ga).max() > 0 and np.abs(gb).max() > 0
-    np.testing.assert_allclose(ga, s * g @ np.asarray(b, np.float64).T, rtol=1e-3, atol=1e-6)
-    np.testing.assert_allclose(gb, s * np.asarray(a, np.float64).T @ g, rtol=1e-3, atol=1e-6)
+    atol = 1e-4 * np.abs(g).max()
+    np.testing.assert_allclose(ga, s * g @ np.asarray(b, np.float64).T, rtol=1e-3, atol=atol)
+    np.testing.assert_allclose(gb, s * np.asarray(a, np.float64).T @ g, rtol=1e-3, atol=atol)
+    gbias = _leaf(g_ref, path + "/bias")
+    np.testing.assert_allclose(grads["default"]["bias"][path + "/bias"], gbias, rtol=1e-3,
+                               atol=1e-4 * np.abs(gbias).max())
 
 
-def test_jitted_adamw_step_changes_only_adapters(small_gpt):
-  model, params, ids = small_gpt
-  spec = lojax.LoraSpec(r=2, target_modules="all-linear", init_lora_weights=False,
-                        bias="lora_only")
-  lora = lojax.wrap(params, spec, key=jax.random.key(1))
-  tx = optax.adamw(1e-2)
-  loss = _loss_fn(model, ids)
-
-  @jax.jit
-  def step(lora, opt_state):
-    l, g = jax.value_and_grad(lambda tr: loss(lora.with_trainable(tr)))(lora.trainable)
-    updates, opt_state = tx.update(g, opt_state, lora.trainable)
-    return lora.with_trainable(optax.apply_updates(lora.trainable, updates)), opt_state, l
-
-  new, _, _ = step(lora, tx.init(lora.trainable))
+def test_jitted_adamw_step_changes_only_adapters(small_gpt, stepped):
+  _, params, _ = small_gpt
+  lora, (new, _, _, _) = stepped
+  assert jax.tree.structure(new) == jax.tree.structure(lora)
   for x, y in zip(jax.tree.leaves(new.base), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, y)  # bit-identical
   old_leaves = jax.tree.leaves(lora.trainable)
   new_leaves = jax.tree.leaves(new.trainable)
-  assert len(new_leaves) == 2 * 8 + 8  # factors + the 8 adapted modules' bias deltas
+  assert len(new_leaves) == 2 * 4 + 4
   assert all(_changed(x, y) for x, y in zip(new_leaves, old_leaves))
 
 
-def test_short_training_run_lowers_loss(small_gpt):
-  model, params, ids = small_gpt
-  spec = lojax.LoraSpec(r=4, lora_alpha=8, target_modules="all-linear")  # default init, B = 0
-  lora = lojax.wrap(params, spec, key=jax.random.key(2))
-  tx = optax.adam(3e-2)
-  loss = _loss_fn(model, ids)
-
-  @jax.jit
-  def step(tr, opt_state):
-    l, g = jax.value_and_grad(lambda t: loss(lora.with_trainable(t)))(tr)
-    updates, opt_state = tx.update(g, opt_state, tr)
-    return optax.apply_updates(tr, updates), opt_state, l
-
-  tr, opt_state = lora.trainable, tx.init(lora.trainable)
-  losses = []
+def test_short_training_run_lowers_loss_and_compiles_once(small_gpt, apply_jit, stepped):
+  _, _, ids = small_gpt
+  lora, (lora, opt_state, first, _) = stepped
+  traces = len(STEP_TRACES)
+  losses = [float(first)]
   for _ in range(30):
-    tr, opt_state, l = step(tr, opt_state)
-    losses.append(float(l))
-  final = float(loss(lora.with_trainable(tr)))
+    trained = lora  # the loss returned by a step is the loss before its update
+    lora, opt_state, loss, _ = _adamw_step(lora, opt_state, ids)
+    losses.append(float(loss))
+  assert len(STEP_TRACES) == traces  # 30 more steps, no retrace
+  final = losses[-1]
   assert np.isfinite(final)
-  assert final < 0.7 * losses[0], (losses[0], final)
-  # Merged params reproduce the trained model.
-  merged = lojax.merge(lora.with_trainable(tr))
-  np.testing.assert_allclose(_ce(model.apply(merged, ids), ids), final, rtol=1e-4)
+  assert final < 0.8 * losses[0], losses
+  # The merged params reproduce the trained model's loss.
+  np.testing.assert_allclose(_ce(apply_jit(lojax.merge(trained), ids), ids), final, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------
 # One-tree users: optax masks and labels
 # ---------------------------------------------------------------------------
 
-def _one_tree_setup(small_gpt):
-  model, params, ids = small_gpt
-  spec = lojax.LoraSpec(r=2, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="fc2")(jnp.tanh(nn.Dense(8, name="fc1")(x)))
+
+
+@pytest.fixture(scope="module")
+def one_tree():
+  model = MLP()
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(5, 6)).astype(np.float32))
+  params = _params(model, x, seed=4)
+  spec = lojax.LoraSpec(r=2, target_modules=["fc1", "fc2"], bias="all",
+                        init_lora_weights=False)
   lora = lojax.wrap(params, spec, key=jax.random.key(3))
   lora = lojax.wrap(lora, spec, key=jax.random.key(4), adapter_name="inactive")
-  grads = jax.jit(jax.grad(_loss_fn(model, ids)))(lora)
+  f = lojax.lorafy(model.apply)
+  grads = jax.jit(jax.grad(lambda l: jnp.sum(jnp.sin(f(l, x)))))(lora)
   return lora, grads
 
 
-def test_labels_and_mask_mark_exactly_the_active_adapters(small_gpt):
-  lora, _ = _one_tree_setup(small_gpt)
+def test_labels_and_mask_mark_exactly_the_active_adapters(one_tree):
+  lora, _ = one_tree
   labels = lojax.partition_labels(lora)
   mask = lojax.trainable_mask(lora)
   for tree in (labels, mask):
@@ -228,7 +245,8 @@ def test_labels_and_mask_mark_exactly_the_active_adapters(small_gpt):
   assert set(jax.tree.leaves(switched.adapters["default"])) == {"frozen"}
 
 
-def _check_one_tree_update(lora, new):
+def _check_one_tree_update(lora, grads, updates):
+  new = optax.apply_updates(lora, updates)
   for x, y in zip(jax.tree.leaves(new.base), jax.tree.leaves(lora.base)):
     np.testing.assert_array_equal(x, y)
   for x, y in zip(jax.tree.leaves(new.adapters["inactive"]),
@@ -236,49 +254,41 @@ def _check_one_tree_update(lora, new):
     np.testing.assert_array_equal(x, y)
   assert all(_changed(x, y) for x, y in zip(jax.tree.leaves(new.adapters["default"]),
                                             jax.tree.leaves(lora.adapters["default"])))
-
-
-def test_multi_transform_with_partition_labels(small_gpt):
-  lora, grads = _one_tree_setup(small_gpt)
-  # jax.grad over the whole tree does give (nonzero) base gradients ...
-  assert np.abs(grads.base["params"]["h_0"]["attn"]["c_attn"]["kernel"]).max() > 0
-  tx = optax.multi_transform({"trainable": optax.adam(1e-2), "frozen": optax.set_to_zero()},
-                             lojax.partition_labels(lora))
-  updates, _ = tx.update(grads, tx.init(lora), lora)
-  new = optax.apply_updates(lora, updates)
-  # ... which the "frozen" label drops.
-  _check_one_tree_update(lora, new)
   # The trainable part got exactly adam's update computed on lora.trainable alone.
   adam = optax.adam(1e-2)
-  ref, _ = adam.update({"default": grads.adapters["default"]}, adam.init(lora.trainable))
+  ref, _ = jax.jit(adam.update)({"default": grads.adapters["default"]},
+                                adam.init(lora.trainable))
   for x, y in zip(jax.tree.leaves(updates.adapters["default"]), jax.tree.leaves(ref)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
 
 
-def test_trainable_mask_with_optax_masked(small_gpt):
-  lora, grads = _one_tree_setup(small_gpt)
+def test_multi_transform_with_partition_labels(one_tree):
+  lora, grads = one_tree
+  # The base is frozen by construction: jax.grad over the whole tree gives
+  # exactly zero base gradients (lorafy stops them) ...
+  assert all(not np.any(g) for g in jax.tree.leaves(grads.base))
+  tx = optax.multi_transform({"trainable": optax.adam(1e-2), "frozen": optax.set_to_zero()},
+                             lojax.partition_labels(lora))
+  updates, _ = jax.jit(tx.update)(grads, tx.init(lora), lora)
+  # ... and the "frozen" label keeps the base out of the optimizer too.
+  _check_one_tree_update(lora, grads, updates)
+
+
+def test_trainable_mask_with_optax_masked(one_tree):
+  lora, grads = one_tree
   mask = lojax.trainable_mask(lora)
   frozen = jax.tree.map(operator.not_, mask)
   tx = optax.chain(optax.masked(optax.adam(1e-2), mask),
                    optax.masked(optax.set_to_zero(), frozen))
-  updates, _ = tx.update(grads, tx.init(lora), lora)
-  _check_one_tree_update(lora, optax.apply_updates(lora, updates))
-  adam = optax.adam(1e-2)
-  ref, _ = adam.update({"default": grads.adapters["default"]}, adam.init(lora.trainable))
-  for x, y in zip(jax.tree.leaves(updates.adapters["default"]), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(lora), lora)
+  _check_one_tree_update(lora, grads, updates)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lojax/_src/training.py trainable_mask docstring recipe "
-    "`optax.masked(optax.adam(...), lojax.trainable_mask(lora))` does not freeze the base: "
-    "optax.masked passes masked-out updates through unchanged, and lorafy does not "
-    "stop_gradient the base, so jax.grad over the LoraParams moves the base by +grad"))
-def test_optax_masked_alone_keeps_base_frozen(small_gpt):
-  lora, grads = _one_tree_setup(small_gpt)
+def test_optax_masked_alone_keeps_base_frozen(one_tree):
+  lora, grads = one_tree
   tx = optax.masked(optax.adam(1e-2), lojax.trainable_mask(lora))
-  updates, _ = tx.update(grads, tx.init(lora), lora)
-  _check_one_tree_update(lora, optax.apply_updates(lora, updates))
+  updates, _ = jax.jit(tx.update)(grads, tx.init(lora), lora)
+  _check_one_tree_update(lora, grads, updates)
 
 
 # ---------------------------------------------------------------------------
@@ -316,14 +326,14 @@ def test_count_parameters_gpt_with_modules_to_save(small_gpt, capsys):
   per_layer_lora = 2 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))       # 512
   per_layer_base = (2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d
                     + (d * 4 * d + 4 * d) + (4 * d * d + d))                    # 3280
-  base = v * d + m * d + 2 * per_layer_base + 2 * d + d * v                      # 7744
-  trainable = 2 * per_layer_lora + d * v                                         # 1536
+  base = v * d + m * d + per_layer_base + 2 * d + d * v                          # 4464
+  trainable = per_layer_lora + d * v                                             # 1024
   c = lojax.count_parameters(lora)
-  assert (c.trainable, c.total) == (trainable, base + trainable) == (1536, 9280)
-  assert c.percent == pytest.approx(100 * 1536 / 9280)
+  assert (c.trainable, c.total) == (trainable, base + trainable) == (1024, 5488)
+  assert c.percent == pytest.approx(100 * 1024 / 5488)
   lojax.print_trainable_parameters(lora)
   assert capsys.readouterr().out == (
-      "trainable params: 1,536 || all params: 9,280 || trainable%: 16.5517\n")
+      "trainable params: 1,024 || all params: 5,488 || trainable%: 18.6589\n")
 
 
 # ---------------------------------------------------------------------------
@@ -332,7 +342,7 @@ def test_count_parameters_gpt_with_modules_to_save(small_gpt, capsys):
 
 @pytest.mark.parametrize("mode,expected", [
     ("none", []),
-    ("lora_only", ["params/h_0/attn/c_attn/bias", "params/h_1/attn/c_attn/bias"]),
+    ("lora_only", ["params/h_0/attn/c_attn/bias"]),
     ("all", BIAS_PATHS),
 ])
 def test_bias_mode_selects_bias_paths(small_gpt, mode, expected):
@@ -348,26 +358,22 @@ def test_bias_mode_selects_bias_paths(small_gpt, mode, expected):
   assert set(labels.adapters["default"]["bias"].values()) <= {"trainable"}
 
 
-@pytest.mark.parametrize("mode", ["all", "lora_only"])
-def test_bias_delta_changes_output_exactly(small_gpt, apply_jit, mode):
+def test_bias_delta_changes_output_exactly(small_gpt, apply_jit):
   model, params, ids = small_gpt
-  spec = lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["c_fc"], bias=mode,
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["c_fc"], bias="all",
                         init_lora_weights=False)
   lora = lojax.wrap(params, spec, key=jax.random.key(5))
-  p = "params/h_0/mlp/c_fc/bias"
-  delta = jnp.asarray(np.random.default_rng(0).normal(0, 0.5, (64,)).astype(np.float32))
+  rng = np.random.default_rng(0)
   tr = jax.tree.map(lambda x: x, lora.trainable)
-  tr["default"]["bias"][p] = delta
+  deltas = {p: jnp.asarray(rng.normal(0, 0.5, np.shape(_leaf(params, p))).astype(np.float32))
+            for p in ("params/h_0/mlp/c_fc/bias", "params/h_0/ln_2/bias", "params/ln_f/bias")}
+  tr["default"]["bias"].update(deltas)
   lora = lora.with_trainable(tr)
-  f = lojax.lorafy(model.apply)
-  ref = apply_jit(_np_merge(params, _factors(lora), 2.0, add={p: delta}), ids)
+  ref = apply_jit(_np_merge(params, _factors(lora), 2.0, add=deltas), ids)
   without = apply_jit(_np_merge(params, _factors(lora), 2.0), ids)
   assert np.abs(np.asarray(ref) - np.asarray(without)).max() > 1e-2
-  for out in (f(lora, ids), jax.jit(f)(lora, ids)):
-    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
-  # The bias delta receives a gradient.
-  g = jax.grad(lambda t: _ce(f(lora.with_trainable(t), ids), ids))(lora.trainable)
-  assert np.abs(g["default"]["bias"][p]).max() > 0
+  out = jax.jit(lojax.lorafy(model.apply))(lora, ids)
+  np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------
@@ -400,7 +406,6 @@ def test_seq_cls_classifier_head_is_saved_not_adapted():
   model = Classifier()
   ids = jax.random.randint(jax.random.key(7), (4, 5), 0, 32)
   params = _params(model, ids, seed=7)
-  labels = jnp.array([0, 1, 2, 1])
   spec = lojax.LoraSpec(r=2, lora_alpha=4, target_modules="all-linear", task_type="SEQ_CLS",
                         init_lora_weights=False)
   lora = lojax.wrap(params, spec, key=jax.random.key(8))
@@ -419,24 +424,15 @@ def test_seq_cls_classifier_head_is_saved_not_adapted():
   new = {k: v + 0.3 for k, v in saved.items()}
   tr["default"]["modules_to_save"] = new
   lora = lora.with_trainable(tr)
-  ref = model.apply(_np_merge(params, _factors(lora), 2.0, replace=new), ids)
+  ref = jax.jit(model.apply)(_np_merge(params, _factors(lora), 2.0, replace=new), ids)
   f = lojax.lorafy(model.apply)
-  for out in (f(lora, ids), jax.jit(f)(lora, ids)):
-    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(jax.jit(f)(lora, ids), ref, rtol=RTOL, atol=ATOL)
 
-  # One training step updates the copy; the base head is untouched.
-  def loss(t):
-    logits = f(lora.with_trainable(t), ids)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-  g = jax.jit(jax.grad(loss))(lora.trainable)
-  assert np.abs(g["default"]["modules_to_save"]["params/classifier/kernel"]).max() > 0
-  t2 = optax.apply_updates(lora.trainable, jax.tree.map(lambda x: -0.1 * x, g))
-  after = lora.with_trainable(t2)
-  assert _changed(after.adapters["default"]["modules_to_save"]["params/classifier/kernel"],
-                  new["params/classifier/kernel"])
+  # The copy is trainable; the base head is untouched.
+  labels = lojax.partition_labels(lora)
+  assert set(labels.adapters["default"]["modules_to_save"].values()) == {"trainable"}
   for k in ("kernel", "bias"):
-    np.testing.assert_array_equal(after.base["params"]["classifier"][k],
+    np.testing.assert_array_equal(lora.base["params"]["classifier"][k],
                                   params["params"]["classifier"][k])
 
 
@@ -465,8 +461,10 @@ def test_dropout_deterministic_equals_no_dropout(proj):
   np.testing.assert_array_equal(fd["lora_B"], fn["lora_B"])
   f = lojax.lorafy(model.apply)
   ref = model.apply(_np_merge(params, _factors(drop), 2.0), x)
+  det = lambda l, x: f(l, x, lora_deterministic=True)
+  for g in (det, jax.jit(det)):
+    np.testing.assert_allclose(g(drop, x), ref, rtol=RTOL, atol=ATOL)
   for g in (f, jax.jit(f)):
-    np.testing.assert_allclose(g(drop, x, lora_deterministic=True), ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(g(nodrop, x), ref, rtol=RTOL, atol=ATOL)
 
 
@@ -510,17 +508,17 @@ def test_dropout_is_random_and_unbiased(proj):
 
 
 def test_dropout_inside_scan_model():
-  model = gpt.GPT(scan=True, **GPT_KW)
+  model = gpt.GPT(scan=True, **{**GPT_KW, "layers": 2})
   ids = jax.random.randint(jax.random.key(1), (2, 8), 0, GPT_KW["vocab"])
   params = _params(model, ids, seed=9)
   kw = dict(apply_fn=model.apply, example_args=(ids,))
-  spec = lojax.LoraSpec(r=2, target_modules="all-linear", lora_dropout=0.5,
+  spec = lojax.LoraSpec(r=2, target_modules=["c_fc"], lora_dropout=0.5,
                         init_lora_weights=False)
   lora = lojax.wrap(params, spec, key=jax.random.key(0), **kw)
-  assert all(t.stacked == 2 for t in lora.meta.adapters[0].targets)
+  assert [(t.path, t.stacked) for t in lora.meta.adapters[0].targets] == [("params/h/mlp/c_fc", 2)]
   f = jax.jit(lojax.lorafy(model.apply))
   apply = jax.jit(model.apply)
-  det = f(lora, ids, lora_deterministic=True)
+  det = jax.jit(lambda l, x: lojax.lorafy(model.apply)(l, x, lora_deterministic=True))(lora, ids)
   np.testing.assert_allclose(det, apply(lojax.merge(lora), ids), rtol=RTOL, atol=ATOL)
   o1 = f(lora, ids, lora_rng=jax.random.key(1))
   o2 = f(lora, ids, lora_rng=jax.random.key(2))
@@ -529,14 +527,11 @@ def test_dropout_inside_scan_model():
   assert np.abs(np.asarray(o1) - np.asarray(det)).max() > 1e-3
   np.testing.assert_array_equal(f(lora, ids, lora_rng=jax.random.key(1)), o1)  # reproducible
   # B = 0: dropout only touches the adapter input, the base output is unchanged.
-  zero = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules="all-linear", lora_dropout=0.5),
-                    key=jax.random.key(0), **kw)
+  zero = lora.with_trainable(jax.tree.map(lambda x: x, lora.trainable))
+  for fac in zero.adapters["default"]["lora"].values():
+    fac["lora_B"] = jnp.zeros_like(fac["lora_B"])
   np.testing.assert_allclose(f(zero, ids, lora_rng=jax.random.key(1)), apply(params, ids),
                              rtol=1e-6, atol=1e-6)
-  # Gradients flow through the dropped adapter inside the scan.
-  g = jax.jit(jax.grad(lambda t: _ce(lojax.lorafy(model.apply)(
-      lora.with_trainable(t), ids, lora_rng=jax.random.key(3)), ids)))(lora.trainable)
-  assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(g))
 
 
 # ---------------------------------------------------------------------------
@@ -605,9 +600,9 @@ def test_training_one_adapter_leaves_the_other_alone(proj):
 # Compilation
 # ---------------------------------------------------------------------------
 
-def test_jitted_train_step_traces_once(small_gpt):
-  model, params, ids = small_gpt
-  spec = lojax.LoraSpec(r=2, target_modules="all-linear", lora_dropout=0.1)
+def test_jitted_train_step_traces_once(proj):
+  model, params, x = proj
+  spec = lojax.LoraSpec(r=2, target_modules=["proj"], lora_dropout=0.1, bias="all")
   lora = lojax.wrap(params, spec, key=jax.random.key(0))
   tx = optax.adamw(1e-2)
   f = lojax.lorafy(model.apply)
@@ -616,17 +611,21 @@ def test_jitted_train_step_traces_once(small_gpt):
   @jax.jit
   def step(lora, opt_state, rng):
     traces.append(1)
-    loss = lambda t: _ce(f(lora.with_trainable(t), ids, lora_rng=rng), ids)
+    loss = lambda t: jnp.mean(f(lora.with_trainable(t), x, lora_rng=rng) ** 2)
     l, g = jax.value_and_grad(loss)(lora.trainable)
     updates, opt_state = tx.update(g, opt_state, lora.trainable)
     return lora.with_trainable(optax.apply_updates(lora.trainable, updates)), opt_state, l
 
   opt_state = tx.init(lora.trainable)
-  for i in range(4):
-    lora, opt_state, _ = step(lora, opt_state, jax.random.key(i))
+  losses = []
+  for i in range(5):
+    lora, opt_state, l = step(lora, opt_state, jax.random.key(i))
+    losses.append(float(l))
   assert len(traces) == 1
-  # A freshly wrapped tree with an equal spec has equal static metadata: no retrace.
-  fresh = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules="all-linear", lora_dropout=0.1),
-                     key=jax.random.key(7))
+  assert len(set(losses)) == 5  # the steps did run on changing values
+  # A freshly wrapped tree with an equal (not identical) spec has equal static
+  # metadata: no retrace either.
+  fresh = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["proj"], lora_dropout=0.1,
+                                            bias="all"), key=jax.random.key(7))
   step(fresh, tx.init(fresh.trainable), jax.random.key(9))
   assert len(traces) == 1

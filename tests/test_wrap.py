@@ -105,3 +105,15 @@ def test_abstract_example_args(model_params):
   lora = lojax.wrap(params, spec, key=jax.random.key(0), apply_fn=m.apply,
                     example_args=(jax.ShapeDtypeStruct(ids.shape, ids.dtype),))
   assert len(lora.meta.adapters[0].targets) == 8
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_all_linear_excludes_the_head(tied):
+  m = gpt.GPT(tied=tied)
+  params, ids = gpt.init(m)
+  lora = lojax.wrap(params, lojax.LoraSpec(target_modules="all-linear"), key=jax.random.key(0),
+                    apply_fn=m.apply, example_args=(ids,))
+  paths = [t.path for t in lora.meta.adapters[0].targets]
+  assert paths == [f"params/h_{i}/{p}" for i in range(2)
+                   for p in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")]
+  assert lora.meta.adapters[0].heads == (() if tied else ("params/lm_head",))

@@ -73,7 +73,9 @@ def view(lora: LoraParams):
   paths, leaves, treedef = P.flatten(lora.base)
   check_fit(lora, paths, leaves)
   index = {p: i for i, p in enumerate(paths)}
-  leaves = list(leaves)
+  # The base is frozen by construction: however the caller differentiates,
+  # no gradient (and so no full-size weight gradient) flows into it.
+  leaves = [jax.lax.stop_gradient(x) for x in leaves]
   saved_by: dict[str, str] = {}
   terms: dict[int, list[tuple[TargetMeta, Any, Any]]] = {}
   for name in lora.meta.active:
@@ -106,8 +108,13 @@ def lorafy(fn: Callable) -> Callable:
 
   Extra keyword arguments of the returned function:
     lora_rng: PRNG key for LoRA dropout (training).
-    lora_deterministic: set True to disable LoRA dropout (evaluation).
+    lora_deterministic: set True to disable LoRA dropout (evaluation); a
+      Python bool (static under ``jax.jit``).
   A spec with ``lora_dropout > 0`` needs one of the two.
+
+  The base params are wrapped in ``lax.stop_gradient``: differentiating with
+  respect to the whole :class:`LoraParams` gives zero base gradients, and
+  XLA never forms a weight gradient for a frozen kernel.
 
   >>> import jax, jax.numpy as jnp, lojax
   >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -124,6 +131,10 @@ def lorafy(fn: Callable) -> Callable:
       raise TypeError(
           f"The first argument must be the LoraParams returned by lojax.wrap, got "
           f"{type(lora).__name__}. For plain params call the original function.")
+    if isinstance(lora_deterministic, jax.core.Tracer):
+      raise TypeError(
+          "`lora_deterministic` must be a Python bool, not a traced value: close over it or "
+          "mark it static, e.g. jax.jit(apply, static_argnames='lora_deterministic').")
     paths, leaves, treedef, terms = view(lora)
     dropout = max((t.dropout for ts in terms.values() for t, *_ in ts), default=0.0)
     rng = None

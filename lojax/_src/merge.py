@@ -39,6 +39,7 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
   base_paths, base_leaves, _ = P.flatten(lora.base)
   base_by_path = dict(zip(base_paths, base_leaves))
   touched = set()
+  saved_by: dict[str, str] = {}
   for name in _names(lora, adapter_names):
     meta = lora.meta.adapter(name)
     ad = lora.adapters[name]
@@ -53,6 +54,11 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
       leaves[i] = (leaves[i] + sign * d.astype(leaves[i].dtype)).astype(leaves[i].dtype)
       touched.add(p)
     for p, x in ad["modules_to_save"].items():
+      if p in saved_by:
+        raise ValueError(
+            f"Adapters {saved_by[p]!r} and {name!r} both hold a trained copy of '{p}' "
+            "(modules_to_save); merge only one of them.")
+      saved_by[p] = name
       leaves[index[p]] = x if sign > 0 else base_by_path[p]
       touched.add(p)
   if safe:
@@ -65,11 +71,10 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
 
 
 def _finite(x, path) -> bool:
-  try:
-    return bool(np.all(np.isfinite(np.asarray(x))))
-  except jax.errors.ConcretizationTypeError as e:
+  if isinstance(x, jax.core.Tracer):
     raise ValueError(f"`safe_merge=True` needs concrete arrays to check '{path}'; call "
-                     "lojax.merge outside jax.jit.") from e
+                     "lojax.merge outside jax.jit (or use safe_merge=False inside it).")
+  return bool(np.all(np.isfinite(np.asarray(x))))
 
 
 def merge(lora: LoraParams, /, *, adapter_names: str | Sequence[str] | None = None,

@@ -22,13 +22,10 @@ uses it to learn how a function contracts each kernel.
 from __future__ import annotations
 
 import dataclasses
-import math
 import string
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 _LETTERS = string.ascii_letters
 
@@ -228,24 +225,6 @@ def slice_axes(t: Tagged, value, slicer) -> Tagged:
   return t.replace(value=value, terms=terms)
 
 
-def index_leading(t: Tagged, value, i) -> Tagged:
-  """The tagged value of ``t[i]`` (scan slicing of value axis 0)."""
-  kaxes = None if t.kaxes is None else t.kaxes[1:]
-  stack = t.stack + ((t.kaxes[0],) if t.kaxes is not None else (-1,))
-  if t.sides is None:
-    return t.replace(value=value, kaxes=kaxes, stack=stack)
-  owners = t.owners(0)
-  fa = fb = (lambda x: x)
-  for f, ax in owners:
-    fn = (lambda ax: (lambda x: lax.index_in_dim(x, i, ax, keepdims=False)))(ax)
-    if f == 0:
-      fa = fn
-    else:
-      fb = fn
-  return t.replace(value=value, sides=t.sides[1:], terms=_map_terms(t, fa, fb), kaxes=kaxes,
-                   stack=stack)
-
-
 # --------------------------------------------------------------------------
 # Materialisation (merged fallback) and delta in value layout
 # --------------------------------------------------------------------------
@@ -277,6 +256,3 @@ def materialize(t: Tagged):
     return t.value
   return t.value + delta(t).astype(t.dtype)
 
-
-def factor_bytes(shape: Sequence[int]) -> int:
-  return math.prod(shape)

@@ -67,8 +67,10 @@ def _size(tree) -> int:
 def count_parameters(lora: LoraParams) -> ParameterCount:
   """Counts trainable (active adapters) and all parameters.
 
-  All = base + every adapter, counting modules_to_save copies and bias deltas
-  as PEFT counts its wrapped modules (copies included).
+  As PEFT counts them: all = base + every adapter's LoRA factors and
+  modules_to_save copies; trainable = the active adapters' factors, copies
+  and trained biases. A trained bias is the base bias made trainable (lojax
+  stores it as a delta), so it adds nothing to the total.
 
   >>> import jax, jax.numpy as jnp, lojax
   >>> lora = lojax.wrap({"d": {"kernel": jnp.ones((4, 3))}},
@@ -77,7 +79,8 @@ def count_parameters(lora: LoraParams) -> ParameterCount:
   trainable params: 7 || all params: 19 || trainable%: 36.8421
   """
   trainable = _size(lora.trainable)
-  total = _size(lora.base) + _size(lora.adapters)
+  extra = sum(_size(ad["lora"]) + _size(ad["modules_to_save"]) for ad in lora.adapters.values())
+  total = _size(lora.base) + extra
   return ParameterCount(trainable, total)
 
 
