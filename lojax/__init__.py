@@ -1,7 +1,16 @@
 """lojax: parameter-efficient fine-tuning (LoRA) as pure transforms of JAX param trees."""
 
+from lojax._src.adalora import AdaLoraSpec
+from lojax._src.adalora import AdaLoraState
+from lojax._src.adalora import adalora
+from lojax._src.adalora import adalora_budget
+from lojax._src.adalora import adalora_orth_reg
+from lojax._src.adalora import adalora_rank_pattern
+from lojax._src.adalora import adalora_ranks
+from lojax._src.adalora import resize as adalora_resize
 from lojax._src.apply import lorafy
 from lojax._src.lora import LoraParams
+from lojax._src.lora import kernel_paths
 from lojax._src.lora import wrap
 from lojax._src.merge import merge
 from lojax._src.merge import unmerge
@@ -17,11 +26,20 @@ from lojax._src.training import trainable_mask
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaLoraSpec",
+    "AdaLoraState",
     "LoraParams",
     "LoraSpec",
     "ParameterCount",
     "TaskType",
+    "adalora",
+    "adalora_budget",
+    "adalora_orth_reg",
+    "adalora_rank_pattern",
+    "adalora_ranks",
+    "adalora_resize",
     "count_parameters",
+    "kernel_paths",
     "lorafy",
     "merge",
     "partition_labels",

@@ -210,8 +210,11 @@ def vlm():
 
 def test_groups_select_attention_mlp_language_vision():
   t = vlm()
-  everything = t.resolve(finetune_attention_modules=True)
+  everything = t.resolve(finetune_attention_modules=True, finetune_mlp_modules=True)
   assert len(everything.targets) == 14
+  # An unset flag is True only when its pair partner is not set to True.
+  assert paths(t.resolve(finetune_attention_modules=True)) == paths(
+      t.resolve(finetune_mlp_modules=False))
   assert not {"projector/linear_1", "lm_head"} & set(paths(everything))
   attn = paths(t.resolve(finetune_mlp_modules=False))
   assert attn == sorted(p for p in paths(everything)
@@ -387,3 +390,16 @@ def test_kernel_info_validation():
     KernelInfo("a", "kernel", (2, 2), "linear")
   with pytest.raises(ValueError, match=r"`stacked=3` must equal the leading axis"):
     KernelInfo("a", "kernel", (2, 2, 2), "dense", stacked=3)
+
+
+def test_head_rule_ignores_block_kernels_and_position_tables():
+  # d_ff == vocab inside blocks, and a position table as large as the width:
+  # only the top-level kernel with vocab outputs is a head.
+  t = Tree().kernel("params/wte", (256, 64), "embed", "embedding")
+  t.kernel("params/wpe", (64, 64), "embed", "embedding")
+  for i in range(2):
+    t.kernel(f"params/h_{i}/mlp/c_fc", (64, 256)).kernel(f"params/h_{i}/mlp/c_proj", (256, 64))
+  t.kernel("params/out", (64, 256))
+  res = t.resolve(target_modules="all-linear")
+  assert res.heads == ("params/out",)
+  assert len(res.targets) == 4

@@ -26,8 +26,16 @@ def _expand_layers(x, t: TargetMeta):
 
 
 def factors(t: TargetMeta, params: dict):
-  """The (A, B·scaling) factors of one target in the kernel's own layout."""
-  a = _expand_layers(params["lora_A"], t)
+  """The (A, B·scaling) factors of one target in the kernel's own layout.
+
+  An AdaLoRA adapter's singular values E fold into A: ``A = P * E``.
+  """
+  a = params["lora_A"]
+  if "lora_E" in params:
+    e = params["lora_E"]
+    lead = 1 if t.stacked else 0
+    a = a * e.reshape(e.shape[:lead] + (1,) * (a.ndim - lead - 1) + e.shape[-1:])
+  a = _expand_layers(a, t)
   b = _expand_layers(params["lora_B"], t) * jnp.asarray(t.scaling, params["lora_B"].dtype)
   return a, b
 
@@ -51,7 +59,10 @@ def check_fit(lora: LoraParams, paths: list[str], leaves: list[Any]):
       if entry is None:
         problems.append(f"  [{name}] {t.path}: adapter weights missing")
         continue
-      for k, want in (("lora_A", t.a_shape()), ("lora_B", t.b_shape())):
+      wants = [("lora_A", t.a_shape()), ("lora_B", t.b_shape())]
+      if "lora_E" in entry:
+        wants.append(("lora_E", ((t.n_layers,) if t.stacked else ()) + (t.r,)))
+      for k, want in wants:
         have = tuple(np.shape(entry.get(k))) if k in entry else None
         if have != want:
           problems.append(f"  [{name}] {t.path}/{k}: shape {have}, expected {want}")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lojax._src import adalora
 from lojax._src import analysis
 from lojax._src import inits
 from lojax._src import matcher
@@ -197,10 +198,22 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
     existing = None
     base = params
     _check_plain(base)
+  if spec.use_dora:
+    raise ValueError("`use_dora=True` is not available in this version of lojax; set "
+                     "use_dora=False.")
   infos, layouts = analysis.kernel_infos(base, spec, apply_fn, tuple(example_args), example_kwargs)
   paths, leaves, _ = P.flatten(base)
   leaf_shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}
-  resolution = matcher.resolve(spec, infos, P.module_paths(paths), leaf_shapes)
+  try:
+    resolution = matcher.resolve(spec, infos, P.module_paths(paths), leaf_shapes)
+  except ValueError as e:
+    unknown = [i.path for i in infos if i.kind == "unknown"]
+    if unknown and apply_fn is None:
+      raise ValueError(
+          f"{e}\nNote: the layout of {len(unknown)} N-D kernel(s) is unknown without tracing "
+          f"(e.g. {', '.join(unknown[:3])}), so they are neither linear nor stacked for "
+          "targeting. Pass `apply_fn=model.apply, example_args=(x,)` to lojax.wrap.") from None
+    raise
   _check_layouts(resolution, layouts, leaf_shapes, apply_fn is not None)
   targets = []
   for t in resolution.targets:
@@ -213,6 +226,9 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   by_path = dict(zip(paths, leaves))
   lora_params = {}
   for t in targets:
+    if isinstance(spec, adalora.AdaLoraSpec):
+      lora_params[t.path] = adalora.init_factors(inits.generator(key, t.path), t, dtype)
+      continue
     a, b = inits.init_factors(spec.init_lora_weights, key, t, dtype,
                               kernel=by_path[t.leaf_path])
     lora_params[t.path] = {"lora_A": a, "lora_B": b}
@@ -220,6 +236,8 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   saved = {p: jnp.array(by_path[p], copy=True) for p in paths
            if any(P.is_under(p, m) for m in resolution.modules_to_save)}
   adapter = {"lora": lora_params, "bias": bias, "modules_to_save": saved}
+  if isinstance(spec, adalora.AdaLoraSpec):
+    adapter[adalora.STEP_KEY] = jnp.zeros((), jnp.float32)
   meta_entry = AdapterMeta(adapter_name, spec, tuple(targets), resolution.modules_to_save,
                            resolution.bias_paths, tuple(resolution.heads))
   if existing is None:
@@ -228,6 +246,30 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   adapters[adapter_name] = adapter
   meta = LoraMeta(existing.meta.adapters + (meta_entry,), existing.meta.active)
   return LoraParams(base, adapters, meta)
+
+
+def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
+                 example_args: Sequence[Any] = (), example_kwargs: Mapping[str, Any] | None = None,
+                 ) -> dict[str, dict[str, Any]]:
+  """The module paths that hold kernels, with what lojax knows about each.
+
+  Use it to write ``target_modules`` before wrapping. With ``apply_fn`` the
+  layouts come from tracing, as in :func:`wrap`.
+
+  Returns:
+    ``{module path: {"leaf", "shape", "kind", "in_axes", "stacked"}}`` where
+    kind is dense, conv, embed, unknown (N-D kernel not traced) or unused.
+
+  >>> import jax.numpy as jnp, lojax
+  >>> lojax.kernel_paths({"enc": {"query": {"kernel": jnp.ones((4, 2))}}})
+  {'enc/query': {'leaf': 'kernel', 'shape': (4, 2), 'kind': 'dense', 'in_axes': (0,), 'stacked': None}}
+  """
+  spec = spec_lib.LoraSpec(target_modules="all-linear")
+  infos, layouts = analysis.kernel_infos(params, spec, apply_fn, tuple(example_args),
+                                         example_kwargs)
+  return {i.path: {"leaf": i.leaf, "shape": i.shape, "kind": layouts[i.path].kind,
+                   "in_axes": layouts[i.path].in_axes, "stacked": layouts[i.path].stacked}
+          for i in infos}
 
 
 def _check_plain(base):

@@ -16,14 +16,19 @@ excluded when its path or an enclosing module's path matches
 Output heads. ``"all-linear"`` adapts every dense (matmul) kernel except the
 output heads. A kernel is a head when (a) the last component of its path is
 one of ``lm_head, head, output_head, out_head, classifier, score, qa_outputs,
-logits``, or (b) it is a 2-D dense kernel whose output size (last axis) equals
-the vocabulary size (first axis) of an ``embedding`` leaf. A model with tied
+logits``, or (b) it is a 2-D dense kernel outside the repeated blocks (its
+path has no layer index and it is not stacked) whose output size (last axis)
+equals the vocabulary size: the number of rows of the largest ``embedding``
+leaf (the token table, not a position table). A model with tied
 embeddings computes its logits with the embedding matrix: it has no head
 kernel and nothing is left out. Embeddings and convolutions are never in
 ``"all-linear"``; name them in a list to adapt them.
 
 Groups. Without ``target_modules`` the ``finetune_*`` flags pick from the
-``"all-linear"`` set (unset flags count as True). *Attention*: a component
+``"all-linear"`` set. In each pair (attention / MLP, language / vision) an
+unset flag counts as True only when the other one is not set to True: so
+``finetune_attention_modules=True`` alone adapts attention only, and
+``finetune_mlp_modules=False`` alone adapts attention too. *Attention*: a component
 (any case, linen suffixes like ``_0`` ignored) is one of ``attn, attention,
 self_attn, self_attention, cross_attn, cross_attention, encdecattention,
 mha``, or starts with ``multiheaddotproductattention`` /
@@ -267,8 +272,13 @@ def _is_vision(path: str) -> bool:
 
 
 def _select_groups(spec: LoraSpec, linear: list[KernelInfo], problems: list[str]):
-  """The dense kernels chosen by the ``finetune_*`` flags (unset counts as True)."""
-  attn, mlp, language, vision = (getattr(spec, f) is not False for f in GROUP_FLAGS)
+  """The dense kernels chosen by the ``finetune_*`` flags (see module doc)."""
+  given = [getattr(spec, f) for f in GROUP_FLAGS]
+
+  def on(i, j):  # flag i, paired with flag j
+    return given[i] if given[i] is not None else given[j] is not True
+
+  attn, mlp, language, vision = on(0, 1), on(1, 0), on(2, 3), on(3, 2)
   groups = {g for g, on in (("attention", attn), ("mlp", mlp)) if on}
   towers = {t for t, on in ((False, language), (True, vision)) if on}
   chosen = [k for k in linear if _group(k.path) in groups and _is_vision(k.path) in towers]
@@ -416,10 +426,11 @@ def resolve(spec: LoraSpec, kernels: Sequence[KernelInfo], module_paths: Sequenc
   excluded = {k.path for k in kernels if any(
       rule(k.path.rsplit("/", n)[0]) for n in range(k.path.count("/") + 1) for _, rule in rules)}
 
-  vocab = {s[0] for p, s in leaf_shapes.items()
-           if p.rpartition("/")[2] == "embedding" and len(s) == 2}
+  tables = [s for p, s in leaf_shapes.items() if p.rpartition("/")[2] == "embedding" and len(s) == 2]
+  vocab = max((s[0] for s in tables), default=None)
   heads = [k.path for k in kernels if k.path.rpartition("/")[2].lower() in HEAD_NAMES or (
-      k.kind == "dense" and k.stacked is None and len(k.shape) == 2 and k.shape[1] in vocab)]
+      k.kind == "dense" and k.stacked is None and len(k.shape) == 2 and k.shape[1] == vocab
+      and layer_index(k.path) is None)]
   n_problems = len(problems)
   matched = _requested(spec, kernels, heads, all_modules, leaf_shapes, problems)
   chosen = [k for k in matched if k.path not in excluded and not _under(k.path, saved_roots)]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lojax._src import adalora
 from lojax._src import paths as P
 from lojax._src import tagged as tg
 from lojax._src.apply import factors
@@ -103,6 +104,7 @@ def merge(lora: LoraParams, /, *, adapter_names: str | Sequence[str] | None = No
   >>> lojax.merge(lora)["dense"]["kernel"].shape
   (4, 3)
   """
+  adalora.warn_if_unallocated(lora)
   return _apply(lora, lora.base, adapter_names, 1.0, safe_merge)
 
 

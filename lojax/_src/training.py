@@ -78,7 +78,8 @@ def count_parameters(lora: LoraParams) -> ParameterCount:
   >>> print(lojax.count_parameters(lora))
   trainable params: 7 || all params: 19 || trainable%: 36.8421
   """
-  trainable = _size(lora.trainable)
+  trainable = _size(lora.trainable) - sum(
+      1 for ad in lora.trainable.values() if "adalora_step" in ad)
   extra = sum(_size(ad["lora"]) + _size(ad["modules_to_save"]) for ad in lora.adapters.values())
   total = _size(lora.base) + extra
   return ParameterCount(trainable, total)
