@@ -9,6 +9,7 @@ then falls back to the merged kernel and warns once, naming the path and op.
 
 from __future__ import annotations
 
+import math
 import string
 from typing import Any, Callable
 
@@ -76,6 +77,10 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
   if not kc or len(csides) != 1 or "L" in csides:
     return None
   first = 0 if csides == {"I"} else 1
+  side = "I" if first == 0 else "O"
+  if not kb and "L" not in sides and set(kc) == {j for j, s in enumerate(sides) if s == side}:
+    return _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_element_type)
+  # General case (batch or layer axes, partial contractions): einsum.
   # Einsum symbols: kernel value axes, then x's own free axes.
   nk, nx = len(k.shape), len(x.shape)
   k_syms = list(_LETTERS[:nk])
@@ -107,6 +112,51 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
     t = jnp.einsum(f"{xs},{fs}->{ts}", xd, f1.astype(dtype), **kw)
     d = jnp.einsum(f"{ts},{f2_s}->{os_}", t.astype(dtype), f2.astype(dtype), **kw)
     out = out + d.astype(out.dtype)
+  return out
+
+
+def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_element_type):
+  """The common case as two plain 2-D matmuls: ``[N, C] @ [C, r] @ [r, D]``.
+
+  ``x``'s free axes are merged into N and its contracted axes into C (in the
+  order of the contracted factor's axes), so XLA sees canonical row-major
+  matmuls; contractions over several axes at once (e.g. batch and sequence
+  in the weight gradient) are much slower on XLA:CPU.
+  """
+  sides = k.sides
+  side = "I" if first == 0 else "O"
+  f1_axes = [j for j, s in enumerate(sides) if s == side]          # value order
+  k_free = [j for j in range(len(sides)) if j not in kc]
+  pair = dict(zip(kc, xc))
+  x_free = [j for j in range(x.ndim) if j not in xc]
+  x_perm = x_free + [pair[j] for j in f1_axes]
+  n = math.prod(x.shape[j] for j in x_free)
+  c = math.prod(k.shape[j] for j in f1_axes)
+  d = math.prod(k.shape[j] for j in k_free)
+  free_shape = [x.shape[j] for j in x_free]
+  kfree_shape = [k.shape[j] for j in k_free]
+  dtype = k.dtype
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  out = base
+  for term in k.terms:
+    xd = _dropout(ctx, x, term.dropout)
+    xt = jnp.transpose(xd, x_perm) if x_perm != list(range(x.ndim)) else xd
+    x2 = xt.reshape(n, c)
+    if first == 0:   # contract the input side: x @ A then @ B
+      f1 = term.a.astype(dtype).reshape(c, -1)                     # [C, r]
+      f2 = term.b.astype(dtype).reshape(f1.shape[1], d)            # [r, D]
+      t = jnp.matmul(x2, f1, **kw)
+      y = jnp.matmul(t.astype(dtype), f2, **kw)
+    else:            # transposed use: contract the output side: x @ Bᵀ then @ Aᵀ
+      f1 = term.b.astype(dtype).reshape(-1, c)                     # [r, C]
+      f2 = term.a.astype(dtype).reshape(d, f1.shape[0])            # [D, r]
+      t = lax.dot_general(x2, f1, (((1,), (1,)), ((), ())), **kw)
+      y = lax.dot_general(t.astype(dtype), f2, (((1,), (1,)), ((), ())), **kw)
+    y = y.reshape(free_shape + kfree_shape)
+    if k_first:      # dot_general puts the kernel's free axes first
+      nf = len(free_shape)
+      y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
+    out = out + y.astype(out.dtype)
   return out
 
 
