@@ -72,12 +72,13 @@ def main():
       return task + lojax.adalora_orth_reg(trainable, spec=spec)
     loss, grads = jax.value_and_grad(loss_fn)(lora.trainable)
     updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return lora.with_trainable(optax.apply_updates(lora.trainable, updates)), opt_state, loss
+    return optax.apply_updates(lora.trainable, updates), opt_state, loss  # trained part only
 
   history, last = [], None
   bar = tqdm(range(T), desc="AdaLoRA")
   for t, (x, y) in zip(bar, batches(train, rng)):
-    lora, opt_state, loss = step(lora, opt_state, x, y)
+    trainable, opt_state, loss = step(lora, opt_state, x, y)
+    lora = lora.with_trainable(trainable)  # outside jit: the frozen base is never copied
     ranks = lojax.adalora_ranks(opt_state)
     history.append(ranks)
     if ranks != last:

@@ -164,11 +164,12 @@ def main():
       return xent(apply(lora.with_trainable(trainable), x), y)
     loss, grads = jax.value_and_grad(loss_fn)(lora.trainable)  # adapters only
     updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return lora.with_trainable(optax.apply_updates(lora.trainable, updates)), opt_state, loss
+    return optax.apply_updates(lora.trainable, updates), opt_state, loss  # trained part only
 
   bar = tqdm(range(args.steps), desc="LoRA")
   for _, (x, y) in zip(bar, batches(train, rng)):
-    lora, opt_state, loss = step(lora, opt_state, x, y)
+    trainable, opt_state, loss = step(lora, opt_state, x, y)
+    lora = lora.with_trainable(trainable)  # outside jit: the frozen base is never copied
     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
   # --- Report ---------------------------------------------------------------

@@ -1,0 +1,452 @@
+"""lojax benchmark suite: a LoRA training step against the frozen-model limit.
+
+Run ``python benchmarks/run.py`` (``--help`` for options). It writes
+``benchmarks/results/<device>.json``, ``<device>.md`` and
+``<device>_sweep.png``, and regenerates ``benchmarks/README.md`` from every
+results file present. All rows of one table are timed in the same process,
+interleaved step by step, and reported as the median after a warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import lojax  # noqa: E402
+from models import Config, LinenGPT, NnxGPT, batch  # noqa: E402
+
+R, ALPHA, LR = 16, 32.0, 1e-3
+
+
+def xent(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def nbytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass
+class Row:
+  name: str
+  family: str                 # "linen" or "nnx": ratios are against that family's limit
+  fn: Callable | None = None  # a jitted function, timed as fn(*args)
+  args: tuple = ()
+  opt_state_bytes: int | None = None
+  note: str = ""
+  result: dict = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------
+
+def linen_rows(cfg: Config) -> list[Row]:
+  model = LinenGPT(cfg)
+  ids, labels = batch(cfg)
+  params = jax.jit(model.init)(jax.random.key(0), ids)
+  tx = optax.adamw(LR)
+  rows = []
+
+  @jax.jit
+  def full_step(params, opt_state, ids, labels):
+    loss, grads = jax.value_and_grad(lambda p: xent(model.apply(p, ids), labels))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  full_opt = tx.init(params)
+  rows.append(Row("full fine-tuning", "linen", full_step, (params, full_opt, ids, labels),
+                  nbytes(full_opt)))
+
+  @jax.jit
+  def limit(params, perturb, ids, labels):
+    return jax.value_and_grad(lambda q: xent(model.apply(params, ids, q), labels))(perturb)
+
+  perturb = jnp.zeros(ids.shape + (cfg.d,), jnp.float32)
+  rows.append(Row("frozen limit", "linen", limit, (params, perturb, ids, labels)))
+
+  apply = lojax.lorafy(model.apply)
+
+  def lora_row(name, spec, opt, merged=False):
+    lora = lojax.wrap(params, spec, key=jax.random.key(1))
+
+    @jax.jit
+    def step(lora, opt_state, ids, labels):
+      def loss_fn(t):
+        cur = lora.with_trainable(t)
+        logits = model.apply(lojax.merge(cur), ids) if merged else apply(cur, ids)
+        loss = xent(logits, labels)
+        if isinstance(spec, lojax.AdaLoraSpec):
+          loss = loss + lojax.adalora_orth_reg(t, spec=spec)
+        return loss
+      loss, grads = jax.value_and_grad(loss_fn)(lora.trainable)
+      updates, opt_state = opt.update(grads, opt_state, lora.trainable)
+      return optax.apply_updates(lora.trainable, updates), opt_state, loss
+
+    opt_state = opt.init(lora.trainable)
+    return Row(name, "linen", step, (lora, opt_state, ids, labels), nbytes(opt_state))
+
+  spec = lojax.LoraSpec(r=R, lora_alpha=ALPHA, target_modules="all-linear")
+  rows.append(lora_row("lojax LoRA", spec, tx))
+  rows.append(lora_row("lojax LoRA, merged delta (naive)", spec, tx, merged=True))
+  aspec = lojax.AdaLoraSpec(init_r=R, target_r=R // 2, lora_alpha=ALPHA, total_step=1000,
+                            target_modules="all-linear")
+  rows.append(lora_row("lojax AdaLoRA (init_r 16)", aspec, lojax.adalora(tx, aspec)))
+  rows.append(Row("lojax DoRA", "linen", note="not measured: DoRA is not implemented yet"))
+  return rows
+
+
+def nnx_rows(cfg: Config) -> list[Row]:
+  from flax import nnx
+  ids, labels = batch(cfg)
+  model = NnxGPT(cfg, nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  tx = optax.adamw(LR)
+
+  @jax.jit
+  def limit(state, perturb, ids, labels):
+    f = lambda q: xent(nnx.merge(graphdef, state)(ids, q), labels)
+    return jax.value_and_grad(f)(perturb)
+
+  perturb = jnp.zeros(ids.shape + (cfg.d,), jnp.float32)
+  rows = [Row("frozen limit (NNX)", "nnx", limit, (state, perturb, ids, labels))]
+  apply = lojax.lorafy(lambda st, x: nnx.merge(graphdef, st)(x))
+  lora = lojax.wrap(state, lojax.LoraSpec(r=R, lora_alpha=ALPHA, target_modules="all-linear"),
+                    key=jax.random.key(1))
+
+  @jax.jit
+  def step(lora, opt_state, ids, labels):
+    loss, grads = jax.value_and_grad(
+        lambda t: xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
+    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
+    return optax.apply_updates(lora.trainable, updates), opt_state, loss
+
+  opt_state = tx.init(lora.trainable)
+  rows.append(Row("lojax LoRA (NNX)", "nnx", step, (lora, opt_state, ids, labels),
+                  nbytes(opt_state)))
+  rows.append(qwix_row(cfg))
+  return rows
+
+
+def qwix_row(cfg: Config) -> Row:
+  name = "qwix LoRA (NNX)"
+  try:
+    import qwix_row as q
+  except Exception as e:  # noqa: BLE001 - the reason is reported in the row
+    return Row(name, "nnx", note=f"not measured: cannot import benchmarks/qwix_row.py ({e!r})")
+  reason = q.qwix_unavailable_reason()
+  if reason:
+    return Row(name, "nnx", note=f"not measured: {reason}")
+  fn, args = q.qwix_lora_step(cfg, r=R, alpha=ALPHA, lr=LR)
+  from importlib.metadata import version
+  return Row(name, "nnx", fn, tuple(args), note=f"qwix {version('qwix')}")
+
+
+# --------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------
+
+def analyse(row: Row):
+  t0 = time.perf_counter()
+  compiled = row.fn.lower(*row.args).compile()
+  row.result["compile_s"] = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  row.result["flops"] = float(cost.get("flops", float("nan")))
+  mem = compiled.memory_analysis()
+  row.result["temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", -1))
+  row.result["arg_bytes"] = int(getattr(mem, "argument_size_in_bytes", -1))
+  if row.opt_state_bytes is not None:
+    row.result["opt_state_bytes"] = row.opt_state_bytes
+
+
+def time_rows(rows: list[Row], steps: int):
+  live = [r for r in rows if r.fn is not None]
+  for r in live:
+    analyse(r)
+    jax.block_until_ready(r.fn(*r.args))  # warm-up
+  times = {r.name: [] for r in live}
+  for _ in range(steps):
+    for r in live:  # interleaved: every row sees the same machine state
+      t0 = time.perf_counter()
+      jax.block_until_ready(r.fn(*r.args))
+      times[r.name].append(time.perf_counter() - t0)
+  for r in live:
+    r.result["step_s"] = float(np.median(times[r.name]))
+    r.result["step_s_all"] = [round(t, 5) for t in times[r.name]]
+
+
+def ratios(rows: list[Row]):
+  limits = {r.family: r for r in rows if r.name.startswith("frozen limit")}
+  for r in rows:
+    lim = limits.get(r.family)
+    if r.fn is None or lim is None or lim.fn is None:
+      continue
+    r.result["step_ratio_to_limit"] = r.result["step_s"] / lim.result["step_s"]
+    r.result["flops_ratio_to_limit"] = r.result["flops"] / lim.result["flops"]
+
+
+def sweep(steps: int, ranks=(4, 16, 64), widths=(256, 512, 1024)):
+  out = []
+  for d in widths:
+    cfg = Config(d=d, heads=max(4, d // 64))
+    model = LinenGPT(cfg)
+    ids, labels = batch(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), ids)
+
+    @jax.jit
+    def limit(params, perturb, ids, labels):
+      return jax.value_and_grad(lambda q: xent(model.apply(params, ids, q), labels))(perturb)
+
+    rows = [Row("frozen limit", "linen", limit,
+                (params, jnp.zeros(ids.shape + (d,)), ids, labels))]
+    apply = lojax.lorafy(model.apply)
+    tx = optax.adamw(LR)
+    for r in ranks:
+      lora = lojax.wrap(params, lojax.LoraSpec(r=r, lora_alpha=2 * r, target_modules="all-linear"),
+                        key=jax.random.key(1))
+
+      @jax.jit
+      def step(lora, opt_state, ids, labels):
+        loss, grads = jax.value_and_grad(
+            lambda t: xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
+        updates, opt_state = tx.update(grads, opt_state, lora.trainable)
+        return optax.apply_updates(lora.trainable, updates), opt_state, loss
+
+      rows.append(Row(f"r={r}", "linen", step, (lora, tx.init(lora.trainable), ids, labels)))
+    time_rows(rows, steps)
+    ratios(rows)
+    for row in rows[1:]:
+      out.append({"d_model": d, "r": int(row.name[2:]),
+                  "step_ratio_to_limit": row.result["step_ratio_to_limit"],
+                  "flops_ratio_to_limit": row.result["flops_ratio_to_limit"],
+                  "step_s": row.result["step_s"], "limit_step_s": rows[0].result["step_s"]})
+    print(f"  sweep d={d}: " + ", ".join(
+        f"r={o['r']} {o['step_ratio_to_limit']:.2f}x" for o in out if o["d_model"] == d),
+          flush=True)
+  return out
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+def device_name() -> str:
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    return "cpu"
+  kind = dev.device_kind.lower().replace("nvidia", "").strip().replace(" ", "-")
+  return f"{dev.platform}-{kind}"
+
+
+def targets(rows: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
+  """(target, measured, met) for the suite's targets."""
+  def get(name, key):
+    return rows.get(name, {}).get(key)
+
+  out = []
+  lora = rows.get("lojax LoRA", {})
+  if lora:
+    f = lora["flops_ratio_to_limit"]
+    out.append(("lojax LoRA FLOPs <= 1.05 x limit", f"{f:.3f}x", f <= 1.05))
+    s = lora["step_ratio_to_limit"]
+    out.append(("lojax LoRA step time <= 1.25 x limit", f"{s:.3f}x", s <= 1.25))
+  q, ln = get("qwix LoRA (NNX)", "step_s"), get("lojax LoRA (NNX)", "step_s")
+  if q and ln:
+    out.append(("lojax LoRA step <= 0.8 x qwix LoRA step (NNX model)", f"{ln / q:.3f}x",
+                ln / q <= 0.8))
+  else:
+    out.append(("lojax LoRA step <= 0.8 x qwix LoRA step (NNX model)",
+                rows.get("qwix LoRA (NNX)", {}).get("note", "no qwix row"), None))
+  a = get("lojax AdaLoRA (init_r 16)", "step_s")
+  if a and lora:
+    out.append(("AdaLoRA step <= 1.15 x lojax LoRA step", f"{a / lora['step_s']:.3f}x",
+                a / lora["step_s"] <= 1.15))
+  full = rows.get("full fine-tuning", {})
+  if full and lora:
+    out.append(("lojax LoRA temp memory <= full fine-tuning's",
+                f"{lora['temp_bytes'] / 2**20:.0f} MiB vs {full['temp_bytes'] / 2**20:.0f} MiB",
+                lora["temp_bytes"] <= full["temp_bytes"]))
+    out.append(("optimizer state adapter-sized",
+                f"{lora['opt_state_bytes'] / 2**20:.2f} MiB vs {full['opt_state_bytes'] / 2**20:.0f} "
+                "MiB (full)", lora["opt_state_bytes"] < 0.1 * full["opt_state_bytes"]))
+  return out
+
+
+def markdown(res: dict) -> str:
+  lines = [f"### {res['device']} — {res['device_kind']}", "",
+           f"{res['config']} · r = {R} on every block linear · float32 · AdamW · "
+           f"median of {res['steps']} steps after warm-up · jax {res['versions']['jax']}", "",
+           "| row | step (s) | step / limit | GFLOPs | FLOPs / limit | temp MiB | arg MiB | "
+           "opt state MiB | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, r in res["rows"].items():
+    if "step_s" not in r:
+      lines.append(f"| {name} | — | — | — | — | — | — | — | — | {r.get('note', '')}"
+                   .rstrip(" |") + " |")
+      continue
+    opt = r.get("opt_state_bytes")
+    lines.append(
+        f"| {name} | {r['step_s']:.3f} | {r.get('step_ratio_to_limit', float('nan')):.3f} | "
+        f"{r['flops'] / 1e9:.1f} | {r.get('flops_ratio_to_limit', float('nan')):.3f} | "
+        f"{r['temp_bytes'] / 2**20:.0f} | {r['arg_bytes'] / 2**20:.0f} | "
+        f"{'—' if opt is None else f'{opt / 2**20:.2f}'} | {r['compile_s']:.1f} |")
+  notes = [f"- {n}: {r['note']}" for n, r in res["rows"].items() if r.get("note")]
+  lines += [""] + notes if notes else []
+  lines += ["", "| target | measured | met |", "|---|---|---|"]
+  for t, m, ok in res["targets"]:
+    lines.append(f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else '—'} |")
+  if res.get("sweep"):
+    lines += ["", "Sweep (lojax LoRA, linen, fewer steps): step-time ratio to the limit "
+              "(FLOPs ratio)", "", "| d_model \\ r | " + " | ".join(
+                  str(r) for r in sorted({s['r'] for s in res['sweep']})) + " |",
+              "|---|" + "---|" * len({s['r'] for s in res['sweep']})]
+    for d in sorted({s["d_model"] for s in res["sweep"]}):
+      cells = [f"{s['step_ratio_to_limit']:.2f} ({s['flops_ratio_to_limit']:.3f})"
+               for s in sorted(res["sweep"], key=lambda s: s["r"]) if s["d_model"] == d]
+      lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines += ["", f"![sweep]({res['device']}_sweep.png)"]
+  return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: pathlib.Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for d in sorted({s["d_model"] for s in res["sweep"]}):
+    pts = sorted((s for s in res["sweep"] if s["d_model"] == d), key=lambda s: s["r"])
+    for ax, key in zip(axes, ("step_ratio_to_limit", "flops_ratio_to_limit")):
+      ax.plot([p["r"] for p in pts], [p[key] for p in pts], marker="o", label=f"d_model {d}")
+  for ax, title in zip(axes, ("step time / frozen limit", "FLOPs / frozen limit")):
+    ax.set(xscale="log", xlabel="LoRA rank r", title=title)
+    ax.set_xticks([4, 16, 64], ["4", "16", "64"])
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.legend()
+  fig.suptitle(f"lojax LoRA step vs the frozen-model limit ({res['device']})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+README_HEAD = """# lojax benchmarks
+
+Regenerated by `python benchmarks/run.py` (do not edit by hand). One command runs the suite
+on the current device and rewrites `results/<device>.json`, `results/<device>.md`, the sweep plot
+`results/<device>_sweep.png` and this file.
+
+```
+pip install -e ".[bench]" && python benchmarks/run.py
+```
+
+## What each row measures
+
+Every row is one jitted call on the same GPT-style model (d_model 512, 4 layers, 8 heads,
+vocab 8192, batch 8 x 256 tokens, float32), built as a Flax linen module and as an NNX module
+(`models.py`), with LoRA rank 16 on every block linear (attention `c_attn`/`c_proj`, MLP
+`c_fc`/`c_proj`); head and embeddings frozen. All rows of a table are timed in one process,
+interleaved step by step; `step` is the median after a warm-up. GFLOPs come from XLA's compiled
+cost analysis, temp/arg MiB from its memory analysis.
+
+- **full fine-tuning**: AdamW step on every parameter.
+- **frozen limit**: forward plus the gradient with respect to an additive perturbation of the
+  embedding output only, i.e. every input gradient and no weight gradient. No LoRA step can
+  be cheaper; all ratios are against the limit of the same model family (linen or NNX).
+- **lojax LoRA**: `lojax.lorafy(model.apply)` with AdamW on `lora.trainable`: the factorized
+  path `x@W + s*(x@A)@B`.
+- **lojax LoRA, merged delta (naive)**: the same adapters, but the step runs `model.apply` on
+  `lojax.merge(...)`, i.e. `W + s*A@B` inside the step (what a merged-weight implementation
+  costs: a full-size weight gradient per kernel).
+- **lojax AdaLoRA (init_r 16)**: `lojax.adalora(optax.adamw, spec)` with the rank allocation
+  inside the update and the orthogonal regulariser in the loss.
+- **lojax DoRA**: reported once DoRA exists.
+- **frozen limit (NNX)**, **lojax LoRA (NNX)**, **qwix LoRA (NNX)**: the same on the NNX model;
+  qwix (`qwix.LoraProvider` + `apply_lora_to_model`) is installed as the `bench` extra.
+- **Sweep**: lojax LoRA against the limit for r in {4, 16, 64} and d_model in {256, 512, 1024}.
+
+## Targets
+
+lojax LoRA FLOPs <= 1.05 x the limit; lojax LoRA step time <= 1.25 x the limit; lojax LoRA step
+<= 0.8 x qwix's on the NNX model; AdaLoRA step <= 1.15 x lojax LoRA; lojax LoRA compiled temp
+memory <= full fine-tuning's, and an optimizer state the size of the adapters only.
+
+## Results
+"""
+
+
+def write_readme():
+  parts = [README_HEAD]
+  for f in sorted((HERE / "results").glob("*.md")):
+    parts.append(f.read_text())
+  (HERE / "README.md").write_text("\n".join(parts))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
+  ap.add_argument("--sweep-steps", type=int, default=3)
+  ap.add_argument("--no-sweep", action="store_true")
+  ap.add_argument("--no-nnx", action="store_true")
+  ap.add_argument("--out", default=None, help="results name (default: the device)")
+  args = ap.parse_args()
+  warnings.simplefilter("ignore", UserWarning)
+  start = time.perf_counter()
+  cfg = Config()
+  dev = args.out or device_name()
+  print(f"device {dev} ({jax.devices()[0].device_kind}), {cfg}", flush=True)
+  rows = linen_rows(cfg)
+  time_rows(rows, args.steps)
+  ratios(rows)
+  for r in rows:
+    print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
+                                  else r.note), flush=True)
+  if not args.no_nnx:
+    nrows = nnx_rows(cfg)
+    time_rows(nrows, args.steps)
+    ratios(nrows)
+    for r in nrows:
+      print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
+                                    else r.note), flush=True)
+    rows += nrows
+  res = {
+      "device": dev, "device_kind": jax.devices()[0].device_kind,
+      "host": {"cpus": __import__("os").cpu_count(), "machine": platform.machine()},
+      "config": dataclasses.asdict(cfg) | {"r": R, "alpha": ALPHA},
+      "steps": args.steps,
+      "versions": {m: __import__(m).__version__ for m in ("jax", "jaxlib", "flax", "optax")},
+      "rows": {r.name: dict(r.result, family=r.family, **({"note": r.note} if r.note else {}))
+               for r in rows},
+  }
+  res["config"] = f"d_model {cfg.d}, {cfg.layers} layers, {cfg.heads} heads, vocab {cfg.vocab}, " \
+                  f"batch {cfg.batch} x {cfg.seq}"
+  res["targets"] = targets(res["rows"])
+  if not args.no_sweep:
+    res["sweep"] = sweep(args.sweep_steps)
+  out = HERE / "results"
+  out.mkdir(exist_ok=True)
+  (out / f"{dev}.json").write_text(json.dumps(res, indent=1, default=float))
+  if res.get("sweep"):
+    plot(res, out / f"{dev}_sweep.png")
+  (out / f"{dev}.md").write_text(markdown(res))
+  write_readme()
+  print(markdown(res))
+  print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+  main()
