@@ -8,6 +8,10 @@ from lojax._src.adalora import adalora_orth_reg
 from lojax._src.adalora import adalora_rank_pattern
 from lojax._src.adalora import adalora_ranks
 from lojax._src.adalora import resize as adalora_resize
+from lojax._src.adapters import add_weighted_adapter
+from lojax._src.adapters import adapter_ids
+from lojax._src.adapters import delete_adapter
+from lojax._src.adapters import disable_adapters
 from lojax._src.apply import lorafy
 from lojax._src.lora import LoraParams
 from lojax._src.lora import kernel_paths
@@ -38,7 +42,11 @@ __all__ = (
     "adalora_rank_pattern",
     "adalora_ranks",
     "adalora_resize",
+    "adapter_ids",
+    "add_weighted_adapter",
     "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
     "kernel_paths",
     "lorafy",
     "merge",

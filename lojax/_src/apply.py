@@ -107,6 +107,19 @@ def view(lora: LoraParams):
   return paths, leaves, treedef, terms
 
 
+def _check_ids(ids, n_active: int):
+  if ids is None:
+    return None
+  ids = jnp.asarray(ids)
+  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"`lora_adapter_ids` must be a 1-D int array (one adapter index per "
+                     f"example); got shape {ids.shape} and dtype {ids.dtype}.")
+  if n_active == 0:
+    raise ValueError("`lora_adapter_ids` was given but no adapter is active; activate the "
+                     "adapters of the batch with lojax.set_adapter(lora, [...]).")
+  return ids
+
+
 def lorafy(fn: Callable) -> Callable:
   """Turns ``fn(params, *args, **kwargs)`` into ``f(lora, *args, **kwargs)``.
 
@@ -121,6 +134,10 @@ def lorafy(fn: Callable) -> Callable:
     lora_rng: PRNG key for LoRA dropout (training).
     lora_deterministic: set True to disable LoRA dropout (evaluation); a
       Python bool (static under ``jax.jit``).
+    lora_adapter_ids: for a mixed-adapter batch, an int array ``[batch]``:
+      example ``i`` uses active adapter ``lora.meta.active[ids[i]]`` only, or
+      none when ``ids[i] == -1`` (see :func:`lojax.adapter_ids`). The
+      activations' leading axis must be the examples.
   A spec with ``lora_dropout > 0`` needs one of the two.
 
   The base params are wrapped in ``lax.stop_gradient``: differentiating with
@@ -137,7 +154,8 @@ def lorafy(fn: Callable) -> Callable:
   """
 
   @functools.wraps(fn)
-  def wrapped(lora, /, *args, lora_rng=None, lora_deterministic=False, **kwargs):
+  def wrapped(lora, /, *args, lora_rng=None, lora_deterministic=False, lora_adapter_ids=None,
+              **kwargs):
     if not isinstance(lora, LoraParams):
       raise TypeError(
           f"The first argument must be the LoraParams returned by lojax.wrap, got "
@@ -168,10 +186,12 @@ def lorafy(fn: Callable) -> Callable:
       sides = t0.sides()
       invals[i] = tg.Tagged(
           leaves[i], t0.leaf_path, sides,
-          tuple(tg.Term(a, b, dropout=t.dropout if rng is not None else 0.0, name=name)
+          tuple(tg.Term(a, b, dropout=t.dropout if rng is not None else 0.0, name=t.leaf_path,
+                        index=lora.meta.active.index(name))
                 for t, a, b, name in ts),
           tuple(range(len(sides))))
-    outs = interpret.run_closed(closed, invals + list(dyn), rules.Context(rng=rng))
+    ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)))
+    outs = interpret.run_closed(closed, invals + list(dyn), ctx)
     outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 

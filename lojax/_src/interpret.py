@@ -14,6 +14,7 @@ program contains only the rewritten computation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Sequence
@@ -181,8 +182,7 @@ def _pack(vals):
         x, tdef, n = s
         value = arrs[i]
         pairs = jax.tree_util.tree_unflatten(tdef, list(arrs[i + 1:i + 1 + n]))
-        terms = tuple(t.__class__(a=a, b=b, dropout=t.dropout, name=t.name)
-                      for t, (a, b) in zip(x.terms, pairs))
+        terms = tuple(dataclasses.replace(t, a=a, b=b) for t, (a, b) in zip(x.terms, pairs))
         out.append(x.replace(value=value, terms=terms))
         i += 1 + n
     return out
@@ -290,8 +290,7 @@ def _scan_slice(x: Tagged, value, pairs):
   stack = x.stack + ((x.kaxes[0],) if x.kaxes is not None else (-1,))
   if x.sides is None:
     return x.replace(value=value, kaxes=kaxes, stack=stack)
-  terms = tuple(t.__class__(a=a, b=b, dropout=t.dropout, name=t.name)
-                for t, (a, b) in zip(x.terms, pairs))
+  terms = tuple(dataclasses.replace(t, a=a, b=b) for t, (a, b) in zip(x.terms, pairs))
   return x.replace(value=value, sides=x.sides[1:], terms=terms, kaxes=kaxes, stack=stack)
 
 

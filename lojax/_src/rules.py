@@ -25,9 +25,10 @@ _LETTERS = string.ascii_letters
 class Context:
   """Per-trace state: dropout rng, use counter, analysis recorder."""
 
-  def __init__(self, rng=None, record: Callable | None = None):
+  def __init__(self, rng=None, record: Callable | None = None, example_ids=None):
     self.rng = rng
     self.record = record
+    self.example_ids = example_ids   # [batch] adapter index per example (-1: base only)
     self.counter = 0
     self.warned: set[tuple[str, str]] = set()
 
@@ -36,10 +37,34 @@ class Context:
     return jax.random.fold_in(self.rng, self.counter)
 
   def with_rng(self, rng) -> "Context":
-    ctx = Context(rng, self.record)
+    ctx = Context(rng, self.record, self.example_ids)
     ctx.counter = self.counter
     ctx.warned = self.warned
     return ctx
+
+
+def _select(ctx: Context, x, term, axis: int = 0):
+  """Zeroes the examples of ``x`` (along ``axis``) that do not use ``term``'s adapter.
+
+  With a per-example adapter index (a mixed-adapter batch), each adapter's
+  delta is computed on the whole batch with the other examples masked out:
+  the cost grows with the number of adapters, not with the batch size.
+  """
+  ids = ctx.example_ids
+  if ids is None:
+    return x
+  n, size = ids.shape[0], x.shape[axis]
+  keep = ids == term.index
+  if size != n:
+    if size % n:
+      raise ValueError(
+          f"A mixed-adapter batch has {n} examples, but the adapted kernel '{term.name}' sees "
+          f"activations whose axis {axis} has size {size}; lojax needs the examples on the "
+          "leading axis (or flattened example-major into it).")
+    keep = jnp.repeat(keep, size // n)
+  shape = [1] * x.ndim
+  shape[axis] = size
+  return jnp.where(keep.reshape(shape), x, jnp.zeros((), x.dtype))
 
 
 def _dropout(ctx: Context, x, rate: float):
@@ -108,7 +133,7 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
   xs, fs, ts, os_ = "".join(x_syms), f1_s, "".join(t_syms), "".join(out_syms)
   for term in k.terms:
     f1, f2 = (term.a, term.b) if first == 0 else (term.b, term.a)
-    xd = _dropout(ctx, x, term.dropout)
+    xd = _dropout(ctx, _select(ctx, x, term), term.dropout)
     t = jnp.einsum(f"{xs},{fs}->{ts}", xd, f1.astype(dtype), **kw)
     d = jnp.einsum(f"{ts},{f2_s}->{os_}", t.astype(dtype), f2.astype(dtype), **kw)
     out = out + d.astype(out.dtype)
@@ -139,7 +164,7 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
   out = base
   for term in k.terms:
-    xd = _dropout(ctx, x, term.dropout)
+    xd = _dropout(ctx, _select(ctx, x, term), term.dropout)
     xt = jnp.transpose(xd, x_perm) if x_perm != list(range(x.ndim)) else xd
     x2 = xt.reshape(n, c)
     if first == 0:   # contract the input side: x @ A then @ B
@@ -183,7 +208,7 @@ def conv(ctx: Context, lhs, rhs, **params):
   feat = out_spec[1]
   for term in rhs.terms:
     a = jnp.moveaxis(term.a.astype(rhs.dtype), -1, rhs_spec[0])
-    xd = _dropout(ctx, lhs, term.dropout)
+    xd = _dropout(ctx, _select(ctx, lhs, term, dn.lhs_spec[0]), term.dropout)
     p = dict(params)
     t = lax.conv_general_dilated_p.bind(xd, a, **p)
     d = jnp.tensordot(t, term.b.astype(t.dtype), axes=[[feat], [0]])
@@ -228,6 +253,7 @@ def gather(ctx: Context, operand, indices, *, dimension_numbers, slice_sizes, **
     a_sizes = tuple([1] * len(i_axes) + [r])
     t = lax.gather_p.bind(term.a.astype(operand.dtype), indices, dimension_numbers=a_dn,
                           slice_sizes=a_sizes, **params)
+    t = _select(ctx, t, term)
     d = jnp.tensordot(t, term.b.astype(t.dtype), axes=[[off], [0]])
     d = jnp.moveaxis(d, -1, off)
     out = out + d.astype(out.dtype)

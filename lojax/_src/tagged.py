@@ -37,6 +37,7 @@ class Term:
   b: Any
   dropout: float = 0.0
   name: str = ""
+  index: int = 0          # position of the adapter in the active set (mixed batches)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,177 @@
+"""Several named adapters: delete, disable, combine, mixed batches, merge/unmerge."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gpt
+import lojax
+
+
+def np64(x):
+  return np.asarray(x, np.float64)
+
+
+def randomize(lora, name, seed):
+  ad = lora.adapters[name]
+  leaves, treedef = jax.tree.flatten(ad["lora"])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  adapters = dict(lora.adapters, **{name: dict(ad, lora=new)})
+  return lojax.LoraParams(lora.base, adapters, lora.meta)
+
+
+def two_adapters(spec_a=None, spec_b=None):
+  params = {"l": {"kernel": jax.random.normal(jax.random.key(0), (6, 5))}}
+  spec_a = spec_a or lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["l"])
+  spec_b = spec_b or lojax.LoraSpec(r=3, lora_alpha=3, target_modules=["l"])
+  lora = lojax.wrap(params, spec_a, key=jax.random.key(1), adapter_name="a")
+  lora = lojax.wrap(lora, spec_b, key=jax.random.key(2), adapter_name="b")
+  return randomize(randomize(lora, "a", 3), "b", 4)
+
+
+def dense_delta(lora, name, path="l"):
+  t = lora.meta.adapter(name).target(path)
+  ad = lora.adapters[name]["lora"][path]
+  return t.scaling * np64(ad["lora_A"]) @ np64(ad["lora_B"])
+
+
+f = lambda p, x: x @ p["l"]["kernel"]
+X = jax.random.normal(jax.random.key(9), (4, 6))
+
+
+def test_delete_disable_and_errors():
+  lora = two_adapters()
+  assert lora.meta.active == ("a",)
+  base = f(lora.base, X)
+  np.testing.assert_allclose(lojax.lorafy(f)(lojax.disable_adapters(lora), X), base, rtol=1e-6)
+  assert lojax.disable_adapters(lora).trainable == {}
+  gone = lojax.delete_adapter(lora, "a")
+  assert gone.meta.names == ("b",) and gone.meta.active == () and "a" not in gone.adapters
+  assert gone.base is lora.base
+  with pytest.raises(ValueError, match=r"No adapter named 'zz'.*\['a', 'b'\]"):
+    lojax.delete_adapter(lora, "zz")
+  with pytest.raises(ValueError, match=r"Unknown adapter names \['zz'\]"):
+    lojax.set_adapter(lora, ["a", "zz"])
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_cat_is_exact_with_true_scalings(rslora):
+  lora = two_adapters(lojax.LoraSpec(r=2, lora_alpha=4, use_rslora=rslora, target_modules=["l"]),
+                      lojax.LoraSpec(r=3, lora_alpha=3, use_rslora=rslora, target_modules=["l"]))
+  s_a = 4 / np.sqrt(2) if rslora else 2.0
+  assert lora.meta.adapter("a").target("l").scaling == pytest.approx(s_a)
+  new = lojax.add_weighted_adapter(lora, ["a", "b"], [0.7, -1.3], "mix", combination_type="cat")
+  assert new.meta.active == ("a",)                      # the new adapter starts inactive
+  t = new.meta.adapter("mix").target("l")
+  assert (t.r, t.scaling) == (5, 1.0)
+  want = 0.7 * dense_delta(lora, "a") - 1.3 * dense_delta(lora, "b")
+  np.testing.assert_allclose(dense_delta(new, "mix"), want, rtol=1e-5, atol=1e-6)
+  out = lojax.lorafy(f)(lojax.set_adapter(new, "mix"), X)
+  np.testing.assert_allclose(out, np64(X) @ (np64(lora.base["l"]["kernel"]) + want), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_svd_single_adapter_is_exact_and_truncation_is_optimal():
+  lora = two_adapters()
+  one = lojax.add_weighted_adapter(lora, ["b"], [1.0], "copy", combination_type="svd")
+  np.testing.assert_allclose(dense_delta(one, "copy"), dense_delta(lora, "b"), rtol=1e-4,
+                             atol=1e-5)
+  full = lojax.add_weighted_adapter(lora, ["a", "b"], [1.0, 2.0], "full", combination_type="svd",
+                                    svd_rank=5)
+  want = dense_delta(lora, "a") + 2.0 * dense_delta(lora, "b")
+  np.testing.assert_allclose(dense_delta(full, "full"), want, rtol=1e-4, atol=1e-5)
+  low = lojax.add_weighted_adapter(lora, ["a", "b"], [1.0, 2.0], "low", combination_type="svd",
+                                   svd_rank=2)
+  assert low.adapters["low"]["lora"]["l"]["lora_A"].shape == (6, 2)
+  s = np.linalg.svd(want, compute_uv=False)
+  err = np.linalg.norm(dense_delta(low, "low") - want)
+  np.testing.assert_allclose(err, np.sqrt(np.sum(s[2:] ** 2)), rtol=1e-4)   # Eckart-Young
+
+
+def test_linear_is_peft_rule_with_cross_terms():
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["l"])
+  lora = two_adapters(spec, spec)
+  new = lojax.add_weighted_adapter(lora, ["a", "b"], [0.5, 1.5], "lin", combination_type="linear")
+  ca, cb = np.sqrt(0.5 * 2.0), np.sqrt(1.5 * 2.0)
+  A = ca * np64(lora.adapters["a"]["lora"]["l"]["lora_A"]) + cb * np64(lora.adapters["b"]["lora"]["l"]["lora_A"])
+  B = ca * np64(lora.adapters["a"]["lora"]["l"]["lora_B"]) + cb * np64(lora.adapters["b"]["lora"]["l"]["lora_B"])
+  np.testing.assert_allclose(dense_delta(new, "lin"), A @ B, rtol=1e-5, atol=1e-6)
+  exact = 0.5 * dense_delta(lora, "a") + 1.5 * dense_delta(lora, "b")
+  assert np.abs(A @ B - exact).max() > 1e-2                 # cross terms: not the weighted sum
+  with pytest.raises(ValueError, match="needs equal ranks"):
+    lojax.add_weighted_adapter(two_adapters(), ["a", "b"], [1, 1], "x", combination_type="linear")
+  with pytest.raises(ValueError, match="non-negative"):
+    lojax.add_weighted_adapter(lora, ["a", "b"], [-1, 1], "x", combination_type="linear")
+  with pytest.raises(ValueError, match="already exists"):
+    lojax.add_weighted_adapter(lora, ["a"], [1], "b")
+  with pytest.raises(ValueError, match="one weight per adapter"):
+    lojax.add_weighted_adapter(lora, ["a", "b"], [1], "x")
+
+
+def test_combining_stacked_adapters_with_different_layers():
+  m = gpt.GPT(scan=True, layers=3)
+  params, ids = gpt.init(m)
+  kw = dict(key=jax.random.key(0), apply_fn=m.apply, example_args=(ids,))
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["c_fc"], layers_to_transform=[0],
+                                           init_lora_weights=False), adapter_name="a", **kw)
+  lora = lojax.wrap(lora, lojax.LoraSpec(r=2, target_modules=["c_fc"], layers_to_transform=[1, 2],
+                                         init_lora_weights=False), adapter_name="b", **kw)
+  new = lojax.add_weighted_adapter(lora, ["a", "b"], [1.0, 1.0], "ab", combination_type="cat")
+  both = lojax.merge(lojax.set_adapter(lora, ["a", "b"]))
+  np.testing.assert_allclose(lojax.merge(lojax.set_adapter(new, "ab"))["params"]["h"]["mlp"]["c_fc"]["kernel"],
+                             both["params"]["h"]["mlp"]["c_fc"]["kernel"], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_batch_equals_each_example_alone():
+  m = gpt.GPT(scan=True, layers=2)
+  params, ids = gpt.init(m, batch=5)
+  kw = dict(apply_fn=m.apply, example_args=(ids,))
+  spec = lojax.LoraSpec(r=2, target_modules="all-linear", init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0), adapter_name="a", **kw)
+  for i, n in enumerate("bcd"):
+    lora = lojax.wrap(lora, spec, key=jax.random.key(i + 1), adapter_name=n, **kw)
+  lora = lojax.set_adapter(lora, ["a", "b", "c", "d"])
+  names = ["c", "__base__", "a", "d", "c"]
+  sel = lojax.adapter_ids(lora, names)
+  apply = jax.jit(lojax.lorafy(m.apply))
+  out = apply(lora, ids, lora_adapter_ids=sel)
+  for i, n in enumerate(names):
+    alone = m.apply(params, ids[i:i + 1]) if n == "__base__" else \
+        lojax.lorafy(m.apply)(lojax.set_adapter(lora, n), ids[i:i + 1])
+    np.testing.assert_allclose(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"Adapters \['zz'\] are not active"):
+    lojax.adapter_ids(lora, ["a", "zz"])
+
+
+def test_mixed_batch_cost_grows_with_adapters_not_batch():
+  params = {"l": {"kernel": jnp.ones((64, 64))}}
+  spec = lojax.LoraSpec(r=4, target_modules=["l"])
+  lora = lojax.wrap(params, spec, key=jax.random.key(0), adapter_name="a0")
+  for k in range(1, 4):
+    lora = lojax.wrap(lora, spec, key=jax.random.key(k), adapter_name=f"a{k}")
+  x = jnp.ones((32, 64))
+
+  def flops(lo, ids):
+    fn = jax.jit(lambda lo, x, ids: lojax.lorafy(f)(lo, x, lora_adapter_ids=ids))
+    cost = fn.lower(lo, x, ids).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+  base = 2 * 32 * 64 * 64
+  one = flops(lojax.set_adapter(lora, "a0"), jnp.zeros(32, jnp.int32)) - base
+  four = flops(lojax.set_adapter(lora, ["a0", "a1", "a2", "a3"]), jnp.arange(32, dtype=jnp.int32) % 4) - base
+  assert 3.5 * one <= four <= 4.5 * one       # 4 adapters: ~4x one adapter's pass over the batch
+  assert four < 0.5 * base * 32 / 4            # far below 32 separate per-example forwards
+
+
+def test_merge_several_and_unmerge_in_reverse_order():
+  lora = lojax.set_adapter(two_adapters(), ["a", "b"])
+  merged = lojax.merge(lora)
+  want = np64(lora.base["l"]["kernel"]) + dense_delta(lora, "a") + dense_delta(lora, "b")
+  np.testing.assert_allclose(merged["l"]["kernel"], want, rtol=1e-5, atol=1e-6)
+  step = lojax.unmerge(merged, lora, adapter_names=["b"])
+  np.testing.assert_allclose(step["l"]["kernel"], np64(lora.base["l"]["kernel"]) + dense_delta(lora, "a"),
+                             rtol=1e-5, atol=1e-6)
+  back = lojax.unmerge(step, lora, adapter_names=["a"])
+  np.testing.assert_allclose(back["l"]["kernel"], lora.base["l"]["kernel"], rtol=1e-5, atol=1e-6)
