@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lojax._src import analysis
+from lojax._src import dora
 from lojax._src import interpret
 from lojax._src import paths as P
 from lojax._src import rules
@@ -62,6 +63,9 @@ def check_fit(lora: LoraParams, paths: list[str], leaves: list[Any]):
       wants = [("lora_A", t.a_shape()), ("lora_B", t.b_shape())]
       if "lora_E" in entry:
         wants.append(("lora_E", ((t.n_layers,) if t.stacked else ()) + (t.r,)))
+      if dora.KEY in entry:
+        wants.append((dora.KEY, t.b_shape()[:(1 if t.stacked else 0)] + t.b_shape()[
+            (2 if t.stacked else 1):]))
       for k, want in wants:
         have = tuple(np.shape(entry.get(k))) if k in entry else None
         if have != want:
@@ -103,7 +107,9 @@ def view(lora: LoraParams):
       leaves[index[p]] = leaves[index[p]] + d.astype(leaves[index[p]].dtype)
     for t in meta.targets:
       a, b = factors(t, params["lora"][t.path])
-      terms.setdefault(index[t.leaf_path], []).append((t, a, b, name))
+      mag = params["lora"][t.path].get(dora.KEY)
+      m = None if mag is None else dora.term_magnitude(t, mag)
+      terms.setdefault(index[t.leaf_path], []).append((t, a, b, name, m))
   return paths, leaves, treedef, terms
 
 
@@ -165,7 +171,7 @@ def lorafy(fn: Callable) -> Callable:
           "`lora_deterministic` must be a Python bool, not a traced value: close over it or "
           "mark it static, e.g. jax.jit(apply, static_argnames='lora_deterministic').")
     paths, leaves, treedef, terms = view(lora)
-    dropout = max((t.dropout for ts in terms.values() for t, *_ in ts), default=0.0)
+    dropout = max((ts_[0].dropout for ts in terms.values() for ts_ in ts), default=0.0)
     rng = None
     if dropout > 0 and not lora_deterministic:
       if lora_rng is None:
@@ -187,9 +193,13 @@ def lorafy(fn: Callable) -> Callable:
       invals[i] = tg.Tagged(
           leaves[i], t0.leaf_path, sides,
           tuple(tg.Term(a, b, dropout=t.dropout if rng is not None else 0.0, name=t.leaf_path,
-                        index=lora.meta.active.index(name))
-                for t, a, b, name in ts),
+                        index=lora.meta.active.index(name), m=m)
+                for t, a, b, name, m in ts),
           tuple(range(len(sides))))
+    if lora_adapter_ids is not None and any(m is not None for ts in terms.values()
+                                            for *_, m in ts):
+      raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "
+                       "rescales the base output of every example); run them separately.")
     ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)))
     outs = interpret.run_closed(closed, invals + list(dyn), ctx)
     outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]

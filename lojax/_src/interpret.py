@@ -164,7 +164,7 @@ def _pack(vals):
   flat, specs = [], []
   for x in vals:
     if isinstance(x, Tagged):
-      leaves, tdef = jax.tree_util.tree_flatten([(t.a, t.b) for t in x.terms])
+      leaves, tdef = jax.tree_util.tree_flatten([(t.a, t.b, t.m) for t in x.terms])
       specs.append((x, tdef, len(leaves)))
       flat.append(x.value)
       flat.extend(leaves)
@@ -182,7 +182,7 @@ def _pack(vals):
         x, tdef, n = s
         value = arrs[i]
         pairs = jax.tree_util.tree_unflatten(tdef, list(arrs[i + 1:i + 1 + n]))
-        terms = tuple(dataclasses.replace(t, a=a, b=b) for t, (a, b) in zip(x.terms, pairs))
+        terms = tuple(dataclasses.replace(t, a=a, b=b, m=m) for t, (a, b, m) in zip(x.terms, pairs))
         out.append(x.replace(value=value, terms=terms))
         i += 1 + n
     return out
@@ -256,13 +256,14 @@ def _pack_scanned(xs):
     pairs = []
     owners = x.owners(0) if x.terms else []
     for t in x.terms:
-      a, b = t.a, t.b
+      a, b, m = t.a, t.b, t.m
       for f, ax in owners:
         if f == 0:
           a = jnp.moveaxis(a, ax, 0)
         else:
           b = jnp.moveaxis(b, ax, 0)
-      pairs.append((a, b))
+          m = None if m is None else jnp.moveaxis(m, ax, 0)
+      pairs.append((a, b, m))
     leaves, tdef = jax.tree_util.tree_flatten(pairs)
     specs.append((x, tdef, len(leaves)))
     flat.append(x.value)
@@ -290,7 +291,7 @@ def _scan_slice(x: Tagged, value, pairs):
   stack = x.stack + ((x.kaxes[0],) if x.kaxes is not None else (-1,))
   if x.sides is None:
     return x.replace(value=value, kaxes=kaxes, stack=stack)
-  terms = tuple(dataclasses.replace(t, a=a, b=b) for t, (a, b) in zip(x.terms, pairs))
+  terms = tuple(dataclasses.replace(t, a=a, b=b, m=m) for t, (a, b, m) in zip(x.terms, pairs))
   return x.replace(value=value, sides=x.sides[1:], terms=terms, kaxes=kaxes, stack=stack)
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lojax._src import adalora
+from lojax._src import dora
 from lojax._src import paths as P
 from lojax._src import tagged as tg
 from lojax._src.apply import factors
@@ -47,8 +48,17 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
     for t in meta.targets:
       i = index[t.leaf_path]
       w = leaves[i]
-      d = kernel_delta(t, ad["lora"][t.path], jnp.promote_types(w.dtype, jnp.float32))
-      leaves[i] = (w.astype(d.dtype) + sign * d).astype(w.dtype)
+      entry = ad["lora"][t.path]
+      if dora.KEY in entry:
+        a, b = factors(t, entry)
+        if sign > 0:
+          new = dora.merged_kernel(t, w, a, b, entry[dora.KEY])
+        else:
+          new = dora.unmerged_kernel(t, w, base_by_path[t.leaf_path], a, b, entry[dora.KEY])
+        leaves[i] = new.astype(w.dtype)
+      else:
+        d = kernel_delta(t, entry, jnp.promote_types(w.dtype, jnp.float32))
+        leaves[i] = (w.astype(d.dtype) + sign * d).astype(w.dtype)
       touched.add(t.leaf_path)
     for p, d in ad["bias"].items():
       i = index[p]

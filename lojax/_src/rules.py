@@ -103,7 +103,10 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
     return None
   first = 0 if csides == {"I"} else 1
   side = "I" if first == 0 else "O"
-  if not kb and "L" not in sides and set(kc) == {j for j, s in enumerate(sides) if s == side}:
+  fast = not kb and "L" not in sides and set(kc) == {j for j, s in enumerate(sides) if s == side}
+  if any(t.m is not None for t in k.terms) and not (fast and first == 0):
+    return None  # DoRA outside the plain x @ W form: exact merged fallback
+  if fast:
     return _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_element_type)
   # General case (batch or layer axes, partial contractions): einsum.
   # Einsum symbols: kernel value axes, then x's own free axes.
@@ -140,6 +143,21 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
   return out
 
 
+def _dora_scale(w2, a2, b2, m):
+  """DoRA's ``m / ||W + A@B||`` per output column, from ||W||², AᵀW and AᵀA.
+
+  ``w2`` is the kernel as ``[C, D]``, ``a2`` ``[C, r]``, ``b2`` ``[r, D]`` with
+  the scaling folded in. No activation enters, so this costs no token factor;
+  the norm is a constant for the gradient (DoRA, section 4.3).
+  """
+  w2, a2, b2 = (z.astype(jnp.float32) for z in (w2, a2, b2))
+  ata = a2.T @ a2                                   # [r, r]
+  atw = a2.T @ w2                                   # [r, D]
+  sq = jnp.sum(w2 * w2, 0) + 2 * jnp.sum(atw * b2, 0) + jnp.sum((ata @ b2) * b2, 0)
+  norm = jnp.sqrt(jnp.maximum(sq, 0.0))
+  return m.astype(jnp.float32) / lax.stop_gradient(norm)
+
+
 def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_element_type):
   """The common case as two plain 2-D matmuls: ``[N, C] @ [C, r] @ [r, D]``.
 
@@ -172,6 +190,17 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
       f2 = term.b.astype(dtype).reshape(f1.shape[1], d)            # [r, D]
       t = jnp.matmul(x2, f1, **kw)
       y = jnp.matmul(t.astype(dtype), f2, **kw)
+      if term.m is not None:
+        w2 = jnp.transpose(k.value, f1_axes + k_free).reshape(c, d)
+        mn = _dora_scale(w2, f1, f2, term.m.reshape(d))
+        shape = kfree_shape + [1] * len(free_shape) if k_first else kfree_shape
+        mn = mn.reshape(shape)
+        y = y.reshape(free_shape + kfree_shape)
+        if k_first:
+          nf = len(free_shape)
+          y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
+        out = out + ((mn - 1) * base + mn * y).astype(out.dtype)
+        continue
     else:            # transposed use: contract the output side: x @ Bᵀ then @ Aᵀ
       f1 = term.b.astype(dtype).reshape(-1, c)                     # [r, C]
       f2 = term.a.astype(dtype).reshape(d, f1.shape[0])            # [D, r]
@@ -213,6 +242,15 @@ def conv(ctx: Context, lhs, rhs, **params):
     t = lax.conv_general_dilated_p.bind(xd, a, **p)
     d = jnp.tensordot(t, term.b.astype(t.dtype), axes=[[feat], [0]])
     d = jnp.moveaxis(d, -1, feat)
+    if term.m is not None:
+      cout = rhs.shape[rhs_spec[0]]
+      w2 = jnp.moveaxis(rhs.value, rhs_spec[0], -1).reshape(-1, cout)
+      mn = _dora_scale(w2, term.a.reshape(w2.shape[0], -1), term.b, term.m.reshape(cout))
+      shape = [1] * out.ndim
+      shape[feat] = cout
+      mn = mn.reshape(shape)
+      out = out + ((mn - 1) * base + mn * d).astype(out.dtype)
+      continue
     out = out + d.astype(out.dtype)
   return out
 
@@ -231,6 +269,8 @@ def gather(ctx: Context, operand, indices, *, dimension_numbers, slice_sizes, **
     ctx.record(operand, "gather", index_axes=tuple(dn.start_index_map))
   if not operand.terms:
     return base
+  if any(t.m is not None for t in operand.terms):
+    return None  # DoRA on a lookup: exact merged fallback
   sides = operand.sides
   i_axes = [j for j, s in enumerate(sides) if s == "I"]
   o_axes = [j for j, s in enumerate(sides) if s == "O"]

@@ -25,6 +25,7 @@ import dataclasses
 import string
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 
 _LETTERS = string.ascii_letters
@@ -38,6 +39,7 @@ class Term:
   dropout: float = 0.0
   name: str = ""
   index: int = 0          # position of the adapter in the active set (mixed batches)
+  m: Any = None           # DoRA magnitude, laid out like ``b`` with a rank axis of size 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,9 @@ class Tagged:
 
 
 def _map_terms(t: Tagged, fa, fb) -> tuple[Term, ...]:
-  return tuple(dataclasses.replace(term, a=fa(term.a), b=fb(term.b)) for term in t.terms)
+  return tuple(dataclasses.replace(term, a=fa(term.a), b=fb(term.b),
+                                   m=None if term.m is None else fb(term.m))
+               for term in t.terms)
 
 
 # --------------------------------------------------------------------------
@@ -252,8 +256,28 @@ def delta(t: Tagged, dtype=None):
   return out
 
 
+def dora_factor(t: Tagged, term: Term, w):
+  """DoRA's ``m / ||w||`` in value layout (norm over the input-side axes)."""
+  i_axes = tuple(j for j, s in enumerate(t.sides) if s == "I")
+  norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=i_axes, keepdims=True))
+  has_l = int("L" in t.sides)
+  # m is [L?, 1, O-side...]: drop the rank axis and put size-1 axes at the I positions.
+  m = jnp.squeeze(term.m, axis=has_l).astype(jnp.float32)
+  shape = [1 if s == "I" else d for s, d in zip(t.sides, t.shape)]
+  return m.reshape(shape) / jax.lax.stop_gradient(norm)
+
+
 def materialize(t: Tagged):
+  """``value`` with every term applied (DoRA terms rescale their merged kernel)."""
   if not t.terms:
     return t.value
-  return t.value + delta(t).astype(t.dtype)
+  out = t.value.astype(jnp.float32)
+  for term in t.terms:
+    d = delta(t.replace(terms=(term,)), jnp.float32)
+    if term.m is None:
+      out = out + d
+    else:
+      w = t.value.astype(jnp.float32) + d
+      out = out + dora_factor(t, term, w) * w - t.value.astype(jnp.float32)
+  return out.astype(t.dtype)
 
