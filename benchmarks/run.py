@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import platform
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +203,38 @@ def ratios(rows: list[Row]):
     r.result["flops_ratio_to_limit"] = r.result["flops"] / lim.result["flops"]
 
 
+def mixed_batch(cfg: Config, steps: int) -> dict:
+  """One jitted forward of a batch spread over 4 adapters vs 4 separate forwards."""
+  model = LinenGPT(cfg)
+  ids, _ = batch(cfg)
+  params = jax.jit(model.init)(jax.random.key(0), ids)
+  spec = lojax.LoraSpec(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+  names = ["a", "b", "c", "d"]
+  lora = lojax.wrap(params, spec, key=jax.random.key(1), adapter_name="a")
+  for i, n in enumerate(names[1:]):
+    lora = lojax.wrap(lora, spec, key=jax.random.key(2 + i), adapter_name=n)
+  lora = lojax.set_adapter(lora, names)
+  per = cfg.batch // len(names)
+  sel = lojax.adapter_ids(lora, [n for n in names for _ in range(per)])
+  apply = jax.jit(lojax.lorafy(model.apply))
+  singles = [lojax.set_adapter(lora, n) for n in names]
+  parts = [ids[i * per:(i + 1) * per] for i in range(len(names))]
+  mixed = lambda: apply(lora, ids, lora_adapter_ids=sel)
+  separate = lambda: [apply(s, p) for s, p in zip(singles, parts)]
+  jax.block_until_ready(mixed())
+  jax.block_until_ready(separate())
+  t_mixed, t_sep = [], []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mixed())
+    t_mixed.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(separate())
+    t_sep.append(time.perf_counter() - t0)
+  return {"adapters": len(names), "batch": cfg.batch, "mixed_forward_s": float(np.median(t_mixed)),
+          "separate_forwards_s": float(np.median(t_sep))}
+
+
 def sweep(steps: int, ranks=(4, 16, 64), widths=(256, 512, 1024)):
   out = []
   for d in widths:
@@ -317,6 +348,12 @@ def markdown(res: dict) -> str:
   lines += ["", "| target | measured | met |", "|---|---|---|"]
   for t, m, ok in res["targets"]:
     lines.append(f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else '—'} |")
+  mb = res.get("mixed_batch")
+  if mb:
+    lines += ["", f"Mixed-adapter batch (forward only): one jitted forward of {mb['batch']} "
+              f"examples spread over {mb['adapters']} adapters takes {mb['mixed_forward_s']:.3f} s; "
+              f"{mb['adapters']} separate forwards of the sub-batches take "
+              f"{mb['separate_forwards_s']:.3f} s."]
   if res.get("sweep"):
     lines += ["", "Sweep (lojax LoRA, linen, fewer steps): step-time ratio to the limit "
               "(FLOPs ratio)", "", "| d_model \\ r | " + " | ".join(
@@ -384,6 +421,8 @@ cost analysis, temp/arg MiB from its memory analysis.
   norm comes from ||W||², AᵀW and AᵀA (no token factor).
 - **frozen limit (NNX)**, **lojax LoRA (NNX)**, **qwix LoRA (NNX)**: the same on the NNX model;
   qwix (`qwix.LoraProvider` + `apply_lora_to_model`) is installed as the `bench` extra.
+- **Mixed-adapter batch**: a forward of the batch with 4 adapters, each example using its own
+  (`lora_adapter_ids`), against 4 separate forwards of the sub-batches.
 - **Sweep**: lojax LoRA against the limit for r in {4, 16, 64} and d_model in {256, 512, 1024}.
 
 A LoRA step can come out slightly *below* the limit in FLOPs at small r: it needs no input
@@ -457,6 +496,8 @@ def main():
   res["config"] = f"d_model {cfg.d}, {cfg.layers} layers, {cfg.heads} heads, vocab {cfg.vocab}, " \
                   f"batch {cfg.batch} x {cfg.seq}"
   res["targets"] = targets(res["rows"])
+  res["mixed_batch"] = mixed_batch(cfg, args.steps)
+  print(f"  mixed batch: {res['mixed_batch']}", flush=True)
   if not args.no_sweep:
     res["sweep"] = sweep(args.sweep_steps)
   out = HERE / "results"

@@ -13,11 +13,19 @@ from lojax._src.adapters import adapter_ids
 from lojax._src.adapters import delete_adapter
 from lojax._src.adapters import disable_adapters
 from lojax._src.apply import lorafy
+from lojax._src.checkpoint import AdapterCheckpointer
+from lojax._src.checkpoint import restore_adapters
+from lojax._src.checkpoint import save_adapters
+from lojax._src.checkpoint import save_merged
 from lojax._src.lora import LoraParams
 from lojax._src.lora import kernel_paths
 from lojax._src.lora import wrap
 from lojax._src.merge import merge
 from lojax._src.merge import unmerge
+from lojax._src.peft_format import GPT2_MAPPING
+from lojax._src.peft_format import PeftMapping
+from lojax._src.peft_format import load_peft
+from lojax._src.peft_format import save_peft
 from lojax._src.spec import LoraSpec
 from lojax._src.spec import TaskType
 from lojax._src.training import ParameterCount
@@ -32,9 +40,12 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaLoraSpec",
     "AdaLoraState",
+    "AdapterCheckpointer",
+    "GPT2_MAPPING",
     "LoraParams",
     "LoraSpec",
     "ParameterCount",
+    "PeftMapping",
     "TaskType",
     "adalora",
     "adalora_budget",
@@ -48,10 +59,15 @@ __all__ = (
     "delete_adapter",
     "disable_adapters",
     "kernel_paths",
+    "load_peft",
     "lorafy",
     "merge",
     "partition_labels",
     "print_trainable_parameters",
+    "restore_adapters",
+    "save_adapters",
+    "save_merged",
+    "save_peft",
     "set_adapter",
     "trainable_mask",
     "unmerge",

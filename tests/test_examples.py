@@ -30,3 +30,9 @@ def test_adalora_example(tmp_path):
             cwd=tmp_path)
   assert "budget" in out and "resized to the kept ranks" in out
   assert (tmp_path / "ranks.png").stat().st_size > 10_000
+
+
+def test_checkpointing_example(tmp_path):
+  out = run("checkpointing.py", "--steps", "12", "--every", "3", "--kill-at", "8", cwd=tmp_path)
+  assert "identical to the uninterrupted run: True" in out
+  assert (tmp_path / "checkpointing_out" / "peft" / "adapter_model.safetensors").exists()

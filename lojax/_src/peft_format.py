@@ -1,0 +1,626 @@
+"""Hugging Face PEFT's saved-adapter format: export and import without torch.
+
+A PEFT adapter directory holds ``adapter_config.json`` and
+``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), with tensors
+named ``base_model.model.<torch module name>.<part>``:
+
+========================  =======================  ==========================
+lojax (Flax layout)       PEFT tensor              PEFT shape
+========================  =======================  ==========================
+dense A ``[in..., r]``    ``lora_A.weight``        ``[r, prod(in)]``
+dense B ``[r, out...]``   ``lora_B.weight``        ``[prod(out), r]``
+conv A ``[k..., cin, r]`` ``lora_A.weight``        ``[r, cin, k...]``
+conv B ``[r, cout]``      ``lora_B.weight``        ``[cout, r, 1...]``
+embed A ``[num, r]``      ``lora_embedding_A``     ``[r, num]``
+embed B ``[r, dim]``      ``lora_embedding_B``     ``[dim, r]``
+AdaLoRA P, E, Q           ``lora_A/lora_E/lora_B`` ``[r, in]``/``[r, 1]``/``[out, r]``
+========================  =======================  ==========================
+
+A layer of a stacked (``nn.scan``) kernel is exported as its own torch
+module, and restacked on import. Trained biases are written as full values
+(base + delta): ``<name>.base_layer.bias`` for an adapted module (PEFT wraps
+it), ``<name>.bias`` otherwise. ``modules_to_save`` copies are written as
+PEFT writes them, ``<name>.<leaf>`` (PEFT strips its
+``modules_to_save.<adapter>`` infix when saving): Flax ``kernel`` becomes
+``weight`` transposed to ``[out, in]`` (unless the torch module keeps
+``[in, out]``, like GPT-2's ``Conv1D``: see ``fan_in_fan_out``), ``scale``
+and ``embedding`` become ``weight`` as they are.
+
+Torch module names come from a :class:`PeftMapping`. Loading reads only JSON
+and safetensors data; nothing from the directory is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lojax._src import adalora
+from lojax._src import paths as P
+from lojax._src import spec as spec_lib
+from lojax._src.lora import AdapterMeta, LoraMeta, LoraParams, kernel_paths, wrap
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                   "orth_reg_weight", "total_step")
+_LEAF_TO_TORCH = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeftMapping:
+  """How lojax module paths map to torch module names.
+
+  Attributes:
+    names: A callable ``path -> torch name or None``, or a table
+      ``[(pattern, replacement), ...]``: the first pattern that
+      ``re.fullmatch``-es the path wins and ``match.expand(replacement)`` is
+      the name. Any "/" left in the result becomes ".". Layer ``i`` of a
+      stacked (``nn.scan``) kernel is looked up as ``"<path>[i]"``.
+    fan_in_fan_out: Regexes (``re.fullmatch`` on the module path, without
+      ``[i]``) of modules whose torch weight is stored ``[in, out]`` like
+      the Flax kernel (GPT-2's ``Conv1D``). PEFT's factors keep their layout;
+      this sets the config's ``fan_in_fan_out`` and the layout of
+      ``modules_to_save`` kernels.
+
+  >>> PeftMapping(names=[(r"params/(.*)", r"model/\\1")]).torch_name("params/h_0/q")
+  'model.h_0.q'
+  """
+
+  names: Callable[[str], str | None] | Sequence[tuple[str, str]] = (
+      (r"params/(.*)\[(\d+)\]", r"\1.\2"), (r"params/(.*)", r"\1"),
+      (r"(.*)\[(\d+)\]", r"\1.\2"), (r"(.*)", r"\1"))
+  fan_in_fan_out: Sequence[str] = ()
+
+  def __post_init__(self):
+    if not callable(self.names):
+      rules = tuple((str(p), str(r)) for p, r in self.names)
+      bad = []
+      for p, _ in rules:
+        try:
+          re.compile(p)
+        except re.error as e:
+          bad.append(f"{p!r} ({e})")
+      if bad:
+        raise ValueError(f"`names` has invalid regular expressions: {', '.join(bad)}.")
+      object.__setattr__(self, "names", rules)
+    object.__setattr__(self, "fan_in_fan_out", tuple(self.fan_in_fan_out))
+
+  def torch_name(self, path: str, layer: int | None = None) -> str | None:
+    """The torch module name of ``path`` (layer ``layer`` if stacked), or None."""
+    key = path if layer is None else f"{path}[{layer}]"
+    if callable(self.names):
+      name = self.names(key)
+    else:
+      name = None
+      for pattern, repl in self.names:
+        if m := re.fullmatch(pattern, key):
+          name = m.expand(repl)
+          break
+    return None if name is None else name.replace("/", ".")
+
+  def transposed(self, path: str) -> bool:
+    """Whether torch stores this module's weight ``[out, in]`` (nn.Linear)."""
+    return not any(re.fullmatch(p, path) for p in self.fan_in_fan_out)
+
+
+DEFAULT_MAPPING = PeftMapping()
+
+GPT2_MAPPING = PeftMapping(
+    names=((r"params/h_(\d+)/(.+)", r"transformer.h.\1.\2"),
+           (r"params/h/(.+)\[(\d+)\]", r"transformer.h.\2.\1"),
+           (r"params/(wte|wpe|ln_f)", r"transformer.\1"),
+           (r"params/lm_head", "lm_head")),
+    fan_in_fan_out=(r"params/h(_\d+)?/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)",))
+"""Flax GPT-2 (``params/h_{i}/attn/c_attn`` ... or one ``nn.scan`` stack
+``params/h``) to transformers' ``GPT2LMHeadModel`` names
+(``transformer.h.{i}.attn.c_attn``, ``transformer.wte``, ``lm_head``, ...);
+the block projections are ``Conv1D`` (weight ``[in, out]``)."""
+
+
+# --------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------
+
+def _np(x) -> np.ndarray:
+  x = np.asarray(jax.device_get(x))
+  if x.dtype not in (np.float16, np.float32, np.float64):
+    x = x.astype(np.float32)  # e.g. bfloat16, which safetensors.numpy cannot write
+  return np.ascontiguousarray(x)
+
+
+def _to_torch(t, a, b, e=None):
+  """Per-layer factors in PEFT's layout: (A, B[, E]) and their tensor suffixes."""
+  r = t.r
+  if t.kind == "embed":
+    return {"lora_embedding_A": a.T, "lora_embedding_B": b.T}
+  if t.kind == "conv":
+    n = a.ndim - 1  # spatial axes + cin
+    ta = np.transpose(a, (n, n - 1) + tuple(range(n - 1)))
+    tb = b.T.reshape(b.shape[1], r, *([1] * (n - 1)))
+    return {"lora_A.weight": ta, "lora_B.weight": tb}
+  ta, tb = a.reshape(-1, r).T, b.reshape(r, -1).T
+  if e is not None:
+    return {"lora_A": ta, "lora_E": e.reshape(r, 1), "lora_B": tb}
+  return {"lora_A.weight": ta, "lora_B.weight": tb}
+
+
+def _single_adapter(lora: LoraParams, adapter_name: str | None) -> str:
+  if adapter_name is not None:
+    lora.meta.adapter(adapter_name)
+    return adapter_name
+  if len(lora.meta.active) != 1:
+    raise ValueError(f"`adapter_name` is required: the active adapters are "
+                     f"{list(lora.meta.active)}, and a PEFT directory holds one adapter.")
+  return lora.meta.active[0]
+
+
+def _name_or_raise(mapping: PeftMapping, path: str, layer=None) -> str:
+  name = mapping.torch_name(path, layer)
+  if name is None:
+    key = path if layer is None else f"{path}[{layer}]"
+    raise ValueError(f"The mapping has no torch name for '{key}'. Add a rule to "
+                     "`mapping.names` that matches it.")
+  return name
+
+
+def _saved_leaf(mapping, module: str, leaf_path: str, x: np.ndarray):
+  """(torch leaf suffix, array) of one modules_to_save leaf."""
+  rel = leaf_path[len(module) + 1:] if leaf_path != module else ""
+  parent, leaf = P.split(leaf_path)
+  parts = rel.split("/")[:-1] + [_LEAF_TO_TORCH.get(leaf, leaf)]
+  if leaf == "kernel":
+    if x.ndim != 2:
+      raise ValueError(f"Cannot convert the {x.ndim}-D kernel '{leaf_path}' of "
+                       "modules_to_save to a torch weight; only 2-D kernels are supported.")
+    if mapping.transposed(parent):
+      x = x.T
+  return ".".join(parts), x
+
+
+def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
+              mapping: PeftMapping = DEFAULT_MAPPING, adapter_name: str | None = None,
+              base_model_name_or_path: str | None = None) -> None:
+  """Writes one adapter as a PEFT adapter directory (no torch needed).
+
+  Args:
+    directory: created if absent; ``adapter_config.json`` and
+      ``adapter_model.safetensors`` are (over)written.
+    lora: the :class:`LoraParams`.
+    mapping: lojax module paths to torch module names (e.g.
+      :data:`GPT2_MAPPING`).
+    adapter_name: the adapter to write (default: the only active one).
+    base_model_name_or_path: recorded in the config (e.g. ``"gpt2"``).
+
+  Raises:
+    ValueError: the mapping misses a module or maps two to one name; an
+      AdaLoRA adapter on a non-dense kernel.
+
+  >>> import tempfile, jax, jax.numpy as jnp, lojax
+  >>> from lojax._src.peft_format import save_peft
+  >>> lora = lojax.wrap({"params": {"q": {"kernel": jnp.ones((4, 3))}}},
+  ...                   lojax.LoraSpec(r=2, target_modules=["q"]), key=jax.random.key(0))
+  >>> save_peft(tempfile.mkdtemp(), lora)
+  """
+  from safetensors.numpy import save_file
+  name = _single_adapter(lora, adapter_name)
+  meta = lora.meta.adapter(name)
+  ad = lora.adapters[name]
+  spec = meta.spec
+  ada = isinstance(spec, adalora.AdaLoraSpec)
+  tensors: dict[str, np.ndarray] = {}
+  owner: dict[str, str] = {}
+  targets, rank_pattern, alpha_pattern, ada_pattern = [], {}, {}, {}
+  fan_in_fan_out = False
+
+  def put(key, value, source):
+    if key in tensors:
+      raise ValueError(f"The mapping gives '{source}' and '{owner[key]}' the same tensor name "
+                       f"{key!r}; make `mapping.names` one-to-one.")
+    tensors[key], owner[key] = value, source
+
+  target_names = {}
+  for t in meta.targets:
+    if ada and t.kind != "dense":
+      raise ValueError(f"PEFT's AdaLoRA adapts linear layers only; '{t.path}' is a "
+                       f"{t.kind} kernel. Export it with a plain LoraSpec instead.")
+    f = ad["lora"][t.path]
+    a, b = _np(f["lora_A"]), _np(f["lora_B"])
+    e = _np(f["lora_E"]) if ada else None
+    layers = [None] if not t.stacked else (t.layers or tuple(range(t.stacked)))
+    for j, layer in enumerate(layers):
+      tn = _name_or_raise(mapping, t.path, layer)
+      target_names[(t.path, layer)] = tn
+      pick = (lambda x: x) if layer is None else (lambda x, j=j: x[j])
+      parts = _to_torch(t, pick(a), pick(b), None if e is None else pick(e))
+      for suffix, value in parts.items():
+        put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
+      targets.append(tn)
+      fan_in_fan_out |= not mapping.transposed(t.path)
+      if t.r != spec.r and not ada:
+        rank_pattern[tn] = t.r
+      if t.alpha != spec.lora_alpha:
+        alpha_pattern[tn] = t.alpha
+      if ada and t.r != spec.init_r:
+        ada_pattern[f"{tn}.lora_E"] = [True] * t.r + [False] * (spec.init_r - t.r)
+
+  base_paths, base_leaves, _ = P.flatten(lora.base)
+  base = dict(zip(base_paths, base_leaves))
+  adapted = {t.path: t for t in meta.targets}
+  for leaf_path, delta in ad["bias"].items():
+    module, leaf = P.split(leaf_path)
+    full = _np(np.asarray(base[leaf_path]) + np.asarray(delta).astype(np.asarray(
+        base[leaf_path]).dtype))
+    if module in adapted:
+      t = adapted[module]
+      layers = [None] if not t.stacked else list(range(t.stacked))
+      for i, layer in enumerate(layers):
+        tn = _name_or_raise(mapping, module, layer)
+        put(f"{PREFIX}{tn}.base_layer.{leaf}", full if layer is None else full[i], leaf_path)
+    else:
+      put(f"{PREFIX}{_name_or_raise(mapping, module)}.{leaf}", full, leaf_path)
+
+  saved_names = []
+  for module in meta.modules_to_save:
+    tn = _name_or_raise(mapping, module)
+    saved_names.append(tn)
+    for leaf_path, x in ad["modules_to_save"].items():
+      if P.is_under(leaf_path, module):
+        suffix, value = _saved_leaf(mapping, module, leaf_path, _np(x))
+        put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), leaf_path)
+
+  config = {
+      "peft_type": "ADALORA" if ada else "LORA",
+      "task_type": None if spec.task_type is None else spec_lib.TaskType(spec.task_type).value,
+      "base_model_name_or_path": base_model_name_or_path,
+      "revision": None,
+      "inference_mode": True,
+      "r": spec.r,
+      "lora_alpha": spec.lora_alpha,
+      "lora_dropout": spec.lora_dropout,
+      "target_modules": sorted(set(targets)),
+      "exclude_modules": None,
+      "fan_in_fan_out": fan_in_fan_out,
+      "bias": spec.bias,
+      "use_rslora": spec.use_rslora,
+      "modules_to_save": saved_names or None,
+      "init_lora_weights": spec.init_lora_weights,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "rank_pattern": rank_pattern,
+      "alpha_pattern": alpha_pattern,
+      "use_dora": spec.use_dora,
+      "loftq_config": dict(spec.loftq_config),
+  }
+  if ada:
+    config.update({f: getattr(spec, f) for f in _ADALORA_FIELDS})
+    config["rank_pattern"] = ada_pattern or None
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
+    json.dump(config, fh, indent=2, sort_keys=True)
+  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------
+# Import
+# --------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+                       r"lora_A|lora_B|lora_E)")
+
+
+def _peft_lookup(pattern: Mapping[str, Any] | None, name: str, default):
+  """PEFT's rank/alpha_pattern rule: first key with re.match(r'(.*\\.)?(key)$')."""
+  for key, value in (pattern or {}).items():
+    if re.match(rf"(.*\.)?({key})$", name):
+      return value
+  return default
+
+
+def _read(directory):
+  from safetensors.numpy import load_file
+  cfg_path = os.path.join(directory, CONFIG_NAME)
+  w_path = os.path.join(directory, WEIGHTS_NAME)
+  missing = [p for p in (cfg_path, w_path) if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(f"Not a PEFT adapter directory: {', '.join(missing)} missing.")
+  try:
+    with open(cfg_path) as fh:
+      config = json.load(fh)
+    tensors = load_file(w_path)
+  except Exception as e:  # a damaged file
+    raise ValueError(f"Could not read the PEFT adapter in {directory} ({type(e).__name__}: "
+                     f"{str(e).strip()[:200]}).") from None
+  return config, tensors
+
+
+def _from_torch(t, parts: Mapping[str, np.ndarray], ada: bool):
+  """Flax-layout (A, B[, E]) of one layer from PEFT tensors; None if a part is missing."""
+  kin = tuple(t.kernel_shape[i] for i in t.in_axes)
+  kout = tuple(t.kernel_shape[i] for i in t.out_axes)
+  if t.kind == "embed":
+    a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
+    if a is None or b is None:
+      return None
+    return a.T, b.T, None
+  if ada:
+    a, b, e = parts.get("lora_A"), parts.get("lora_B"), parts.get("lora_E")
+    if a is None or b is None or e is None:
+      return None
+    r = a.shape[0]
+    return a.T.reshape(kin + (r,)), b.T.reshape((r,) + kout), e.reshape(-1)
+  a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+  if a is None or b is None:
+    return None
+  r = a.shape[0]
+  if t.kind == "conv":
+    n = a.ndim - 1
+    a = np.transpose(a, tuple(range(2, n + 1)) + (1, 0))
+    return a, b.reshape(b.shape[0], r).T, None
+  return a.reshape(r, -1).T.reshape(kin + (r,)), b.reshape(-1, r).T.reshape((r,) + kout), None
+
+
+def load_peft(directory: str | os.PathLike, params: Any, /, *,
+              mapping: PeftMapping = DEFAULT_MAPPING, adapter_name: str = "default",
+              apply_fn: Callable | None = None, example_args: Sequence[Any] = (),
+              example_kwargs: Mapping[str, Any] | None = None) -> LoraParams:
+  """Reads a PEFT adapter directory onto ``params``.
+
+  The targets (and their layouts) come from :func:`lojax.wrap` with a spec
+  built from the config, restricted to the modules the file holds; the
+  ranks come from the tensors, alphas from ``lora_alpha`` /
+  ``alpha_pattern`` (PEFT's lookup rule), and the weights are filled in.
+  Biases are read as full values (the delta to ``params`` is stored). An
+  AdaLoRA adapter keeps its file ranks with ``ranknum = init_r`` and gets
+  ``adalora_step = total_step`` (its ranks were allocated by PEFT).
+
+  Args:
+    directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+    params: the base param tree (or a :class:`LoraParams` to add the adapter
+      to, inactive).
+    mapping: the :class:`PeftMapping` used to export it.
+    adapter_name: name of the loaded adapter.
+    apply_fn, example_args, example_kwargs: as for :func:`lojax.wrap`
+      (needed for stacked, N-D and conv kernels).
+
+  Returns:
+    A :class:`LoraParams` holding the adapter.
+
+  Raises:
+    ValueError: the files are missing or damaged; the adapter type is not
+      LoRA/AdaLoRA; tensors name modules the mapping does not produce from
+      ``params``, or have shapes that do not fit (all are listed).
+
+  >>> import tempfile, jax, jax.numpy as jnp, lojax
+  >>> from lojax._src.peft_format import save_peft, load_peft
+  >>> params = {"params": {"q": {"kernel": jnp.ones((4, 3))}}}
+  >>> lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["q"]),
+  ...                   key=jax.random.key(0))
+  >>> d = tempfile.mkdtemp(); save_peft(d, lora)
+  >>> load_peft(d, params).adapters["default"]["lora"]["params/q"]["lora_A"].shape
+  (4, 2)
+  """
+  directory = os.fspath(directory)
+  config, tensors = _read(directory)
+  peft_type = config.get("peft_type")
+  if peft_type not in ("LORA", "ADALORA"):
+    raise ValueError(f"`peft_type` {peft_type!r} in {CONFIG_NAME} is not supported; lojax "
+                     "reads LORA and ADALORA adapters.")
+  if config.get("use_dora"):
+    raise ValueError("This adapter uses DoRA (`use_dora: true`), which this version of lojax "
+                     "does not support.")
+  ada = peft_type == "ADALORA"
+  base = params.base if isinstance(params, LoraParams) else params
+
+  # torch names -> lojax paths, from the params and the mapping.
+  infos = kernel_paths(base, apply_fn=apply_fn, example_args=example_args,
+                       example_kwargs=example_kwargs)
+  leaf_paths, base_leaves, _ = P.flatten(base)
+  base_by_path = dict(zip(leaf_paths, base_leaves))
+  kernel_names: dict[str, tuple[str, int | None]] = {}
+  module_names: dict[str, str] = {}
+  clashes = []
+  for path, info in infos.items():
+    layers = [None] if not info["stacked"] else list(range(info["stacked"]))
+    for layer in layers:
+      tn = mapping.torch_name(path, layer)
+      if tn is None:
+        continue
+      if tn in kernel_names:
+        clashes.append(f"{tn} <- {kernel_names[tn]}, {(path, layer)}")
+      kernel_names[tn] = (path, layer)
+  for module in P.module_paths(leaf_paths):
+    tn = mapping.torch_name(module)
+    if tn is not None:
+      if tn in module_names and module_names[tn] != module:
+        clashes.append(f"{tn} <- {module_names[tn]}, {module}")
+      module_names.setdefault(tn, module)
+  if clashes:
+    raise ValueError("The mapping gives several modules the same torch name: " +
+                     "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
+
+  # Sort the tensors.
+  lora_parts: dict[str, dict[str, np.ndarray]] = {}
+  other: dict[str, np.ndarray] = {}
+  problems = []
+  for key, value in tensors.items():
+    if not key.startswith(PREFIX):
+      problems.append(f"  {key}: does not start with {PREFIX!r}")
+      continue
+    rest = key[len(PREFIX):]
+    if m := _LORA_KEY.fullmatch(rest):
+      lora_parts.setdefault(m.group(1), {})[m.group(2)] = value
+    else:
+      other[rest] = value
+  found: dict[str, dict[int | None, dict[str, np.ndarray]]] = {}
+  for tn, parts in lora_parts.items():
+    if tn not in kernel_names:
+      problems.append(f"  {tn}: no kernel of these params maps to this name")
+      continue
+    path, layer = kernel_names[tn]
+    found.setdefault(path, {})[layer] = parts
+
+  # Biases and modules_to_save.
+  saved_entries = config.get("modules_to_save") or []
+  bias_values: dict[str, np.ndarray] = {}
+  saved_values: dict[str, np.ndarray] = {}
+  saved_modules: set[str] = set()
+  for rest, value in other.items():
+    module_t, _, leaf_t = rest.rpartition(".")
+    if module_t.endswith(".base_layer") and leaf_t == "bias":  # bias of an adapted module
+      module_t = module_t[: -len(".base_layer")]
+      if module_t in kernel_names:
+        path, layer = kernel_names[module_t]
+        bias_values.setdefault(f"{path}/bias", {})[layer] = value
+      else:
+        problems.append(f"  {PREFIX}{rest}: no kernel of these params maps to {module_t!r}")
+      continue
+    owner = next((a for a in _ancestors(module_t) if a in module_names and any(
+        a == e or a.endswith("." + e) for e in saved_entries)), None)
+    if owner is None and leaf_t == "bias" and module_t in module_names:
+      bias_values.setdefault(f"{module_names[module_t]}/bias", {})[None] = value
+      continue
+    if owner is None or module_t not in module_names:
+      problems.append(f"  {PREFIX}{rest}: not a LoRA tensor, and no module of these params "
+                      "(bias or modules_to_save) maps to it")
+      continue
+    saved_modules.add(module_names[owner])
+    lojax_module = module_names[module_t]
+    leaf = _flax_leaf(lojax_module, leaf_t, base_by_path)
+    if leaf is None:
+      problems.append(f"  {PREFIX}{rest}: {lojax_module} has no leaf for {leaf_t!r}")
+      continue
+    if leaf == "kernel" and value.ndim == 2 and mapping.transposed(lojax_module):
+      value = value.T
+    saved_values[f"{lojax_module}/{leaf}"] = value
+  if problems:
+    raise ValueError(f"The PEFT adapter in {directory} does not fit these params with this "
+                     "mapping:\n" + "\n".join(problems) + "\nPass the `mapping` it was "
+                     "exported with and the matching base params.")
+  if not found:
+    raise ValueError(f"The PEFT adapter in {directory} holds no LoRA tensors.")
+
+  # A spec that selects exactly the modules in the file.
+  r0 = int(config["init_r"] if ada else config.get("r", 8))
+  alpha0 = config.get("lora_alpha", 8)
+  rank_pattern, alpha_pattern, alphas = {}, {}, {}
+  for path, layers in found.items():
+    tn = mapping.torch_name(path, next(iter(layers)))
+    alpha = _peft_lookup(config.get("alpha_pattern"), tn, alpha0)
+    first = next(iter(layers.values()))
+    a = first.get("lora_A", first.get("lora_A.weight", first.get("lora_embedding_A")))
+    r = int(a.shape[0]) if a is not None else r0
+    if r != r0 and not ada:
+      rank_pattern[re.escape(path)] = r
+    if alpha != alpha0:
+      alpha_pattern[re.escape(path)] = alpha
+    alphas[path] = alpha
+  init = config.get("init_lora_weights", True)
+  fields = dict(
+      r=r0, lora_alpha=alpha0, use_rslora=bool(config.get("use_rslora", False)),
+      target_modules=sorted(found), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+      lora_dropout=float(config.get("lora_dropout") or 0.0), bias=config.get("bias", "none"),
+      modules_to_save=sorted(saved_modules) or None,
+      init_lora_weights=init if init in (True, False, "gaussian") and not ada else True,
+      task_type=config.get("task_type") if config.get("task_type") in
+      [t.value for t in spec_lib.TaskType] else None)
+  if ada:
+    spec = adalora.AdaLoraSpec(**fields, **{f: config[f] for f in _ADALORA_FIELDS})
+  else:
+    spec = spec_lib.LoraSpec(**fields)
+  wrapped = wrap(params, spec, key=jax.random.key(0), adapter_name=adapter_name,
+                 apply_fn=apply_fn, example_args=example_args, example_kwargs=example_kwargs)
+  meta = wrapped.meta.adapter(adapter_name)
+  ad = wrapped.adapters[adapter_name]
+
+  # Fill the weights.
+  targets, lora_weights = [], {}
+  for t in meta.targets:
+    layers = found.get(t.path)
+    if layers is None:
+      problems.append(f"  {t.path}: selected by the spec but absent from the file")
+      continue
+    if t.stacked:
+      kept = tuple(sorted(layers))
+      t = dataclasses.replace(t, layers=None if len(kept) == t.stacked else kept)
+    order = [None] if not t.stacked else list(t.layers or range(t.stacked))
+    try:
+      per = [_from_torch(t, layers[i], ada) if i in layers else None for i in order]
+    except ValueError:  # a reshape that does not fit
+      shapes = {k: v.shape for i in order for k, v in layers.get(i, {}).items()}
+      problems.append(f"  {t.path}: file gives shapes {shapes}, which do not fit the kernel "
+                      f"{t.shape} (in axes {t.in_axes})")
+      continue
+    if any(p is None for p in per):
+      problems.append(f"  {t.path}: incomplete factors in the file")
+      continue
+    r = per[0][0].shape[-1]
+    t = dataclasses.replace(t, r=int(r)) if ada else t
+    want = {"lora_A": t.a_shape(), "lora_B": t.b_shape()}
+    if ada:
+      want["lora_E"] = ((t.n_layers,) if t.stacked else ()) + (t.r,)
+    got = {"lora_A": [p[0] for p in per], "lora_B": [p[1] for p in per]}
+    if ada:
+      got["lora_E"] = [p[2] for p in per]
+    entry = {}
+    for k, xs in got.items():
+      x = np.stack(xs) if t.stacked else xs[0]
+      if x.shape != want[k]:
+        problems.append(f"  {t.path} {k}: file gives shape {x.shape} (Flax layout), the "
+                        f"kernel {t.shape} needs {want[k]}")
+      entry[k] = jnp.asarray(x)
+    lora_weights[t.path] = entry
+    targets.append(t)
+  bias = {}
+  for p in meta.bias_paths:
+    value = bias_values.get(p)
+    b = np.asarray(base_by_path[p])
+    if value is None:
+      bias[p] = jnp.zeros_like(base_by_path[p])
+      continue
+    full = np.stack([value[i] for i in sorted(value)]) if None not in value else value[None]
+    if full.shape != b.shape:
+      problems.append(f"  {p}: file gives shape {full.shape}, params have {b.shape}")
+      continue
+    bias[p] = jnp.asarray((full.astype(b.dtype) - b).astype(b.dtype))
+  saved = {}
+  for p, x in ad["modules_to_save"].items():
+    value = saved_values.get(p)
+    if value is None or value.shape != np.shape(x):
+      problems.append(f"  modules_to_save {p}: file gives "
+                      f"{'nothing' if value is None else value.shape}, params have "
+                      f"{np.shape(x)}")
+      continue
+    saved[p] = jnp.asarray(value.astype(np.asarray(x).dtype))
+  if problems:
+    raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
+                     "\n".join(problems))
+  new_ad = dict(ad, lora=lora_weights, bias=bias, modules_to_save=saved)
+  if ada:  # PEFT allocated the ranks: mark the adapter as allocated (see lojax.adalora)
+    new_ad[adalora.STEP_KEY] = jnp.asarray(spec.total_step, jnp.float32)
+  new_meta = AdapterMeta(meta.name, spec, tuple(targets), meta.modules_to_save,
+                         meta.bias_paths, meta.heads)
+  metas = tuple(new_meta if m.name == adapter_name else m for m in wrapped.meta.adapters)
+  return LoraParams(wrapped.base, dict(wrapped.adapters, **{adapter_name: new_ad}),
+                    LoraMeta(metas, wrapped.meta.active))
+
+
+def _ancestors(name: str) -> list[str]:
+  parts = name.split(".")
+  return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _flax_leaf(module: str, torch_leaf: str, base_by_path) -> str | None:
+  candidates = ("kernel", "embedding", "scale", "weight") if torch_leaf == "weight" else (
+      torch_leaf,)
+  hits = [c for c in candidates if f"{module}/{c}" in base_by_path]
+  return hits[0] if len(hits) == 1 else None

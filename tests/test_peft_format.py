@@ -1,0 +1,221 @@
+"""PEFT-format export/import: PEFT's names and shapes, exact round trips, errors."""
+
+import functools
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import lojax
+from lojax._src.peft_format import (DEFAULT_MAPPING, GPT2_MAPPING, PeftMapping, load_peft,
+                                    save_peft)
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gpt  # noqa: E402
+
+
+def randomized(lora, seed=1):
+  leaves, treedef = jax.tree.flatten(lora.adapters)
+  rng = np.random.default_rng(seed)
+  new = [jnp.asarray(rng.standard_normal(x.shape) * 0.1, x.dtype) for x in leaves]
+  return lojax.LoraParams(lora.base, jax.tree.unflatten(treedef, new), lora.meta)
+
+
+@functools.cache
+def gpt_model(scan=False):
+  model = gpt.GPT(scan=scan)
+  params, ids = gpt.init(model)
+  return model, params, ids
+
+
+def wrapped(spec, scan=False):
+  model, params, ids = gpt_model(scan)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0), apply_fn=model.apply,
+                    example_args=(ids,))
+  return model, params, ids, randomized(lora)
+
+
+def assert_round_trip(tmp_path, model, params, ids, lora, mapping):
+  save_peft(tmp_path, lora, mapping=mapping, base_model_name_or_path="gpt2")
+  back = load_peft(tmp_path, params, mapping=mapping, apply_fn=model.apply, example_args=(ids,))
+  assert back.meta.adapters[0].targets == lora.meta.adapters[0].targets
+  if "adalora_step" in back.adapters["default"]:  # PEFT has no step counter
+    assert back.adapters["default"]["adalora_step"] == lora.meta.adapters[0].spec.total_step
+    back = lojax.LoraParams(back.base, {"default": dict(
+        back.adapters["default"], adalora_step=lora.adapters["default"]["adalora_step"])},
+        back.meta)
+  got, want = jax.tree.leaves(back.adapters), jax.tree.leaves(lora.adapters)
+  assert jax.tree.structure(back.adapters) == jax.tree.structure(lora.adapters)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  f = jax.jit(lojax.lorafy(model.apply))
+  np.testing.assert_array_equal(np.asarray(f(back, ids)), np.asarray(f(lora, ids)))
+  return back
+
+
+SPEC = lojax.LoraSpec(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc", "wte", "lm_head"],
+                      rank_pattern={"c_fc": 2}, alpha_pattern={"lm_head": 3},
+                      modules_to_save=["ln_f"], bias="lora_only")
+
+
+def test_gpt2_export_has_peft_names_shapes_and_config(tmp_path):
+  _, _, _, lora = wrapped(SPEC)
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING, base_model_name_or_path="gpt2")
+  with safe_open(str(tmp_path / "adapter_model.safetensors"), "np") as fh:
+    assert fh.metadata() == {"format": "pt"}
+  t = load_file(tmp_path / "adapter_model.safetensors")
+  p = "base_model.model."
+  shapes = {k[len(p):]: v.shape for k, v in t.items()}
+  d, r = 32, 4
+  assert shapes["transformer.h.0.attn.c_attn.lora_A.weight"] == (r, d)
+  assert shapes["transformer.h.0.attn.c_attn.lora_B.weight"] == (3 * d, r)
+  assert shapes["transformer.h.1.mlp.c_fc.lora_A.weight"] == (2, d)
+  assert shapes["transformer.h.1.mlp.c_fc.lora_B.weight"] == (4 * d, 2)
+  assert shapes["transformer.wte.lora_embedding_A"] == (r, 64)
+  assert shapes["transformer.wte.lora_embedding_B"] == (d, r)
+  assert shapes["lm_head.lora_A.weight"] == (r, d)
+  assert shapes["lm_head.lora_B.weight"] == (64, r)
+  assert shapes["transformer.h.0.attn.c_attn.base_layer.bias"] == (3 * d,)
+  assert shapes["transformer.ln_f.weight"] == (d,)
+  assert len(shapes) == 18
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert cfg["peft_type"] == "LORA" and cfg["inference_mode"] is True
+  assert cfg["base_model_name_or_path"] == "gpt2" and cfg["fan_in_fan_out"] is True
+  assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and cfg["bias"] == "lora_only"
+  assert "transformer.h.1.attn.c_attn" in cfg["target_modules"]
+  assert cfg["rank_pattern"] == {"transformer.h.0.mlp.c_fc": 2, "transformer.h.1.mlp.c_fc": 2}
+  assert cfg["alpha_pattern"] == {"lm_head": 3}
+  assert cfg["modules_to_save"] == ["transformer.ln_f"]
+  # The PEFT delta s * B @ A (torch [out, in]) is the transposed Flax delta.
+  a = t[p + "lm_head.lora_A.weight"]
+  b = t[p + "lm_head.lora_B.weight"]
+  merged = lojax.merge(lora)["params"]["lm_head"]["kernel"]
+  base = lora.base["params"]["lm_head"]["kernel"]
+  np.testing.assert_allclose(np.asarray(merged - base), (3 / 4 * b @ a).T, rtol=1e-5,
+                             atol=1e-6)
+  # Bias values are full (base + delta), as PEFT trains them in place.
+  np.testing.assert_allclose(
+      t[p + "transformer.h.0.attn.c_attn.base_layer.bias"],
+      np.asarray(lora.base["params"]["h_0"]["attn"]["c_attn"]["bias"] +
+                 lora.adapters["default"]["bias"]["params/h_0/attn/c_attn/bias"]), rtol=1e-6)
+
+
+def test_round_trip_plain_lora_with_embedding_bias_and_saved_modules(tmp_path):
+  model, params, ids, lora = wrapped(SPEC)
+  assert_round_trip(tmp_path, model, params, ids, lora, GPT2_MAPPING)
+
+
+def test_round_trip_stacked_layers(tmp_path):
+  spec = lojax.LoraSpec(r=4, target_modules=["c_attn", "mlp/c_proj"], layers_to_transform=[1])
+  model, params, ids, lora = wrapped(spec, scan=True)
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+  assert "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight" in keys
+  assert not any(".h.0." in k for k in keys)  # only the adapted layer is written
+  back = assert_round_trip(tmp_path / "rt", model, params, ids, lora, GPT2_MAPPING)
+  assert back.meta.adapters[0].targets[0].layers == (1,)
+
+
+def test_round_trip_adalora_resized(tmp_path):
+  spec = lojax.AdaLoraSpec(init_r=4, target_r=2, total_step=10, lora_alpha=8,
+                           target_modules=["c_attn", "c_fc"])
+  model, params, ids, lora = wrapped(spec)
+  tx = lojax.adalora(optax.adam(1e-3), spec)
+  state = tx.init(lora.trainable)
+  mask = {p: jnp.arange(4) < (1 + i % 3) for i, p in enumerate(state.mask)}
+  state = state._replace(mask=mask, final_mask=mask)
+  with pytest.warns(UserWarning, match="never allocated"):  # randomized, not trained
+    small = lojax.adalora_resize(lora, state)
+  save_peft(tmp_path, small, mapping=GPT2_MAPPING)
+  t = load_file(tmp_path / "adapter_model.safetensors")
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert cfg["peft_type"] == "ADALORA" and cfg["init_r"] == 4 and cfg["total_step"] == 10
+  p = "base_model.model.transformer.h.0.attn.c_attn."
+  assert t[p + "lora_A"].shape == (1, 32) and t[p + "lora_E"].shape == (1, 1)
+  assert t[p + "lora_B"].shape == (96, 1)
+  assert cfg["rank_pattern"]["transformer.h.0.attn.c_attn.lora_E"] == [True, False, False, False]
+  back = assert_round_trip(tmp_path / "rt", model, params, ids, small, GPT2_MAPPING)
+  assert [t.r for t in back.meta.adapters[0].targets] == [1, 2, 3, 1]
+  # ranknum stays init_r: the scaling is unchanged by the resize.
+  assert {t.scaling for t in back.meta.adapters[0].targets} == {8 / (4 + 1e-5)}
+
+
+class Conv(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(6, (3, 3), name="conv")(x)
+
+
+def test_conv_layout_and_round_trip(tmp_path):
+  model, x = Conv(), jnp.ones((1, 8, 8, 3))
+  params = model.init(jax.random.key(0), x)
+  lora = randomized(lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["conv"]),
+                               key=jax.random.key(0), apply_fn=model.apply, example_args=(x,)))
+  save_peft(tmp_path, lora)
+  t = load_file(tmp_path / "adapter_model.safetensors")
+  a, b = t["base_model.model.conv.lora_A.weight"], t["base_model.model.conv.lora_B.weight"]
+  assert a.shape == (2, 3, 3, 3) and b.shape == (6, 2, 1, 1)  # torch [out, in, kh, kw]
+  # The torch delta einsum(B, A) in [cout, cin, kh, kw] is the Flax delta transposed.
+  delta = np.einsum("or,rihw->oihw", b[:, :, 0, 0], a) * 4.0
+  merged = lojax.merge(lora)["params"]["conv"]["kernel"] - params["params"]["conv"]["kernel"]
+  np.testing.assert_allclose(np.transpose(np.asarray(merged), (3, 2, 0, 1)), delta, rtol=1e-5,
+                             atol=1e-6)
+  back = load_peft(tmp_path, params, apply_fn=model.apply, example_args=(x,))
+  for k in ("lora_A", "lora_B"):
+    np.testing.assert_array_equal(back.adapters["default"]["lora"]["params/conv"][k],
+                                  lora.adapters["default"]["lora"]["params/conv"][k])
+
+
+def test_mapping_rules():
+  assert GPT2_MAPPING.torch_name("params/h_3/mlp/c_fc") == "transformer.h.3.mlp.c_fc"
+  assert GPT2_MAPPING.torch_name("params/h/attn/c_proj", 5) == "transformer.h.5.attn.c_proj"
+  assert GPT2_MAPPING.torch_name("params/lm_head") == "lm_head"
+  assert GPT2_MAPPING.torch_name("params/other") is None
+  assert not GPT2_MAPPING.transposed("params/h_0/attn/c_attn")  # Conv1D: [in, out]
+  assert GPT2_MAPPING.transposed("params/lm_head")
+  assert PeftMapping(names=lambda p: p.upper()).torch_name("a/b") == "A.B"
+  assert DEFAULT_MAPPING.torch_name("params/h/q", 2) == "h.q.2"
+  with pytest.raises(ValueError, match=r"`names` has invalid regular expressions: '\('"):
+    PeftMapping(names=[("(", "x")])
+
+
+def test_errors(tmp_path):
+  model, params, ids, lora = wrapped(SPEC)
+  with pytest.raises(ValueError, match="Not a PEFT adapter directory: .*adapter_config.json"):
+    load_peft(tmp_path / "none", params)
+  with pytest.raises(ValueError, match=r"no torch name for 'params/lm_head'. Add a rule"):
+    save_peft(tmp_path / "x", lora, mapping=PeftMapping(names=[(r"params/h_(.*)", r"h.\1")]))
+  with pytest.raises(ValueError, match="same tensor name"):
+    save_peft(tmp_path / "y", lora, mapping=PeftMapping(names=[(r".*", "same")]))
+  save_peft(tmp_path / "g", lora, mapping=GPT2_MAPPING)
+  with pytest.raises(ValueError, match=r"does not fit these params with this mapping:\n"
+                     r"(.|\n)*transformer.h.0.attn.c_attn: no kernel of these params maps"):
+    load_peft(tmp_path / "g", params, mapping=DEFAULT_MAPPING)
+  cfg_file = tmp_path / "g" / "adapter_config.json"
+  cfg = json.loads(cfg_file.read_text())
+  cfg_file.write_text(json.dumps(dict(cfg, peft_type="IA3")))
+  with pytest.raises(ValueError, match="`peft_type` 'IA3' .* is not supported"):
+    load_peft(tmp_path / "g", params, mapping=GPT2_MAPPING)
+  cfg_file.write_text(json.dumps(cfg))
+  t = load_file(tmp_path / "g" / "adapter_model.safetensors")
+  key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+  t[key] = np.zeros((95, 4), np.float32)
+  save_file(t, tmp_path / "g" / "adapter_model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"params/h_0/attn/c_attn: file gives shapes .*\(95, 4\)"):
+    load_peft(tmp_path / "g", params, mapping=GPT2_MAPPING, apply_fn=model.apply,
+              example_args=(ids,))
+  (tmp_path / "g" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+  with pytest.raises(ValueError, match="Could not read the PEFT adapter"):
+    load_peft(tmp_path / "g", params, mapping=GPT2_MAPPING)
+  two = lojax.wrap(lora, SPEC, key=jax.random.key(1), adapter_name="b")
+  two = lojax.set_adapter(two, ["default", "b"])
+  with pytest.raises(ValueError, match="`adapter_name` is required"):
+    save_peft(tmp_path / "z", two)
