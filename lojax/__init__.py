@@ -26,6 +26,9 @@ from lojax._src.peft_format import GPT2_MAPPING
 from lojax._src.peft_format import PeftMapping
 from lojax._src.peft_format import load_peft
 from lojax._src.peft_format import save_peft
+from lojax._src.quant import QuantizedArray
+from lojax._src.quant import dequantize
+from lojax._src.quant import quantize
 from lojax._src.spec import LoraSpec
 from lojax._src.spec import TaskType
 from lojax._src.training import ParameterCount
@@ -46,6 +49,7 @@ __all__ = (
     "LoraSpec",
     "ParameterCount",
     "PeftMapping",
+    "QuantizedArray",
     "TaskType",
     "adalora",
     "adalora_budget",
@@ -57,6 +61,7 @@ __all__ = (
     "add_weighted_adapter",
     "count_parameters",
     "delete_adapter",
+    "dequantize",
     "disable_adapters",
     "kernel_paths",
     "load_peft",
@@ -64,6 +69,7 @@ __all__ = (
     "merge",
     "partition_labels",
     "print_trainable_parameters",
+    "quantize",
     "restore_adapters",
     "save_adapters",
     "save_merged",

@@ -13,6 +13,7 @@ from lojax._src import analysis
 from lojax._src import dora
 from lojax._src import interpret
 from lojax._src import paths as P
+from lojax._src import quant
 from lojax._src import rules
 from lojax._src import tagged as tg
 from lojax._src.lora import LoraParams, TargetMeta
@@ -88,6 +89,7 @@ def view(lora: LoraParams):
   paths, leaves, treedef = P.flatten(lora.base)
   check_fit(lora, paths, leaves)
   index = {p: i for i, p in enumerate(paths)}
+  leaves = quant.dequantize_leaves(leaves)  # quantized base kernels, inside the step
   # The base is frozen by construction: however the caller differentiates,
   # no gradient (and so no full-size weight gradient) flows into it.
   leaves = [jax.lax.stop_gradient(x) for x in leaves]

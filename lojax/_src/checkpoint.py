@@ -23,7 +23,6 @@ joined with ".", e.g. ``default.lora.params-2f-h_0-2f-attn-2f-c_attn.lora_A``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zlib

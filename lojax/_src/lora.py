@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -11,9 +12,11 @@ import numpy as np
 
 from lojax._src import adalora
 from lojax._src import analysis
+from lojax._src import dora
 from lojax._src import inits
 from lojax._src import matcher
 from lojax._src import paths as P
+from lojax._src import quant
 from lojax._src import spec as spec_lib
 
 DEFAULT_ADAPTER = "default"
@@ -150,7 +153,8 @@ class LoraParams:
 
 def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAULT_ADAPTER,
          apply_fn: Callable | None = None, example_args: Sequence[Any] = (),
-         example_kwargs: Mapping[str, Any] | None = None, dtype: Any = jnp.float32) -> LoraParams:
+         example_kwargs: Mapping[str, Any] | None = None, dtype: Any = jnp.float32,
+         quantize: str | None = None) -> LoraParams:
   """Adds LoRA adapters to a param tree.
 
   Args:
@@ -169,13 +173,22 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
       or ``jax.ShapeDtypeStruct``).
     example_kwargs: keyword inputs for ``apply_fn``.
     dtype: dtype of the adapter weights (float32 by default).
+    quantize: ``"nf4"``, ``"nf4-dq"`` (NF4 with double-quantized scales) or
+      ``"int8"`` to store the targeted dense kernels of the base quantized
+      (QLoRA); they are dequantized inside the wrapped function. Only when
+      wrapping plain params.
 
   Returns:
-    A :class:`LoraParams` whose ``trainable`` part holds the new adapter.
+    A :class:`LoraParams` whose ``trainable`` part holds the new adapter. For
+    ``init_lora_weights`` "pissa", "pissa_niter_<K>" and "olora" its ``base``
+    holds the residual kernels (the model's output at init is unchanged), for
+    "loftq" the quantized LoftQ kernels; other leaves are shared with
+    ``params``, which is never modified.
 
   Raises:
     ValueError: a target matches nothing, is not a matmul/conv/embedding
-      kernel, its layout cannot be determined, or the adapter name is taken.
+      kernel, its layout cannot be determined, the adapter name is taken, or
+      the init / quantization does not fit a target.
 
   >>> import jax, jax.numpy as jnp, lojax
   >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
@@ -183,6 +196,9 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   ...                   key=jax.random.key(0))
   >>> lora.trainable["default"]["lora"]["dense"]["lora_A"].shape
   (4, 2)
+  >>> lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["dense"]), key=jax.random.key(0),
+  ...            quantize="nf4").base["dense"]["kernel"]
+  QuantizedArray(nf4, shape=(4, 3), dtype=float32, 36 bytes)
   """
   if not isinstance(spec, spec_lib.LoraSpec):
     raise TypeError(f"`spec` must be a lojax.LoraSpec, got {type(spec).__name__}.")
@@ -198,9 +214,12 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
     existing = None
     base = params
     _check_plain(base)
-  if spec.use_dora:
-    raise ValueError("`use_dora=True` is not available in this version of lojax; set "
-                     "use_dora=False.")
+  if quantize is not None:
+    quant.check_method(quantize)
+    if existing is not None:
+      raise ValueError(
+          f"`quantize={quantize!r}` is only for wrapping plain params: the base of these "
+          "LoraParams is shared with their adapters. Pass `quantize=` on the first lojax.wrap.")
   infos, layouts = analysis.kernel_infos(base, spec, apply_fn, tuple(example_args), example_kwargs)
   paths, leaves, _ = P.flatten(base)
   leaf_shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}
@@ -224,14 +243,28 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
         in_axes=use.in_axes, stacked=use.stacked, layers=t.layers, r=t.r, alpha=t.alpha,
         scaling=t.scaling, dropout=spec.lora_dropout))
   by_path = dict(zip(paths, leaves))
-  lora_params = {}
+  _check_init(spec, targets, by_path, quantize)
+  lora_params, rewritten = {}, {}
   for t in targets:
     if isinstance(spec, adalora.AdaLoraSpec):
       lora_params[t.path] = adalora.init_factors(inits.generator(key, t.path), t, dtype)
+      if quantize is not None:
+        rewritten[t.leaf_path] = quant.quantize(by_path[t.leaf_path], quantize,
+                                                in_axes=t.in_axes, stacked=bool(t.stacked))
       continue
-    a, b = inits.init_factors(spec.init_lora_weights, key, t, dtype,
-                              kernel=by_path[t.leaf_path])
+    # One kernel at a time: its NumPy work copies are freed before the next.
+    a, b, new = inits.init_target(spec, key, t, by_path[t.leaf_path], dtype, quantize=quantize)
     lora_params[t.path] = {"lora_A": a, "lora_B": b}
+    if new is not None:
+      rewritten[t.leaf_path] = new
+    if spec.use_dora:  # magnitude = column norms of the (rewritten) W + s*A@B
+      w = rewritten.get(t.leaf_path, by_path[t.leaf_path])
+      w = w.dequantize() if quant.is_quantized(w) else w
+      lora_params[t.path][dora.KEY] = dora.init_magnitude(t, w, a, b * t.scaling).astype(dtype)
+  if rewritten:
+    _, treedef = jax.tree_util.tree_flatten(base, is_leaf=quant.is_quantized)
+    base = jax.tree_util.tree_unflatten(
+        treedef, [rewritten.get(p, x) for p, x in zip(paths, leaves)])
   bias = {p: jnp.zeros_like(by_path[p]) for p in resolution.bias_paths}
   saved = {p: jnp.array(by_path[p], copy=True) for p in paths
            if any(P.is_under(p, m) for m in resolution.modules_to_save)}
@@ -296,3 +329,39 @@ def _check_layouts(resolution, layouts, leaf_shapes, traced: bool):
             "Pass `apply_fn=model.apply, example_args=(x,)` to lojax.wrap so lojax can trace "
             "how each kernel is contracted, or give `spec.kernel_axes={pattern: input axes}`.")
     raise ValueError("Cannot adapt these kernels:\n" + "\n".join(bad) + "\n" + hint)
+
+
+def _check_init(spec, targets, by_path, quantize):
+  """Raises for inits / quantization that do not fit some targets (all listed)."""
+  init = spec.init_lora_weights
+  bad = []
+  for t in targets:
+    n_in = int(np.prod([t.kernel_shape[a] for a in t.in_axes]))
+    n_out = int(np.prod([t.kernel_shape[a] for a in t.out_axes]))
+    leaf = by_path[t.leaf_path]
+    if init == "orthogonal" and t.r % 2:
+      bad.append(f"  {t.path}: `init_lora_weights='orthogonal'` needs an even rank, this target "
+                 f"has r={t.r} (check `rank_pattern`)")
+    if inits.rewrites_base(init) and t.r > min(n_in, n_out):
+      bad.append(f"  {t.path}: `init_lora_weights={init!r}` needs r <= min(fan_in, fan_out) = "
+                 f"{min(n_in, n_out)}, got r={t.r}")
+    if (init == "loftq" or quantize is not None) and t.kind != "dense":
+      what = "`init_lora_weights='loftq'`" if init == "loftq" else f"`quantize={quantize!r}`"
+      bad.append(f"  {t.path}: {what} supports dense (matmul) kernels only; this is a "
+                 f"{t.kind} kernel")
+    if init == "loftq":
+      bits = spec.loftq_config.get("loftq_bits", 4)
+      method = quantize or (leaf.method if quant.is_quantized(leaf) else None)
+      if method is not None and (method == "int8") != (bits == 8):
+        bad.append(f"  {t.path}: `loftq_config['loftq_bits']={bits}` does not match the "
+                   f"quantization {method!r} (4 bits: 'nf4' or 'nf4-dq', 8 bits: 'int8')")
+  if init == "loftq" and (odd := sorted({t.scaling for t in targets} - {1.0})):
+    warnings.warn(
+        f"LoftQ's factors are not divided by the scaling (as in PEFT): at init the model "
+        f"computes deq(base) + s*A@B with s = {odd}, which approximates the original "
+        "kernels only for s = 1. Set `lora_alpha` equal to `r` (without `use_rslora`).",
+        stacklevel=3)
+  if bad:
+    raise ValueError("Cannot initialise these targets:\n" + "\n".join(bad) +
+                     "\nExclude them from `target_modules` (e.g. with `exclude_modules`) or "
+                     "change the init / quantization.")

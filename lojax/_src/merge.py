@@ -11,6 +11,7 @@ import numpy as np
 from lojax._src import adalora
 from lojax._src import dora
 from lojax._src import paths as P
+from lojax._src import quant
 from lojax._src import tagged as tg
 from lojax._src.apply import factors
 from lojax._src.lora import LoraParams, TargetMeta
@@ -37,9 +38,9 @@ def _names(lora: LoraParams, adapter_names):
 def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
   paths, leaves, treedef = P.flatten(params)
   index = {p: i for i, p in enumerate(paths)}
-  leaves = list(leaves)
+  leaves = quant.dequantize_leaves(leaves)
   base_paths, base_leaves, _ = P.flatten(lora.base)
-  base_by_path = dict(zip(base_paths, base_leaves))
+  base_by_path = dict(zip(base_paths, quant.dequantize_leaves(base_leaves)))
   touched = set()
   saved_by: dict[str, str] = {}
   for name in _names(lora, adapter_names):

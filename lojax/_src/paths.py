@@ -37,7 +37,8 @@ def render(keypath: tuple[Any, ...]) -> str:
 
 def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
   """Flattens ``tree`` into (paths, leaves, treedef)."""
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  from lojax._src import quant  # a quantized kernel is one leaf at its kernel's path
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)
   paths = [render(kp) for kp, _ in with_path]
   leaves = [leaf for _, leaf in with_path]
   if len(set(paths)) != len(paths):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lojax._src import adalora
+from lojax._src import dora
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
 from lojax._src.lora import AdapterMeta, LoraMeta, LoraParams, kernel_paths, wrap
@@ -242,6 +242,8 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
       target_names[(t.path, layer)] = tn
       pick = (lambda x: x) if layer is None else (lambda x, j=j: x[j])
       parts = _to_torch(t, pick(a), pick(b), None if e is None else pick(e))
+      if dora.KEY in f:  # PEFT's DoRA magnitude: one value per output feature
+        parts["lora_magnitude_vector"] = pick(_np(f[dora.KEY])).reshape(-1)
       for suffix, value in parts.items():
         put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
       targets.append(tn)
@@ -315,7 +317,7 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
 # --------------------------------------------------------------------------
 
 _LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
-                       r"lora_A|lora_B|lora_E)")
+                       r"lora_magnitude_vector|lora_A|lora_B|lora_E)")
 
 
 def _peft_lookup(pattern: Mapping[str, Any] | None, name: str, default):
@@ -415,9 +417,6 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   if peft_type not in ("LORA", "ADALORA"):
     raise ValueError(f"`peft_type` {peft_type!r} in {CONFIG_NAME} is not supported; lojax "
                      "reads LORA and ADALORA adapters.")
-  if config.get("use_dora"):
-    raise ValueError("This adapter uses DoRA (`use_dora: true`), which this version of lojax "
-                     "does not support.")
   ada = peft_type == "ADALORA"
   base = params.base if isinstance(params, LoraParams) else params
 
@@ -536,7 +535,7 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   if ada:
     spec = adalora.AdaLoraSpec(**fields, **{f: config[f] for f in _ADALORA_FIELDS})
   else:
-    spec = spec_lib.LoraSpec(**fields)
+    spec = spec_lib.LoraSpec(**fields, use_dora=bool(config.get("use_dora", False)))
   wrapped = wrap(params, spec, key=jax.random.key(0), adapter_name=adapter_name,
                  apply_fn=apply_fn, example_args=example_args, example_kwargs=example_kwargs)
   meta = wrapped.meta.adapter(adapter_name)
@@ -571,6 +570,14 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
     got = {"lora_A": [p[0] for p in per], "lora_B": [p[1] for p in per]}
     if ada:
       got["lora_E"] = [p[2] for p in per]
+    if spec.use_dora:
+      lead = (t.n_layers,) if t.stacked else ()
+      want[dora.KEY] = lead + tuple(t.kernel_shape[i] for i in t.out_axes)
+      mags = [layers[i].get("lora_magnitude_vector") for i in order]
+      if any(m_ is None for m_ in mags):
+        problems.append(f"  {t.path}: use_dora is set but lora_magnitude_vector is missing")
+        continue
+      got[dora.KEY] = [np.asarray(m_).reshape(want[dora.KEY][len(lead):]) for m_ in mags]
     entry = {}
     for k, xs in got.items():
       x = np.stack(xs) if t.stacked else xs[0]

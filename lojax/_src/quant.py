@@ -1,0 +1,259 @@
+"""Quantized base kernels (QLoRA): NF4 with optional double quantization, int8.
+
+A quantized kernel is a :class:`QuantizedArray`, a pytree node that sits in
+``LoraParams.base`` at the kernel's place. Its children are the stored
+arrays, so ``jax.jit``, ``jax.device_put`` and checkpointing see only the
+compact representation; lojax dequantizes it inside the jitted step, where
+XLA fuses the dequantization into the consumer when it can.
+
+Schemes (the kernel keeps its own Flax layout; a stacked kernel is quantized
+layer by layer, so no block crosses two layers):
+
+* ``"nf4"``: the per-layer kernel is flattened (row-major) into blocks of 64
+  values. Each block stores its absmax as a float32 scale and each value as
+  the index of the nearest of the 16 NormalFloat-4 levels (quantiles of a
+  standard normal, normalised to [-1, 1], with an exact zero) of
+  ``value / absmax``; two 4-bit codes are packed per ``uint8`` (the even
+  element in the low nibble). 4.5 bits per value.
+* ``"nf4-dq"``: as ``"nf4"``, with the block scales quantized again
+  (double quantization): their mean is subtracted and the centred scales are
+  stored as int8 in blocks of 256, each block with its own float32 absmax.
+  About 4.13 bits per value.
+* ``"int8"``: symmetric absmax quantization per output channel: for each
+  output feature, ``scale = absmax over the input axes / 127`` and
+  ``code = round(value / scale)``. About 8 bits per value.
+
+Quantization runs on the host with NumPy (no XLA compilation per kernel
+shape); dequantization is written once for NumPy and ``jax.numpy``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHODS = ("nf4", "nf4-dq", "int8")
+BLOCK = 64          # values per NF4 block
+SCALE_BLOCK = 256   # NF4 block scales per double-quantization block
+
+
+def _nf4_levels() -> np.ndarray:
+  """The 16 NF4 levels: normal quantiles, 8 positive, 7 negative and 0.
+
+  Both halves use quantiles of N(0, 1) between probability 1/2 and ``delta``,
+  the average of the probabilities ``1 - 1/(2*15)`` and ``1 - 1/(2*16)`` (so
+  the extreme quantile stays finite); each half is scaled so that its
+  extreme is exactly +-1.
+  """
+  nd = statistics.NormalDist()
+  delta = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))
+  pos = [nd.inv_cdf(p) for p in np.linspace(delta, 0.5, 9)[:-1]]
+  neg = [-nd.inv_cdf(p) for p in np.linspace(delta, 0.5, 8)[:-1]]
+  levels = np.sort(np.array(pos + [0.0] + neg))
+  return (levels / np.abs(levels).max()).astype(np.float32)
+
+
+NF4_LEVELS = _nf4_levels()
+# Largest distance from a value in [-1, 1] to its nearest NF4 level.
+NF4_MAX_ERROR = float(np.max(np.diff(NF4_LEVELS.astype(np.float64)))) / 2
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QuantizedArray:
+  """A quantized kernel: stored arrays (children) plus static layout (aux).
+
+  Attributes:
+    method: ``"nf4"``, ``"nf4-dq"`` or ``"int8"``.
+    shape: shape of the kernel it stands for.
+    dtype: dtype it dequantizes to by default (the original kernel's).
+    stacked: whether axis 0 is a stacked layer axis (quantized per layer).
+    data: ``{name: array}``; NF4: ``codes`` ``[L?, blocks, 32] uint8`` and
+      ``scales`` ``[L?, blocks] float32`` (with ``"nf4-dq"``: ``scales``
+      ``[L?, scale blocks, 256] int8``, ``scales_absmax``
+      ``[L?, scale blocks] float32`` and ``scales_mean`` ``[L?] float32``);
+      int8: ``codes`` (the kernel's shape, int8) and ``scales`` (float32,
+      size 1 on the input axes).
+
+  Use :func:`quantize` to make one and :func:`dequantize` to read it.
+  """
+
+  def __init__(self, data: dict[str, Any], *, method: str, shape: Sequence[int], dtype: Any,
+               stacked: bool = False):
+    self.data = dict(data)
+    self.method = method
+    self.shape = tuple(shape)
+    self.dtype = np.dtype(dtype)
+    self.stacked = bool(stacked)
+
+  def tree_flatten_with_keys(self):
+    names = tuple(sorted(self.data))
+    children = tuple((jax.tree_util.GetAttrKey(n), self.data[n]) for n in names)
+    return children, (names, self.method, self.shape, self.dtype, self.stacked)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    names, method, shape, dtype, stacked = aux
+    return cls(dict(zip(names, children)), method=method, shape=shape, dtype=dtype,
+               stacked=stacked)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually stored (codes and scales)."""
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+               for x in self.data.values())
+
+  def dequantize(self, dtype: Any = None):
+    """The kernel as a ``jax.numpy`` array (see :func:`dequantize`)."""
+    return dequantize(self, dtype)
+
+  def __repr__(self):
+    return (f"QuantizedArray({self.method}, shape={self.shape}, dtype={self.dtype.name}, "
+            f"{self.nbytes} bytes)")
+
+
+def is_quantized(x: Any) -> bool:
+  """Whether ``x`` is a :class:`QuantizedArray` (an ``is_leaf`` for tree walks)."""
+  return isinstance(x, QuantizedArray)
+
+
+def check_method(method):
+  if method not in METHODS:
+    raise ValueError(f"`quantize` must be one of {list(METHODS)} (or None); got {method!r}.")
+
+
+def quantize(x: Any, method: str, /, *, in_axes: Sequence[int] | None = None,
+             stacked: bool = False) -> QuantizedArray:
+  """Quantizes a kernel (on the host, with NumPy).
+
+  Args:
+    x: the kernel, a float array in its own layout.
+    method: ``"nf4"``, ``"nf4-dq"`` or ``"int8"``.
+    in_axes: the kernel's input axes (per layer, i.e. not counting a stacked
+      layer axis); required for ``"int8"`` (scales are per output channel).
+      Default: all axes but the last.
+    stacked: whether axis 0 of ``x`` is a stacked layer axis.
+
+  Returns:
+    A :class:`QuantizedArray` whose arrays are ``jax.numpy`` arrays.
+
+  >>> import numpy as np
+  >>> q = quantize(np.ones((128, 8), np.float32), "nf4")
+  >>> q.data["codes"].shape, q.data["codes"].dtype.name
+  ((16, 32), 'uint8')
+  >>> float(abs(np.asarray(dequantize(q)) - 1).max())
+  0.0
+  """
+  check_method(method)
+  dtype = x.dtype if hasattr(x, "dtype") else np.float32
+  data = quantize_np(np.asarray(x, np.float32), method, in_axes=in_axes, stacked=stacked)
+  return QuantizedArray({k: jnp.asarray(v) for k, v in data.items()}, method=method,
+                        shape=np.shape(x), dtype=dtype, stacked=stacked)
+
+
+def quantize_np(x: np.ndarray, method: str, *, in_axes=None, stacked=False) -> dict:
+  """The stored arrays of ``quantize(x, method)``, as NumPy arrays."""
+  lead = 1 if stacked else 0
+  if method == "int8":
+    axes = tuple(range(x.ndim - lead - 1)) if in_axes is None else tuple(in_axes)
+    absmax = np.max(np.abs(x), axis=tuple(a + lead for a in axes), keepdims=True)
+    scales = (absmax / 127).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1)
+    codes = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    return {"codes": codes, "scales": scales}
+  rows = x.reshape(x.shape[:lead] + (-1,))
+  n = rows.shape[-1]
+  blocks = -(-n // BLOCK)
+  pad = blocks * BLOCK - n
+  if pad:
+    rows = np.pad(rows, [(0, 0)] * lead + [(0, pad)])
+  rows = rows.reshape(rows.shape[:lead] + (blocks, BLOCK))
+  scales = np.max(np.abs(rows), axis=-1).astype(np.float32)
+  safe = np.where(scales > 0, scales, 1)[..., None]
+  mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+  idx = np.searchsorted(mids, rows / safe).astype(np.uint8)
+  codes = idx[..., 0::2] | (idx[..., 1::2] << 4)
+  out = {"codes": codes.astype(np.uint8), "scales": scales}
+  if method == "nf4-dq":
+    mean = scales.mean(axis=-1).astype(np.float32)
+    centred = scales - mean[..., None]
+    sblocks = -(-blocks // SCALE_BLOCK)
+    centred = np.pad(centred, [(0, 0)] * lead + [(0, sblocks * SCALE_BLOCK - blocks)])
+    centred = centred.reshape(centred.shape[:lead] + (sblocks, SCALE_BLOCK))
+    s_absmax = np.max(np.abs(centred), axis=-1).astype(np.float32)
+    s_safe = np.where(s_absmax > 0, s_absmax, 1)[..., None]
+    out["scales"] = np.clip(np.rint(centred / s_safe * 127), -127, 127).astype(np.int8)
+    out["scales_absmax"] = s_absmax
+    out["scales_mean"] = mean
+  return out
+
+
+def _dequantize(xp, data: dict, method: str, shape, stacked: bool):
+  """Dequantization written once for ``xp`` = numpy or jax.numpy (float32)."""
+  codes = data["codes"]
+  if method == "int8":
+    return codes.astype(np.float32) * data["scales"]
+  lead = 1 if stacked else 0
+  scales = data["scales"]
+  blocks = codes.shape[-2]
+  if method == "nf4-dq":
+    s = scales.astype(np.float32) * (data["scales_absmax"][..., None] / 127)
+    s = s.reshape(s.shape[:-2] + (-1,))[..., :blocks]
+    scales = s + data["scales_mean"][..., None]
+  idx = xp.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[:-1] + (BLOCK,))
+  vals = xp.asarray(NF4_LEVELS)[idx.astype(np.int32)] * scales[..., None]
+  vals = vals.reshape(vals.shape[:-2] + (-1,))
+  per_layer = math.prod(shape[lead:])
+  return vals[..., :per_layer].reshape(shape)
+
+
+def dequantize(x: Any, dtype: Any = None):
+  """The float kernel that a :class:`QuantizedArray` stands for (jit-able).
+
+  Args:
+    x: a :class:`QuantizedArray` (other values are returned unchanged).
+    dtype: result dtype; default: the original kernel's dtype.
+
+  Returns:
+    A ``jax.numpy`` array of ``x.shape``.
+
+  >>> import numpy as np
+  >>> q = quantize(np.array([[127.0, -254.0], [-63.0, 128.0]], np.float32), "int8")
+  >>> np.asarray(q.data["codes"]).tolist(), np.asarray(q.data["scales"]).tolist()
+  ([[127, -127], [-63, 64]], [[1.0, 2.0]])
+  >>> np.asarray(dequantize(q)).tolist()
+  [[127.0, -254.0], [-63.0, 128.0]]
+  """
+  if not is_quantized(x):
+    return x
+  out = _dequantize(jnp, x.data, x.method, x.shape, x.stacked)
+  return out.astype(x.dtype if dtype is None else dtype)
+
+
+def dequantize_np(x: QuantizedArray) -> np.ndarray:
+  """Like :func:`dequantize`, on the host (float32 NumPy)."""
+  data = {k: np.asarray(v) for k, v in x.data.items()}
+  return _dequantize(np, data, x.method, x.shape, x.stacked)
+
+
+def fake_quantize_np(x: np.ndarray, method: str, *, in_axes=None, stacked=False) -> np.ndarray:
+  """``dequantize(quantize(x))`` on the host (float32 NumPy)."""
+  data = quantize_np(np.asarray(x, np.float32), method, in_axes=in_axes, stacked=stacked)
+  return _dequantize(np, data, method, np.shape(x), stacked)
+
+
+def dequantize_leaves(leaves: Sequence[Any]) -> list[Any]:
+  """Replaces every :class:`QuantizedArray` in a flat leaf list by its float kernel."""
+  return [dequantize(x) if is_quantized(x) else x for x in leaves]

@@ -1,0 +1,172 @@
+"""Quantized base kernels: NF4 (with double quantization) and int8."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gpt
+import lojax
+from lojax._src import paths as P
+from lojax._src import quant
+
+# The NF4 levels as published with QLoRA (Dettmers et al., 2023, appendix E).
+PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def data(shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def test_nf4_levels_are_the_qlora_levels():
+  np.testing.assert_allclose(quant.NF4_LEVELS, PAPER_NF4, atol=5e-7)
+  assert quant.NF4_LEVELS[7] == 0.0
+  np.testing.assert_allclose(quant.NF4_MAX_ERROR, (1 - 0.6961928) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4-dq"])
+def test_nf4_error_per_block(method):
+  x = data((3000,)) * np.repeat(np.random.default_rng(1).uniform(0.01, 5, 47), 64)[:3000]
+  x = x.astype(np.float32)
+  q = quant.quantize(x, method)
+  d = np.asarray(quant.dequantize(q))
+  n = 47 * 64
+  err = np.abs(np.pad(d - x, (0, n - 3000))).reshape(47, 64).max(1)
+  absmax = np.abs(np.pad(x, (0, n - 3000))).reshape(47, 64).max(1)
+  bound = quant.NF4_MAX_ERROR * absmax
+  if method == "nf4-dq":
+    # Codes come from the exact absmax; the stored scale s' differs from it by at most
+    # (its block's absmax of centred scales) / 254, which adds |absmax - s'| per block.
+    scale_err = np.abs(absmax - scales_of(q))
+    centred = absmax - absmax.mean()
+    assert np.all(scale_err <= np.abs(centred).max() / 254 + 1e-6)
+    bound = bound + scale_err
+  assert np.all(err <= bound * (1 + 1e-6) + 1e-7), (err - bound).max()
+  assert np.all(err > 0.1 * bound)  # the bound is not vacuous
+
+
+def scales_of(q):
+  s = np.asarray(q.data["scales"], np.float32) * (np.asarray(q.data["scales_absmax"])[..., None] / 127)
+  return s.reshape(-1)[:q.data["codes"].shape[-2]] + np.asarray(q.data["scales_mean"])
+
+
+def test_int8_error_per_output_channel():
+  x = (data((3, 40, 24)) * np.linspace(0.1, 3, 24)).astype(np.float32)
+  q = quant.quantize(x, "int8", in_axes=(0, 1))
+  assert q.data["codes"].dtype == jnp.int8 and q.data["codes"].shape == (3, 40, 24)
+  assert q.data["scales"].shape == (1, 1, 24)
+  err = np.abs(np.asarray(quant.dequantize(q)) - x).max(axis=(0, 1))
+  absmax = np.abs(x).max(axis=(0, 1))
+  assert np.all(err <= absmax / 254 * (1 + 1e-5))
+  assert np.all(err > absmax / 254 / 4)
+
+
+def test_packing_round_trip_and_nibble_order():
+  rng = np.random.default_rng(2)
+  idx = rng.integers(0, 16, (5, 128))
+  idx[:, 0] = 15  # every block's absmax is 1 exactly (one block of 64 holds a level +1)
+  idx[:, 64] = 0  # ... and -1
+  x = quant.NF4_LEVELS[idx] * np.array([1, 2, 3, 4, 5], np.float32)[:, None]
+  q = quant.quantize(x, "nf4")
+  codes = np.asarray(q.data["codes"]).reshape(-1)
+  flat = idx.reshape(-1)
+  np.testing.assert_array_equal(codes & 15, flat[0::2])
+  np.testing.assert_array_equal(codes >> 4, flat[1::2])
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), x)
+
+
+def test_shapes_dtypes_and_padding():
+  x = data((10, 7))  # 70 values: two blocks, the second padded
+  q = quant.quantize(jnp.asarray(x, jnp.bfloat16), "nf4")
+  assert q.data["codes"].shape == (2, 32) and q.data["codes"].dtype == jnp.uint8
+  assert q.data["scales"].shape == (2,) and q.data["scales"].dtype == jnp.float32
+  assert q.shape == (10, 7) and q.dtype == jnp.bfloat16
+  assert quant.dequantize(q).dtype == jnp.bfloat16
+  assert quant.dequantize(q, jnp.float32).shape == (10, 7)
+  dq = quant.quantize(data((300, 64)), "nf4-dq")
+  assert dq.data["scales"].shape == (2, 256) and dq.data["scales"].dtype == jnp.int8
+  assert dq.data["scales_absmax"].shape == (2,) and dq.data["scales_mean"].shape == ()
+
+
+def test_stacked_kernels_are_quantized_per_layer():
+  x = data((3, 10, 7))  # 70 values per layer: blocks must not cross layers
+  q = quant.quantize(x, "nf4-dq", stacked=True)
+  assert q.data["codes"].shape == (3, 2, 32)
+  for layer in range(3):
+    one = quant.quantize(x[layer], "nf4-dq")
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(q))[layer],
+                                  np.asarray(quant.dequantize(one)))
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_dequantize_under_jit(method):
+  q = quant.quantize(data((2, 96, 40)), method, in_axes=(0,), stacked=True)
+  eager = np.asarray(quant.dequantize(q))
+  # Same arithmetic; XLA may fuse a multiply-add differently (1 ulp).
+  np.testing.assert_allclose(np.asarray(jax.jit(quant.dequantize)(q)), eager, rtol=1e-6)
+  np.testing.assert_allclose(quant.dequantize_np(q), eager, rtol=1e-6)
+  assert jax.eval_shape(quant.dequantize, q).shape == (2, 96, 40)
+  out = jax.jit(lambda t: t)(q)  # a pytree: its arrays pass through jit
+  assert isinstance(out, quant.QuantizedArray) and out.method == method
+
+
+def test_nf4_memory_is_at_most_0_16_of_float32():
+  x = np.zeros((1024, 1024), np.float32)
+  x[::7, ::5] = 1.0
+  for method, most in (("nf4", 0.141), ("nf4-dq", 0.13), ("int8", 0.26)):
+    assert quant.quantize(x, method).nbytes <= most * x.nbytes, method
+
+
+@pytest.fixture(scope="module")
+def gpt_model():
+  m = gpt.GPT()
+  params, ids = gpt.init(m)
+  return m, params, ids
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_wrapped_model_uses_dequantized_targets_only(gpt_model, method):
+  m, params, ids = gpt_model
+  spec = lojax.LoraSpec(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0), quantize=method)
+  paths, leaves, _ = P.flatten(lora.base)
+  quantized = sorted(p for p, x in zip(paths, leaves) if quant.is_quantized(x))
+  assert quantized == [f"params/h_{i}/{k}/kernel" for i in (0, 1)
+                       for k in ("attn/c_attn", "mlp/c_fc")]  # one leaf per kernel path
+  assert lora.base["params"]["lm_head"]["kernel"] is params["params"]["lm_head"]["kernel"]
+  deq = jax.tree.map(quant.dequantize, lora.base, is_leaf=quant.is_quantized)
+  merged = lojax.merge(lojax.LoraParams(deq, lora.adapters, lora.meta))
+  ref = m.apply(merged, ids)
+  f = lojax.lorafy(m.apply)
+  for out in (f(lora, ids), jax.jit(f)(lora, ids)):
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  # merge dequantizes the base: plain float weights.
+  np.testing.assert_allclose(lojax.merge(lora)["params"]["h_0"]["mlp"]["c_fc"]["kernel"],
+                             merged["params"]["h_0"]["mlp"]["c_fc"]["kernel"], atol=1e-6)
+
+
+def test_training_step_with_quantized_base(gpt_model):
+  m, params, ids = gpt_model
+  lora = lojax.wrap(params, lojax.LoraSpec(r=4, target_modules="all-linear"),
+                    key=jax.random.key(0), quantize="nf4-dq")
+  f = lojax.lorafy(m.apply)
+
+  @jax.jit
+  def loss_grad(trainable):
+    return jax.value_and_grad(lambda t: jnp.mean(f(lora.with_trainable(t), ids) ** 2))(trainable)
+
+  loss, g = loss_grad(lora.trainable)
+  assert np.isfinite(loss)
+  gb = g["default"]["lora"]["params/h_0/mlp/c_fc"]["lora_B"]
+  assert np.abs(np.asarray(gb)).max() > 0  # B's gradient flows through the dequantized base
+
+
+def test_quantize_only_when_wrapping_plain_params(gpt_model):
+  _, params, _ = gpt_model
+  lora = lojax.wrap(params, lojax.LoraSpec(target_modules=["c_fc"]), key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"`quantize='int8'` is only for wrapping plain params"):
+    lojax.wrap(lora, lojax.LoraSpec(target_modules=["c_attn"]), key=jax.random.key(0),
+               adapter_name="second", quantize="int8")
