@@ -29,6 +29,9 @@ from lojax._src.peft_format import save_peft
 from lojax._src.quant import QuantizedArray
 from lojax._src.quant import dequantize
 from lojax._src.quant import quantize
+from lojax._src.sharding import lora_shardings
+from lojax._src.sharding import opt_state_shardings
+from lojax._src.sharding import shard
 from lojax._src.spec import LoraSpec
 from lojax._src.spec import TaskType
 from lojax._src.training import ParameterCount
@@ -65,8 +68,10 @@ __all__ = (
     "disable_adapters",
     "kernel_paths",
     "load_peft",
+    "lora_shardings",
     "lorafy",
     "merge",
+    "opt_state_shardings",
     "partition_labels",
     "print_trainable_parameters",
     "quantize",
@@ -75,6 +80,7 @@ __all__ = (
     "save_merged",
     "save_peft",
     "set_adapter",
+    "shard",
     "trainable_mask",
     "unmerge",
     "wrap",

@@ -36,3 +36,8 @@ def test_checkpointing_example(tmp_path):
   out = run("checkpointing.py", "--steps", "12", "--every", "3", "--kill-at", "8", cwd=tmp_path)
   assert "identical to the uninterrupted run: True" in out
   assert (tmp_path / "checkpointing_out" / "peft" / "adapter_model.safetensors").exists()
+
+
+def test_sharded_training_example(tmp_path):
+  out = run("sharded_training.py", "--steps", "6", cwd=tmp_path)
+  assert "restored" in out.lower()

@@ -1,0 +1,267 @@
+"""Shardings for LoRA trees and their optimizer states, derived from the base.
+
+The rule (Megatron-friendly: no adapter ever needs a gathered base kernel):
+
+* ``lora_A [L?, in..., r]`` takes the kernel's input-axis shardings, the rank
+  axis replicated;
+* ``lora_B [L?, r, out...]`` the rank axis replicated and the kernel's
+  output-axis shardings;
+* AdaLoRA's ``lora_E [L?, r]`` is replicated except a stacked layer axis;
+* a stacked layer axis keeps the kernel's layer-axis sharding (dense, N-D,
+  conv and embedding kernels all follow the same rule);
+* bias deltas and ``modules_to_save`` copies take their base leaf's sharding;
+* anything else (step counters) is replicated.
+
+An axis whose size the mesh axes do not divide is replicated instead. The
+optimizer state follows the params it mirrors (see
+:func:`opt_state_shardings`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lojax._src import paths as P
+from lojax._src.lora import LoraParams, TargetMeta
+
+PS = PartitionSpec
+
+
+def _is_spec_leaf(x) -> bool:
+  return x is None or isinstance(x, (jax.sharding.Sharding, PartitionSpec)) or (
+      hasattr(x, "get_partition_spec") and hasattr(x, "names"))
+
+
+def _to_spec(x, path: str) -> tuple[PartitionSpec, Any]:
+  """(spec, mesh or None) of one entry of ``base_shardings``."""
+  if x is None:
+    return PS(), None
+  if isinstance(x, NamedSharding):
+    return x.spec, x.mesh
+  if isinstance(x, PartitionSpec):
+    return x, None
+  if hasattr(x, "get_partition_spec"):  # a flax Partitioned box (mesh axis names)
+    return x.get_partition_spec(), getattr(x, "mesh", None)
+  if isinstance(x, jax.sharding.Sharding) and x.is_fully_replicated:
+    return PS(), None
+  raise TypeError(f"`base_shardings` at '{path}' is a {type(x).__name__}; expected a "
+                  "jax.sharding.NamedSharding, a PartitionSpec, None (replicated) or a flax "
+                  "Partitioned box.")
+
+
+def _axis_size(mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def _fit(mesh, entries, shape) -> PartitionSpec:
+  """``entries`` as a spec for ``shape``; an axis the mesh does not divide is replicated."""
+  out = [e if shape[i] % _axis_size(mesh, e) == 0 else None for i, e in enumerate(entries)]
+  while out and out[-1] is None:
+    out.pop()
+  return PS(*out)
+
+
+def _padded(spec: PartitionSpec, ndim: int) -> list:
+  entries = list(spec)
+  if len(entries) > ndim:
+    raise ValueError(f"PartitionSpec {spec} has more entries than the leaf has axes ({ndim}).")
+  return entries + [None] * (ndim - len(entries))
+
+
+def factor_specs(t: TargetMeta, kernel_spec: PartitionSpec) -> dict[str, list]:
+  """The spec entries of ``lora_A``, ``lora_B`` and ``lora_E`` of one target."""
+  entries = _padded(kernel_spec, len(t.shape))
+  lead = entries[:1] if t.stacked else []
+  per = entries[1:] if t.stacked else entries
+  return {"lora_A": lead + [per[a] for a in t.in_axes] + [None],
+          "lora_B": lead + [None] + [per[a] for a in t.out_axes],
+          "lora_E": lead + [None]}
+
+
+def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None,
+                   replicate: bool = False,
+                   override: Callable[[str, NamedSharding], Any] | None = None) -> LoraParams:
+  """Shardings for every leaf of ``lora``, derived from the base params' shardings.
+
+  Args:
+    lora: the :class:`lojax.LoraParams` to shard.
+    base_shardings: the base params' shardings, matched to ``lora.base`` by
+      leaf path (``None``: all replicated): a tree of ``NamedSharding``, ``PartitionSpec`` or ``None``
+      (replicated) leaves, or the boxed variables of a linen model built
+      with ``nn.with_partitioning`` (their ``Partitioned`` boxes are read;
+      unboxed leaves are replicated).
+      For logical axis names, pass
+      ``nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, rules)``.
+    mesh: the mesh; required unless ``base_shardings`` holds NamedShardings.
+    replicate: replicate every adapter leaf (the base keeps its shardings).
+    override: optional ``f(path, sharding) -> sharding | PartitionSpec | None``
+      called for each adapter leaf with its "/"-joined path in
+      ``lora.adapters`` (e.g. ``default/lora/params/h_0/attn/c_attn/lora_A``)
+      and the derived sharding; a non-None result replaces it.
+
+  Returns:
+    A :class:`lojax.LoraParams` of ``NamedSharding`` leaves with the
+    structure of ``lora``: give it to :func:`shard` or to ``jax.jit``'s
+    ``in_shardings``/``out_shardings``; ``.trainable`` holds the trainable
+    part's shardings.
+
+  Raises:
+    ValueError: no mesh can be found, or a base leaf lojax needs has no
+      sharding in ``base_shardings``.
+
+  The rule: ``lora_A`` takes the kernel's input-axis shardings and ``lora_B``
+  its output-axis shardings, the rank axis replicated in both; a stacked
+  layer axis keeps the kernel's layer-axis sharding; AdaLoRA's ``lora_E``
+  is replicated except that layer axis; bias deltas and ``modules_to_save``
+  copies take their base leaf's sharding; an axis the mesh does not divide is
+  replicated.
+
+  >>> import jax, jax.numpy as jnp, lojax
+  >>> from jax.sharding import PartitionSpec as P
+  >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+  >>> lora = lojax.wrap({"d": {"kernel": jnp.ones((4, 6))}},
+  ...                   lojax.LoraSpec(r=2, target_modules=["d"]), key=jax.random.key(0))
+  >>> s = lojax.lora_shardings(lora, {"d": {"kernel": P(None, "model")}}, mesh=mesh)
+  >>> s.adapters["default"]["lora"]["d"]["lora_B"].spec
+  P(None, 'model')
+  """
+  paths, leaves, treedef = P.flatten(lora.base)
+  if base_shardings is None:
+    given_paths, given = paths, [None] * len(paths)
+  else:
+    given_paths, given, _ = _flatten_specs(base_shardings)
+    if any(hasattr(x, "get_partition_spec") for x in given):
+      # Boxed linen variables: a leaf without a Partitioned box is replicated.
+      given = [None if hasattr(x, "shape") and hasattr(x, "dtype") else x for x in given]
+  by_path = {}
+  for p, x in zip(given_paths, given):
+    spec, m = _to_spec(x, p)
+    if m is not None:
+      mesh = mesh if mesh is not None else m
+    by_path[p] = spec
+  if mesh is None:
+    raise ValueError("No mesh: `base_shardings` holds no NamedSharding; pass `mesh=` "
+                     "(e.g. jax.make_mesh((2, 4), ('data', 'model'))).")
+  missing = [p for p in paths if p not in by_path]
+  if missing:
+    raise ValueError(
+        f"`base_shardings` has no entry for {len(missing)} leaf path(s) of the base params: "
+        f"{missing[:10]}{' …' if len(missing) > 10 else ''}. Give a sharding (or None for "
+        "replicated) for every leaf, in a tree with the base params' paths.")
+  shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}
+  named = lambda spec, shape: NamedSharding(mesh, _fit(mesh, _padded(spec, len(shape)), shape))
+  base = jax.tree_util.tree_unflatten(treedef, [named(by_path[p], shapes[p]) for p in paths])
+  rep = NamedSharding(mesh, PS())
+  adapters = {}
+  for name, ad in lora.adapters.items():
+    meta = lora.meta.adapter(name)
+    targets = {t.path: t for t in meta.targets}
+
+    def leaf_sharding(keypath, x, name=name, targets=targets):
+      path = P.render(keypath)
+      shape = tuple(np.shape(x))
+      group, _, rest = path.partition("/")
+      sharding = rep
+      if replicate:
+        pass
+      elif group in ("bias", "modules_to_save") and rest in by_path:
+        sharding = named(by_path[rest], shape)
+      elif group == "lora":
+        module, leaf = P.split(rest)
+        t = targets.get(module)
+        if t is not None:
+          entries = factor_specs(t, by_path[t.leaf_path]).get(leaf)
+          if entries is not None:
+            sharding = NamedSharding(mesh, _fit(mesh, entries, shape))
+      if override is not None:
+        new = override(f"{name}/{path}", sharding)
+        if isinstance(new, PartitionSpec):
+          new = NamedSharding(mesh, new)
+        sharding = sharding if new is None else new
+      return sharding
+
+    adapters[name] = jax.tree_util.tree_map_with_path(leaf_sharding, ad)
+  return LoraParams(base, adapters, lora.meta)
+
+
+def _flatten_specs(tree):
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec_leaf)
+  return [P.render(kp) for kp, _ in with_path], [x for _, x in with_path], treedef
+
+
+def shard(lora: LoraParams, shardings: LoraParams, /) -> LoraParams:
+  """Places ``lora`` on devices with ``shardings`` (from :func:`lora_shardings`).
+
+  >>> import jax, jax.numpy as jnp, lojax
+  >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+  >>> lora = lojax.wrap({"d": {"kernel": jnp.ones((4, 6))}},
+  ...                   lojax.LoraSpec(r=2, target_modules=["d"]), key=jax.random.key(0))
+  >>> lora = lojax.shard(lora, lojax.lora_shardings(lora, None, mesh=mesh))
+  """
+  return jax.device_put(lora, shardings)
+
+
+def opt_state_shardings(tx: Any, trainable_shardings: Any, trainable: Any, /) -> Any:
+  """Shardings for ``tx.init(trainable)``, following the params each leaf mirrors.
+
+  Works for any optax optimizer (and :func:`lojax.adalora`) without knowing
+  its state: the state is built abstractly (``jax.eval_shape``) and each
+  array leaf takes the sharding of the trainable leaf whose path is the
+  longest suffix of the state leaf's path with the same shape (``mu``,
+  ``nu``, AdaLoRA's importance EMAs, ...). Leaves that mirror no param
+  (counts, masks, scalars) are replicated.
+
+  Args:
+    tx: an optax ``GradientTransformation``.
+    trainable_shardings: shardings of ``trainable`` (``shardings.trainable``
+      of :func:`lora_shardings`).
+    trainable: the trainable params (``lora.trainable``) or their
+      ``jax.ShapeDtypeStruct`` s.
+
+  Returns:
+    A tree of ``NamedSharding`` with the structure of ``tx.init(trainable)``.
+
+  >>> import jax, jax.numpy as jnp, lojax, optax
+  >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+  >>> lora = lojax.wrap({"d": {"kernel": jnp.ones((4, 6))}},
+  ...                   lojax.LoraSpec(r=2, target_modules=["d"]), key=jax.random.key(0))
+  >>> s = lojax.lora_shardings(lora, None, mesh=mesh)
+  >>> tx = optax.adamw(1e-3)
+  >>> state_s = lojax.opt_state_shardings(tx, s.trainable, lora.trainable)
+  """
+  p_paths, p_leaves, _ = P.flatten(trainable)
+  s_paths, s_leaves, _ = _flatten_specs(trainable_shardings)
+  sharding_of = dict(zip(s_paths, s_leaves))
+  params = [(p.split("/"), tuple(np.shape(x)), sharding_of.get(p)) for p, x in
+            zip(p_paths, p_leaves)]
+  meshes = [s.mesh for s in s_leaves if isinstance(s, NamedSharding)]
+  if not meshes:
+    raise ValueError("`trainable_shardings` holds no NamedSharding; pass "
+                     "`lora_shardings(...).trainable`.")
+  rep = NamedSharding(meshes[0], PS())
+  state = jax.eval_shape(tx.init, trainable)
+
+  def pick(keypath, x):
+    parts = P.render(keypath).split("/")
+    shape = tuple(np.shape(x))
+    best, found = 0, set()
+    for comps, pshape, s in params:
+      if pshape != shape or s is None:
+        continue
+      n = 0
+      while n < min(len(parts), len(comps)) and parts[-1 - n] == comps[-1 - n]:
+        n += 1
+      if n > best:
+        best, found = n, {s}
+      elif n == best and n:
+        found.add(s)
+    return found.pop() if best and len(found) == 1 else rep
+
+  return jax.tree_util.tree_map_with_path(pick, state)
