@@ -316,6 +316,7 @@ def check_checkpoint(adalora, meshes=((4, 2), (8, 1)), train_on=None):
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path, escape(tree))
     ckpt.wait_until_finished()
+    lojax.save_adapters(pathlib.Path(tmp) / "lojax_ckpt", slora, step=2, opt_state=state)
     for shape in meshes:
       mesh = mesh_of(shape)
       sh = ls.lora_shardings(lora, megatron(lora.base), mesh=mesh)
@@ -342,6 +343,15 @@ def check_checkpoint(adalora, meshes=((4, 2), (8, 1)), train_on=None):
             f"next_loss_diff={abs(float(loss1) - float(loss2)):.1e}", flush=True)
       assert same == 0.0 and on_mesh and split > 0, shape
       assert abs(float(loss1) - float(loss2)) < 1e-5
+      # The same through lojax's own checkpoint path.
+      lj, lj_state = lojax.restore_adapters(
+          pathlib.Path(tmp) / "lojax_ckpt", lora.base, opt_state_template=tx.init(lora.trainable),
+          shardings=sh, opt_state_shardings=st_sh)
+      lj_tree = {"adapters": lj.trainable, "opt_state": lj_state}
+      assert max_diff(lj_tree, tree) == 0.0, shape
+      assert all(x.sharding == s.sharding for x, s in
+                 zip(jax.tree.leaves(lj_tree), jax.tree.leaves(target))), shape
+      print(f"CHECK lojax checkpoint restored_on={shape} ok", flush=True)
     ckpt.close()
 
 

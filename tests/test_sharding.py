@@ -252,3 +252,14 @@ def test_sharded_training_on_8_fake_devices():
   restored = [c for c in checks if c.startswith("CHECK checkpoint")]
   assert {re.search(r"restored_on=(\(\d, \d\))", c)[1] for c in restored} == {"(4, 2)", "(8, 1)"}
   assert all("max_diff=0.0e+00" in c and "shardings_match=True" in c for c in restored)
+
+
+def test_dora_magnitude_follows_the_output_axes():
+  params, _ = gpt.init(gpt.GPT())
+  lora = lojax.wrap(params, lojax.LoraSpec(r=4, target_modules=["c_fc"], use_dora=True),
+                    key=jax.random.key(0))
+  base = jax.tree_util.tree_map_with_path(
+      lambda kp, x: P(None, "model") if "c_fc" in str(kp) and "kernel" in str(kp) else P(),
+      params)
+  s = lojax.lora_shardings(lora, base, mesh=MESH)
+  assert s.adapters["default"]["lora"]["params/h_0/mlp/c_fc"]["lora_magnitude"].spec == P("model")

@@ -338,7 +338,8 @@ class AdapterCheckpointer:
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, params: Any, /, *, step: int | None = None,
-              opt_state_template: Any = None):
+              opt_state_template: Any = None, shardings: Any = None,
+              opt_state_shardings: Any = None):
     """Restores a step onto ``params``.
 
     Args:
@@ -349,6 +350,11 @@ class AdapterCheckpointer:
       opt_state_template: an optimizer state of the right structure (e.g.
         ``tx.init(lora.trainable)``); when given, the saved optimizer state
         is restored into it.
+      shardings: optional shardings for the restored adapters, a tree like the
+        LoRA tree (``lojax.lora_shardings(...)``), e.g. for another mesh shape
+        than the one that saved.
+      opt_state_shardings: optional shardings for the optimizer state
+        (``lojax.opt_state_shardings(...)``).
 
     Returns:
       The :class:`LoraParams`, or ``(lora, opt_state)`` when
@@ -408,13 +414,18 @@ class AdapterCheckpointer:
     out = self._read(step, items, where)
     _check_arrays("adapter data", arrays, out["adapters"], where)
     adapters = _fill(structure, out["adapters"])
+    if shardings is not None:  # adapters are small: restore, then place them
+      adapters = jax.device_put(adapters, getattr(shardings, "adapters", shardings))
     lora = LoraParams(base, adapters, LoraMeta(saved, active))
     if opt_state_template is None:
       return lora
     _check_arrays("optimizer state", opt_desc, out["opt_state"], where)
     treedef = jax.tree_util.tree_structure(opt_state_template)
     restored = [out["opt_state"][k] for k, _ in _flat_keys(opt_state_template)]
-    return lora, jax.tree_util.tree_unflatten(treedef, restored)
+    opt_state = jax.tree_util.tree_unflatten(treedef, restored)
+    if opt_state_shardings is not None:
+      opt_state = jax.device_put(opt_state, opt_state_shardings)
+    return lora, opt_state
 
   def _read(self, step, items, where):
     try:
@@ -501,7 +512,8 @@ def save_adapters(directory: str | os.PathLike, lora: LoraParams, /, *, step: in
 
 
 def restore_adapters(directory: str | os.PathLike, params: Any, /, *, step: int | None = None,
-                     opt_state_template: Any = None):
+                     opt_state_template: Any = None, shardings: Any = None,
+                     opt_state_shardings: Any = None):
   """Restores adapters saved by :func:`save_adapters` onto ``params``.
 
   See :meth:`AdapterCheckpointer.restore` for the arguments and errors.
@@ -512,7 +524,8 @@ def restore_adapters(directory: str | os.PathLike, params: Any, /, *, step: int 
   if not os.path.isdir(directory):
     raise ValueError(f"No checkpoint directory at {directory}.")
   with AdapterCheckpointer(directory, max_to_keep=None, async_save=False) as ckpt:
-    return ckpt.restore(params, step=step, opt_state_template=opt_state_template)
+    return ckpt.restore(params, step=step, opt_state_template=opt_state_template,
+                        shardings=shardings, opt_state_shardings=opt_state_shardings)
 
 
 def save_merged(directory: str | os.PathLike, lora: LoraParams, /, *,

@@ -7,6 +7,7 @@ The rule (Megatron-friendly: no adapter ever needs a gathered base kernel):
 * ``lora_B [L?, r, out...]`` the rank axis replicated and the kernel's
   output-axis shardings;
 * AdaLoRA's ``lora_E [L?, r]`` is replicated except a stacked layer axis;
+* DoRA's ``lora_magnitude [L?, out...]`` takes the kernel's output-axis shardings;
 * a stacked layer axis keeps the kernel's layer-axis sharding (dense, N-D,
   conv and embedding kernels all follow the same rule);
 * bias deltas and ``modules_to_save`` copies take their base leaf's sharding;
@@ -82,7 +83,8 @@ def factor_specs(t: TargetMeta, kernel_spec: PartitionSpec) -> dict[str, list]:
   per = entries[1:] if t.stacked else entries
   return {"lora_A": lead + [per[a] for a in t.in_axes] + [None],
           "lora_B": lead + [None] + [per[a] for a in t.out_axes],
-          "lora_E": lead + [None]}
+          "lora_E": lead + [None],
+          "lora_magnitude": lead + [per[a] for a in t.out_axes]}   # DoRA: like B, no rank
 
 
 def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None,
