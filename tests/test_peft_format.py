@@ -219,3 +219,45 @@ def test_errors(tmp_path):
   two = lojax.set_adapter(two, ["default", "b"])
   with pytest.raises(ValueError, match="`adapter_name` is required"):
     save_peft(tmp_path / "z", two)
+
+
+def test_export_loads_in_peft_on_transformers_gpt2(tmp_path):
+  """The GPT2_MAPPING export, loaded by PEFT itself, gives lojax's logits."""
+  torch = pytest.importorskip("torch", reason="torch not installed: PEFT load check skipped")
+  peft = pytest.importorskip("peft", reason="peft not installed: PEFT load check skipped")
+  transformers = pytest.importorskip("transformers",
+                                     reason="transformers not installed: PEFT load check skipped")
+  import gpt as gpt_lib
+  m = gpt_lib.GPT(vocab=64, d=32, heads=4, layers=2, max_len=16, tied=True)
+  params, ids = gpt_lib.init(m, batch=2, seq=8)
+  spec = lojax.LoraSpec(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                        init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0))
+  lojax.save_peft(tmp_path / "peft", lora, mapping=lojax.GPT2_MAPPING,
+                  base_model_name_or_path="gpt2")
+  cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                layer_norm_epsilon=1e-6, activation_function="gelu_new",
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  model = transformers.GPT2LMHeadModel(cfg).eval()
+  p = jax.tree.map(lambda x: torch.tensor(np.asarray(x)), params["params"])
+  sd = {"transformer.wte.weight": p["wte"]["embedding"], "transformer.wpe.weight": p["wpe"]["embedding"],
+        "transformer.ln_f.weight": p["ln_f"]["scale"], "transformer.ln_f.bias": p["ln_f"]["bias"]}
+  for i in range(2):
+    h = p[f"h_{i}"]
+    for ln in ("ln_1", "ln_2"):
+      sd[f"transformer.h.{i}.{ln}.weight"] = h[ln]["scale"]
+      sd[f"transformer.h.{i}.{ln}.bias"] = h[ln]["bias"]
+    for part, names in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj"))):
+      for n in names:   # Conv1D stores [in, out], like a Flax kernel
+        sd[f"transformer.h.{i}.{part}.{n}.weight"] = h[part][n]["kernel"]
+        sd[f"transformer.h.{i}.{part}.{n}.bias"] = h[part][n]["bias"]
+  missing, unexpected = model.load_state_dict(sd, strict=False)
+  assert not unexpected and all("lm_head" in k or "attn.bias" in k for k in missing), missing
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft")).eval()
+  loaded = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+  assert len(loaded) == 2 * 2 * 4                     # A and B of 4 kernels in 2 layers
+  with torch.no_grad():
+    theirs = peft_model(torch.tensor(np.asarray(ids))).logits.numpy()
+  ours = np.asarray(lojax.lorafy(m.apply)(lora, ids))
+  assert np.abs(ours - np.asarray(m.apply(params, ids))).max() > 1e-3   # the adapters matter
+  np.testing.assert_allclose(theirs, ours, rtol=2e-3, atol=2e-3)
