@@ -42,6 +42,19 @@ def nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def lora_step(apply, tx):
+  """The jitted LoRA training step used by the rows: returns only the trained part."""
+
+  @jax.jit
+  def step(lora, opt_state, ids, labels):
+    loss, grads = jax.value_and_grad(
+        lambda t: xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
+    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
+    return optax.apply_updates(lora.trainable, updates), opt_state, loss
+
+  return step
+
+
 @dataclasses.dataclass
 class Row:
   name: str
@@ -131,15 +144,8 @@ def nnx_rows(cfg: Config) -> list[Row]:
   lora = lojax.wrap(state, lojax.LoraSpec(r=R, lora_alpha=ALPHA, target_modules="all-linear"),
                     key=jax.random.key(1))
 
-  @jax.jit
-  def step(lora, opt_state, ids, labels):
-    loss, grads = jax.value_and_grad(
-        lambda t: xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
-    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return optax.apply_updates(lora.trainable, updates), opt_state, loss
-
   opt_state = tx.init(lora.trainable)
-  rows.append(Row("lojax LoRA (NNX)", "nnx", step, (lora, opt_state, ids, labels),
+  rows.append(Row("lojax LoRA (NNX)", "nnx", lora_step(apply, tx), (lora, opt_state, ids, labels),
                   nbytes(opt_state)))
   rows.append(qwix_row(cfg))
   return rows
@@ -254,15 +260,8 @@ def sweep(steps: int, ranks=(4, 16, 64), widths=(256, 512, 1024)):
     for r in ranks:
       lora = lojax.wrap(params, lojax.LoraSpec(r=r, lora_alpha=2 * r, target_modules="all-linear"),
                         key=jax.random.key(1))
-
-      @jax.jit
-      def step(lora, opt_state, ids, labels):
-        loss, grads = jax.value_and_grad(
-            lambda t: xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
-        updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-        return optax.apply_updates(lora.trainable, updates), opt_state, loss
-
-      rows.append(Row(f"r={r}", "linen", step, (lora, tx.init(lora.trainable), ids, labels)))
+      rows.append(Row(f"r={r}", "linen", lora_step(apply, tx),
+                      (lora, tx.init(lora.trainable), ids, labels)))
     time_rows(rows, steps)
     ratios(rows)
     for row in rows[1:]:
