@@ -469,20 +469,15 @@ def main():
   cfg = Config()
   dev = args.out or device_name()
   print(f"device {dev} ({jax.devices()[0].device_kind}), {cfg}", flush=True)
-  rows = linen_rows(cfg)
-  time_rows(rows, args.steps)
-  ratios(rows)
-  for r in rows:
-    print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
-                                  else r.note), flush=True)
-  if not args.no_nnx:
-    nrows = nnx_rows(cfg)
-    time_rows(nrows, args.steps)
-    ratios(nrows)
-    for r in nrows:
+  rows = []
+  for build in [linen_rows] + ([] if args.no_nnx else [nnx_rows]):
+    table = build(cfg)
+    time_rows(table, args.steps)
+    ratios(table)
+    for r in table:
       print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
                                     else r.note), flush=True)
-    rows += nrows
+    rows += table
   res = {
       "device": dev, "device_kind": jax.devices()[0].device_kind,
       "host": {"cpus": __import__("os").cpu_count(), "machine": platform.machine()},

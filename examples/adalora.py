@@ -16,8 +16,6 @@ Run with ``python examples/adalora.py [--steps 300] [--plot adalora_ranks.png]``
 """
 
 import argparse
-import importlib
-import inspect
 import time
 
 import jax
@@ -27,8 +25,7 @@ import optax
 from tqdm import tqdm
 
 import lojax
-from quickstart import (ADAPT_MODULES, CONTEXT, PRETRAIN_MODULES, CharGPT, batches, docstrings,
-                        encode, pretrain, xent)
+from quickstart import CharGPT, batches, pretrain, texts, xent
 
 
 def main():
@@ -44,13 +41,7 @@ def main():
   rng = np.random.default_rng(args.seed)
   init_key, lora_key = jax.random.split(jax.random.key(args.seed))
 
-  prose = encode(docstrings(PRETRAIN_MODULES))
-  code = encode("\n\n".join(inspect.getsource(importlib.import_module(m)) for m in ADAPT_MODULES))
-  split = int(0.9 * len(code))
-  train, held_out = code[:split], code[split:]
-  n = (len(held_out) - 1) // CONTEXT
-  eval_x = held_out[:n * CONTEXT].reshape(n, CONTEXT)
-  eval_y = held_out[1:n * CONTEXT + 1].reshape(n, CONTEXT)
+  prose, train, _, (eval_x, eval_y) = texts()
 
   model = CharGPT()
   params = pretrain(model, jax.jit(model.init)(init_key, eval_x[:1]), prose, args.pretrain_steps, rng)

@@ -95,6 +95,18 @@ class CharGPT(nn.Module):
     return nn.Dense(VOCAB, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
 
 
+def texts():
+  """(pretraining prose, adaptation code, held-out code, held-out (inputs, targets))."""
+  prose = encode(docstrings(PRETRAIN_MODULES))
+  code = encode("\n\n".join(inspect.getsource(importlib.import_module(m)) for m in ADAPT_MODULES))
+  split = int(0.9 * len(code))
+  train, held_out = code[:split], code[split:]
+  n = (len(held_out) - 1) // CONTEXT  # every non-overlapping held-out window
+  eval_x = held_out[:n * CONTEXT].reshape(n, CONTEXT)
+  eval_y = held_out[1:n * CONTEXT + 1].reshape(n, CONTEXT)
+  return prose, train, held_out, (eval_x, eval_y)
+
+
 def batches(data, rng):
   """Endless (inputs, next-character targets) batches of random windows of ``data``."""
   while True:
@@ -136,13 +148,7 @@ def main():
   rng = np.random.default_rng(args.seed)
   init_key, lora_key = jax.random.split(jax.random.key(args.seed))
 
-  prose = encode(docstrings(PRETRAIN_MODULES))
-  code = encode("\n\n".join(inspect.getsource(importlib.import_module(m)) for m in ADAPT_MODULES))
-  split = int(0.9 * len(code))
-  train, held_out = code[:split], code[split:]
-  n = (len(held_out) - 1) // CONTEXT  # every non-overlapping held-out window
-  eval_x = held_out[:n * CONTEXT].reshape(n, CONTEXT)
-  eval_y = held_out[1:n * CONTEXT + 1].reshape(n, CONTEXT)
+  prose, train, held_out, (eval_x, eval_y) = texts()
   print(f"pretrain text: {len(prose):,} bytes of docstrings; adapt text: {len(train):,} bytes "
         f"of source code, {len(held_out):,} held out")
 

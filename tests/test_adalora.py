@@ -77,11 +77,10 @@ def test_budget_schedule_every_step(tinit, tfinal, deltaT):
       assert zeros == 0, (t, zeros)                # E untouched between masking steps
 
 
-def crafted_state(spec, lora, scores_e, seed=0):
+def crafted_state(spec, lora, scores_e):
   """An AdaLoRA state at step T - tfinal whose triplet scores are ``scores_e``."""
   tx = lojax.adalora(optax.sgd(0.0), spec)
   state = tx.init(lora.trainable)
-  rng = np.random.default_rng(seed)
   ipt, unc = {}, {}
   for p, v in lora.trainable["default"]["lora"].items():
     # A and B scores of 0 so the triplet score is the crafted E score.
@@ -89,7 +88,6 @@ def crafted_state(spec, lora, scores_e, seed=0):
     unc[p] = {k: jnp.zeros_like(x) for k, x in v.items()}
     ipt[p]["lora_E"] = jnp.asarray(scores_e[p], jnp.float32)
     unc[p]["lora_E"] = jnp.ones_like(v["lora_E"])
-  del rng
   T = spec.total_step - spec.tfinal
   return tx, state._replace(step=jnp.asarray(T, jnp.int32), ipt=ipt, unc=unc)
 

@@ -270,9 +270,7 @@ def adalora(optimizer: optax.GradientTransformation, spec: AdaLoraSpec, /, *,
     new_usub = {}
     for path, u in usub.items():
       keep = jnp.where(final_phase, final_mask[path], jnp.where(masking, keep_now[path], True))
-      e_new = new[path]["lora_E"]
       u_e = jnp.where(keep, u["lora_E"], -sub[path]["lora_E"])  # masked entries become 0
-      del e_new
       new_usub[path] = dict(u, lora_E=u_e)
     ad_updates = dict(updates[adapter_name], lora=new_usub)
     if STEP_KEY in params[adapter_name]:
