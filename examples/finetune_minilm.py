@@ -132,14 +132,13 @@ class Classify:
 
   metric, fmt = "accuracy", staticmethod(lambda v: f"{100 * v:.1f}%")
 
-  def __init__(self, classes, key):
+  def __init__(self, classes):
     self.model = minilm.MiniLMClassifier(len(classes))
     self.apply = lojax.lorafy(self.model.apply)
-    self.key = key
     self._predict = jax.jit(lambda lora, i, m: self.apply(lora, i, m).argmax(-1))
 
   def params(self, pretrained):
-    return minilm.classifier_params(pretrained, self.model.num_classes, self.key)
+    return minilm.classifier_params(pretrained, self.model.num_classes)
 
   def loss(self, lora, batch, rng):
     ids, mask, labels = batch
@@ -182,7 +181,7 @@ class Retrieve:
   metric, fmt = "recall@1", staticmethod(lambda v: f"{100 * v:.1f}%")
   scale = 20.0  # cosine-similarity temperature of the contrastive loss
 
-  def __init__(self, classes, key):
+  def __init__(self, classes):
     self.model = minilm.MiniLM()
     self.apply = lojax.lorafy(self.model.apply)
     embed = lambda apply: jax.jit(lambda p, i, m: minilm.mean_pool(apply(p, i, m), m))
@@ -309,13 +308,13 @@ def main(argv=None):
   out = pathlib.Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(args.seed)
-  head_key, lora_key = jax.random.split(jax.random.key(args.seed))
+  lora_key = jax.random.key(args.seed)
 
   _, pretrained, tokenizer = minilm.load_minilm()
   train_data, args.test, classes, about = load_data(args, tokenizer)
   print(f"data (Python {'.'.join(map(str, sys.version_info[:3]))} standard "
         f"library): {about}")
-  task = (Classify if args.task == "classify" else Retrieve)(classes, head_key)
+  task = (Classify if args.task == "classify" else Retrieve)(classes)
 
   frozen = task.frozen_baseline(pretrained, train_data, args.test, args.seed)
   print(f"frozen model: {', '.join(f'{k} {task.fmt(v)}' for k, v in frozen.items())}")
@@ -340,11 +339,10 @@ def main(argv=None):
   print(f"adapter checkpoint: {ckpt} ({dir_bytes(ckpt) / 1e6:.2f} MB on disk; the base model "
         f"is {sum(a.size for a in jax.tree.leaves(pretrained)) * 4 / 1e6:.0f} MB)")
 
-  # Reload: the base again from the package, a head with different random values, then the
-  # checkpoint, which carries the adapters and the trained classifier.
+  # Reload: the base again from the package, a fresh (untrained) head, then the checkpoint,
+  # which carries the adapters and the trained classifier.
   _, fresh, _ = minilm.load_minilm()
-  reload_task = (Classify if args.task == "classify" else Retrieve)(classes, jax.random.key(99))
-  template = wrap(reload_task, spec, args, fresh, jax.random.key(98))
+  template = wrap(task, spec, args, fresh, jax.random.key(args.seed + 7))
   restored = lojax.restore_adapters(ckpt, template)
   again, again_out = task.evaluate(restored, args.test)
   same = bool(np.array_equal(final_out, again_out))

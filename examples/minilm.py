@@ -106,7 +106,8 @@ class MiniLMClassifier(nn.Module):
 
   The head reads the model's sentence embedding (the L2-normalised mean of the
   last hidden states) times ``scale``, i.e. logits are scaled cosine
-  similarities to the class vectors plus a bias. Params are ``{"bert": <MiniLM
+  similarities to the class vectors plus a bias. The head starts at zero, so
+  training starts from the uniform prediction. Params are ``{"bert": <MiniLM
   params>, "classifier": {"kernel", "bias"}}``; see :func:`classifier_params`.
   """
 
@@ -119,12 +120,13 @@ class MiniLMClassifier(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask):
     hidden = MiniLM(name="bert")(input_ids, attention_mask)
-    return nn.Dense(self.num_classes, name="classifier")(self.features(hidden, attention_mask))
+    head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="classifier")
+    return head(self.features(hidden, attention_mask))
 
 
-def classifier_params(params, num_classes, key):
-  """Pretrained encoder params plus a freshly initialised head for :class:`MiniLMClassifier`."""
-  head = nn.Dense(num_classes).init(key, jnp.zeros((1, HIDDEN)))["params"]
+def classifier_params(params, num_classes):
+  """Pretrained encoder params plus a fresh (zero) head for :class:`MiniLMClassifier`."""
+  head = {"kernel": jnp.zeros((HIDDEN, num_classes)), "bias": jnp.zeros((num_classes,))}
   return {"params": {"bert": params["params"], "classifier": head}}
 
 
