@@ -146,6 +146,13 @@ def lorafy(fn: Callable) -> Callable:
       example ``i`` uses active adapter ``lora.meta.active[ids[i]]`` only, or
       none when ``ids[i] == -1`` (see :func:`lojax.adapter_ids`). The
       activations' leading axis must be the examples.
+    lora_remat: a Python bool, default True: plain ``x @ W`` uses of adapted
+      kernels run as one matmul under a custom VJP whose backward recomputes
+      the kernel input from the values it was computed from (see
+      ``lojax/_src/fused.py``), instead of keeping an activation-sized buffer
+      per adapted kernel for the adapter gradients. Set False to
+      differentiate the function in forward mode (``jax.jvp``,
+      ``jax.jacfwd``), which a custom VJP does not support.
   A spec with ``lora_dropout > 0`` needs one of the two.
 
   The base params are wrapped in ``lax.stop_gradient``: differentiating with
@@ -163,7 +170,7 @@ def lorafy(fn: Callable) -> Callable:
 
   @functools.wraps(fn)
   def wrapped(lora, /, *args, lora_rng=None, lora_deterministic=False, lora_adapter_ids=None,
-              **kwargs):
+              lora_remat=True, **kwargs):
     if not isinstance(lora, LoraParams):
       raise TypeError(
           f"The first argument must be the LoraParams returned by lojax.wrap, got "
@@ -172,6 +179,8 @@ def lorafy(fn: Callable) -> Callable:
       raise TypeError(
           "`lora_deterministic` must be a Python bool, not a traced value: close over it or "
           "mark it static, e.g. jax.jit(apply, static_argnames='lora_deterministic').")
+    if not isinstance(lora_remat, bool):
+      raise TypeError(f"`lora_remat` must be a Python bool, got {type(lora_remat).__name__}.")
     paths, leaves, treedef, terms = view(lora)
     dropout = max((ts_[0].dropout for ts in terms.values() for ts_ in ts), default=0.0)
     rng = None
@@ -202,7 +211,8 @@ def lorafy(fn: Callable) -> Callable:
                                             for *_, m in ts):
       raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "
                        "rescales the base output of every example); run them separately.")
-    ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)))
+    ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)),
+                        remat=lora_remat)
     outs = interpret.run_closed(closed, invals + list(dyn), ctx)
     outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

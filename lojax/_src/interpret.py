@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from lojax._src import fused
 from lojax._src import rules
 from lojax._src import tagged as tg
 
@@ -60,10 +61,17 @@ def run(jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: rules.Context) -
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
+  info = None
   for eqn in jaxpr.eqns:
     invals = [_read(env, v) for v in eqn.invars]
     if any(isinstance(x, Tagged) for x in invals):
-      outs = _tagged_eqn(eqn, invals, ctx)
+      if info is None:
+        info = fused.JaxprInfo(jaxpr)
+      ctx.site = fused.Site(eqn, info, env)   # lets a rule look at how its inputs were made
+      try:
+        outs = _tagged_eqn(eqn, invals, ctx)
+      finally:
+        ctx.site = None
     else:
       outs = _bind(eqn, invals)
     if not eqn.primitive.multiple_results:

@@ -9,6 +9,7 @@ then falls back to the merged kernel and warns once, naming the path and op.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lojax._src import fused
 from lojax._src import tagged as tg
 
 _LETTERS = string.ascii_letters
@@ -25,19 +27,22 @@ _LETTERS = string.ascii_letters
 class Context:
   """Per-trace state: dropout rng, use counter, analysis recorder."""
 
-  def __init__(self, rng=None, record: Callable | None = None, example_ids=None):
+  def __init__(self, rng=None, record: Callable | None = None, example_ids=None,
+               remat: bool = True):
     self.rng = rng
     self.record = record
     self.example_ids = example_ids   # [batch] adapter index per example (-1: base only)
+    self.remat = remat               # memory-lean custom-VJP dense op (fused.dense)
     self.counter = 0
     self.warned: set[tuple[str, str]] = set()
+    self.site = None                 # the equation a rule is applied to (set by the interpreter)
 
   def next_key(self):
     self.counter += 1
     return jax.random.fold_in(self.rng, self.counter)
 
   def with_rng(self, rng) -> "Context":
-    ctx = Context(rng, self.record, self.example_ids)
+    ctx = Context(rng, self.record, self.example_ids, self.remat)
     ctx.counter = self.counter
     ctx.warned = self.warned
     return ctx
@@ -107,6 +112,9 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
   if any(t.m is not None for t in k.terms) and not (fast and first == 0):
     return None  # DoRA outside the plain x @ W form: exact merged fallback
   if fast:
+    if (ctx.remat and first == 0 and out_sharding is None and ctx.example_ids is None
+        and x.dtype == k.dtype and all(t.m is None and t.dropout <= 0.0 for t in k.terms)):
+      return _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_type)
     return _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_element_type)
   # General case (batch or layer axes, partial contractions): einsum.
   # Einsum symbols: kernel value axes, then x's own free axes.
@@ -212,6 +220,60 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
       y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
     out = out + y.astype(out.dtype)
   return out
+
+
+def _bind_eqn(eqn, invals):
+  params = eqn.primitive.get_bind_params(eqn.params)
+  with eqn.ctx.manager:
+    return eqn.primitive.bind(*invals, **params)
+
+
+def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_type):
+  """``x @ W + Σ s·(x@A)@B`` as :func:`fused.dense`: one matmul, lean residuals.
+
+  The same canonical ``[N, C] @ [C, D]`` layout as :func:`_dot_2d`. When the
+  interpreter can see how ``x`` was made from a few values (a LayerNorm, an
+  activation, a reshape), the backward recomputes ``x`` from them instead of
+  keeping it for ``dA``.
+  """
+  sides = k.sides
+  f1_axes = [j for j, s in enumerate(sides) if s == "I"]           # value order
+  k_free = [j for j in range(len(sides)) if j not in kc]
+  pair = dict(zip(kc, xc))
+  x_free = [j for j in range(x.ndim) if j not in xc]
+  x_perm = x_free + [pair[j] for j in f1_axes]
+  n = math.prod(x.shape[j] for j in x_free)
+  c = math.prod(k.shape[j] for j in f1_axes)
+  d = math.prod(k.shape[j] for j in k_free)
+  free_shape = [x.shape[j] for j in x_free]
+  kfree_shape = [k.shape[j] for j in k_free]
+
+  def to_2d(v):
+    if x_perm != list(range(v.ndim)):
+      v = jnp.transpose(v, x_perm)
+    return v.reshape(n, c)
+
+  recompute = None
+  site = ctx.site
+  if site is not None:
+    found = fused.chain(site, site.eqn.invars[1 if k_first else 0], _bind_eqn,
+                        lambda v: isinstance(v, tg.Tagged))
+    if found is not None:
+      g = found.g
+      recompute = dataclasses.replace(found, g=lambda vals: to_2d(g(vals)))
+  dtype = k.dtype
+  w2 = jnp.transpose(k.value, f1_axes + k_free).reshape(c, d)
+  factors = []
+  for term in k.terms:
+    f1 = term.a.astype(dtype).reshape(c, -1)                        # [C, r]
+    factors.append((f1, term.b.astype(dtype).reshape(f1.shape[1], d)))
+  y = fused.dense(to_2d(x), w2, factors, recompute, precision=precision,
+                  preferred_element_type=preferred_element_type)
+  y = y.reshape(free_shape + kfree_shape)
+  if k_first:      # dot_general puts the kernel's free axes first
+    nf = len(free_shape)
+    y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
+  return y.astype(base.dtype)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""The factorized dense op with a memory-lean backward.
+
+:func:`dense` computes ``x@W + Σ (x@A)@B`` for the common 2-D case as ONE
+matmul ``[x | x@A ...] @ [W; B ...]`` under a ``jax.custom_vjp``. Two things
+make the plain form (``x@W``, ``(x@A)@B``, add) cost an activation-sized
+buffer or two per adapted kernel in a training step:
+
+* XLA fuses the add of the two matmul outputs into every consumer of the sum
+  (bias add, activation, their backward) instead of materialising it, so
+  *both* summands stay alive until the backward (e.g. two ``[tokens, 4d]``
+  buffers for an MLP's up-projection). One matmul has one output.
+* ``dA = xᵀ(dy Bᵀ)`` needs the kernel input ``x`` in the backward, which the
+  frozen model never needs (its input gradient only needs ``W``). When ``x``
+  is a cheap elementwise/layout function of a few values the model computed
+  just before (a LayerNorm of the residual stream, an activation of the
+  previous matmul's output, a reshape of the attention output), the
+  interpreter hands that chain of ops (:func:`chain`) to :func:`dense`, which
+  keeps the chain's inputs (its *anchors*) instead of ``x`` and recomputes
+  ``x`` in the backward. When the chain starts from a single activation
+  (its other anchors being inputs such as params) and ``x`` has no other
+  use, e.g. an activation function, the chain's own backward runs here too,
+  so its internal residuals (``tanh`` of a GELU, ...) are not kept either.
+
+The backward depends on the cotangent through :func:`_after` so XLA can
+neither run the recomputation early nor merge it with the forward's (XLA:CPU
+removes optimization barriers before common-subexpression elimination).
+
+The math is unchanged: the same products, ``W``'s and the adapters' summed in
+one contraction; the backward computes ``dx = dy Wᵀ + (dy Bᵀ) Aᵀ``,
+``dA = xᵀ (dy Bᵀ)`` and ``dB = (x A)ᵀ dy`` as before, with the same ``x``.
+The base kernel gets no gradient (lorafy stops it). Forward-mode
+differentiation (``jax.jvp``) does not go through a ``custom_vjp``; pass
+``lora_remat=False`` to the lorafied function for that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+# Elementwise and layout primitives a kernel input may be recomputed through.
+_CHEAP = frozenset({
+    "add", "sub", "mul", "div", "neg", "max", "min", "exp", "exp2", "log", "log1p",
+    "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow", "square",
+    "abs", "sign", "erf", "erfc", "sin", "cos", "select_n", "convert_element_type",
+    "reduce_precision", "copy", "copy_p", "clamp", "broadcast_in_dim", "reshape",
+    "transpose", "squeeze", "expand_dims",
+})
+_MAX_EQNS = 64          # longest chain recomputed
+_ANCHOR_SLACK = 1.25    # anchors may hold at most this many bytes per byte of x
+
+
+class JaxprInfo:
+  """Producers and use counts of one jaxpr's variables."""
+
+  def __init__(self, jaxpr):
+    self.producer: dict[Any, Any] = {}
+    self.uses: Counter = Counter()
+    for e in jaxpr.eqns:
+      for v in e.invars:
+        if not isinstance(v, jcore.Literal):
+          self.uses[v] += 1
+      for v in e.outvars:
+        self.producer[v] = e
+    for v in jaxpr.outvars:
+      if not isinstance(v, jcore.Literal):
+        self.uses[v] += 1
+
+
+@dataclasses.dataclass
+class Site:
+  """The equation a rule is applied to, with its jaxpr's info and environment."""
+  eqn: Any
+  info: JaxprInfo
+  env: dict
+
+
+@dataclasses.dataclass
+class Recompute:
+  """How the backward recomputes the kernel input: ``g(anchors)``."""
+  g: Callable[[Sequence[Any]], Any]
+  anchors: tuple
+  remat: bool   # the chain's backward runs in dense's backward (x's gradient flows to anchors)
+
+
+def _nbytes(aval) -> int:
+  return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+
+
+def chain(site: Site, var, bind: Callable, is_opaque: Callable[[Any], bool]):
+  """A :class:`Recompute` of ``var`` (a jaxpr variable) from its anchors, or None.
+
+  Walks back from ``var`` through elementwise/layout equations whose outputs
+  have no other use, stopping at values used more than once, at other
+  primitives and at the jaxpr's inputs (the anchors). None when there is no
+  such chain, when an anchor is ``is_opaque`` (an adapted kernel) or when the
+  anchors would take more memory than ``var`` itself.
+  """
+  info = site.info
+  if isinstance(var, jcore.Literal) or var not in info.producer:
+    return None
+  eqns, anchors, seen = [], [], set()
+
+  def visit(v, root=False) -> bool:
+    if isinstance(v, jcore.Literal) or v in seen:
+      return True
+    seen.add(v)
+    e = info.producer.get(v)
+    if (e is None or e.primitive.name not in _CHEAP or len(e.outvars) != 1
+        or (not root and info.uses[v] > 1)):
+      anchors.append(v)
+      return not is_opaque(site.env[v])
+    if not all(visit(u) for u in e.invars):
+      return False
+    eqns.append(e)
+    return len(eqns) <= _MAX_EQNS
+
+  if not visit(var, root=True) or not eqns:
+    return None
+  if sum(_nbytes(v.aval) for v in anchors) > _ANCHOR_SLACK * _nbytes(var.aval):
+    return None
+  inner = [v for v in anchors if v in info.producer]   # values computed in this jaxpr
+  remat = len(inner) == 1 and info.uses[var] == 1
+
+  def g(vals):
+    env = dict(zip(anchors, vals))
+    for e in eqns:
+      env[e.outvars[0]] = bind(e, [u.val if isinstance(u, jcore.Literal) else env[u]
+                                   for u in e.invars])
+    return env[var]
+
+  return Recompute(g, tuple(jnp.asarray(site.env[v]) for v in anchors), remat)
+
+
+def _after(vals, dy):
+  """``vals``, bit for bit, but computed from ``dy``.
+
+  A recomputation from the result can only run once the backward has reached
+  this op, and no compiler pass can merge it with the forward's (which would
+  keep the forward's values alive): ``-0.0`` derived from an element of
+  ``dy`` is added (``v + -0.0 == v`` for every ``v``), and the value itself
+  is selected if that element is not finite.
+  """
+  if dy.size == 0:
+    return vals
+  d0 = lax.reshape(lax.slice(dy, (0,) * dy.ndim, (1,) * dy.ndim), ())
+  finite = jnp.isfinite(d0)
+  z = -(jnp.abs(d0) * jnp.zeros((), d0.dtype))
+
+  def tie(v):
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+      return v
+    return jnp.where(finite, v + z.astype(v.dtype), v)
+
+  return jax.tree.map(tie, vals)
+
+
+def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None,
+          preferred_element_type=None):
+  """``x2 @ w2 + Σ (x2 @ a) @ b`` as one matmul, with a memory-lean backward.
+
+  ``x2`` is ``[N, C]``, ``w2`` ``[C, D]`` (it gets no gradient), ``factors``
+  a sequence of ``(a [C, r], b [r, D])`` in ``x2``'s dtype. With
+  ``recompute``, the backward recomputes ``x2`` as ``recompute.g(anchors)``
+  instead of keeping it.
+  """
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  a_s = tuple(a for a, _ in factors)
+  b_s = tuple(b for _, b in factors)
+  anchors = () if recompute is None else recompute.anchors
+  t_dims = (((1,), (1,)), ((), ()))     # contract the last axes: u @ vᵀ
+  n_dims = (((0,), (0,)), ((), ()))     # contract the first axes: uᵀ @ v
+
+  def fwd(x2, anchors, w2, a_s, b_s):
+    ts = tuple(jnp.matmul(x2, a, **kw).astype(x2.dtype) for a in a_s)
+    y = jnp.matmul(jnp.concatenate((x2,) + ts, axis=1),
+                   jnp.concatenate((w2,) + b_s, axis=0), **kw)
+    kept = None if recompute is not None else x2
+    return y, (kept, anchors, w2, a_s, b_s, ts)
+
+  def bwd(res, dy):
+    x2, anchors, w2, a_s, b_s, ts = res
+    d_anchors = tuple(None for _ in anchors)
+    if recompute is not None:
+      anchors = _after(anchors, dy)
+      if recompute.remat:
+        x2, g_vjp = jax.vjp(recompute.g, anchors)
+      else:
+        x2 = recompute.g(anchors)
+    dy = dy.astype(x2.dtype)
+    gs = tuple(lax.dot_general(dy, b, t_dims, **kw).astype(x2.dtype) for b in b_s)
+    dx = lax.dot_general(dy, w2, t_dims, **kw)
+    for gi, a in zip(gs, a_s):
+      dx = dx + lax.dot_general(gi, a, t_dims, **kw)
+    dx = dx.astype(x2.dtype)
+    da = tuple(lax.dot_general(x2, gi, n_dims, **kw).astype(a.dtype) for gi, a in zip(gs, a_s))
+    db = tuple(lax.dot_general(t, dy, n_dims, **kw).astype(b.dtype) for t, b in zip(ts, b_s))
+    if recompute is not None and recompute.remat:
+      (d_anchors,) = g_vjp(dx)
+      dx = None
+    return dx, d_anchors, None, da, db
+
+  @jax.custom_vjp
+  def f(x2, anchors, w2, a_s, b_s):
+    return fwd(x2, anchors, w2, a_s, b_s)[0]
+
+  f.defvjp(fwd, bwd)
+  return f(x2, anchors, w2, a_s, b_s)
