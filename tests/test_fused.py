@@ -1,0 +1,109 @@
+"""The memory-lean dense path (default, ``lora_remat=True``) against the plain factorized path.
+
+The lean path runs ``x @ W + s(x@A)@B`` as one matmul under a custom VJP and
+recomputes the kernel input in the backward from the values it was made from
+(LayerNorm inputs, an activation's input). These tests pin that it computes
+the same values and the same gradients as ``lora_remat=False`` (the plain
+path, itself checked against float64 NumPy in test_apply.py), including
+gradients that flow *through* the recomputed chain into trainable leaves
+(a LayerNorm in ``modules_to_save``, trainable biases), and that it refuses
+forward mode with JAX's error while ``lora_remat=False`` supports it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lojax
+
+from gpt import GPT, init
+
+
+def _setup(spec_kwargs, **model_kwargs):
+  model = GPT(vocab=64, d=32, heads=4, layers=2, max_len=16, **model_kwargs)
+  params, ids = init(model, batch=3, seq=16)
+  spec = lojax.LoraSpec(r=4, lora_alpha=8, init_lora_weights=False, **spec_kwargs)
+  lora = lojax.wrap(params, spec, key=jax.random.key(3), apply_fn=model.apply,
+                    example_args=(ids,))
+  return model, lora, ids
+
+
+def _loss(apply, lora, ids, remat):
+  labels = jnp.roll(ids, -1, axis=1)
+
+  def f(trainable):
+    logits = apply(lora.with_trainable(trainable), ids, lora_remat=remat)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return f
+
+
+CASES = {
+    "all-linear": (dict(target_modules="all-linear"), {}),
+    "ln in modules_to_save, bias all": (
+        dict(target_modules="all-linear", modules_to_save=["ln_2", "ln_1"], bias="all"), {}),
+    "tied + scan": (dict(target_modules=["c_attn", "c_fc", "c_proj"]), dict(tied=True, scan=True)),
+    "DenseGeneral": (dict(target_modules=["query", "value", "out", "c_fc"]), dict(general=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_values_and_gradients_as_the_plain_path(case):
+  spec_kwargs, model_kwargs = CASES[case]
+  model, lora, ids = _setup(spec_kwargs, **model_kwargs)
+  apply = lojax.lorafy(model.apply)
+  lean = jax.jit(jax.value_and_grad(_loss(apply, lora, ids, True)))(lora.trainable)
+  plain = jax.jit(jax.value_and_grad(_loss(apply, lora, ids, False)))(lora.trainable)
+  np.testing.assert_allclose(lean[0], plain[0], rtol=1e-6)
+  flat_lean = jax.tree_util.tree_leaves_with_path(lean[1])
+  flat_plain = jax.tree.leaves(plain[1])
+  assert len(flat_lean) == len(flat_plain)
+  for (path, g1), g2 in zip(flat_lean, flat_plain):
+    scale = float(jnp.abs(g2).max())
+    assert scale > 0, f"no gradient reached {jax.tree_util.keystr(path)}"
+    np.testing.assert_allclose(g1, g2, rtol=0, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_trainable_layernorm_gets_its_gradient_through_the_recomputed_input():
+  # ln_2 feeds c_fc only: its output is the adapted kernel's input, recomputed in the backward.
+  model, lora, ids = _setup(dict(target_modules=["c_fc"], modules_to_save=["ln_2"]))
+  apply = lojax.lorafy(model.apply)
+  g = jax.grad(_loss(apply, lora, ids, True))(lora.trainable)["default"]["modules_to_save"]
+  ref = jax.grad(_loss(apply, lora, ids, False))(lora.trainable)["default"]["modules_to_save"]
+  for k in ref:
+    assert float(jnp.abs(ref[k]).max()) > 0
+    np.testing.assert_allclose(g[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_second_order_gradients_match():
+  model, lora, ids = _setup(dict(target_modules=["c_fc", "c_proj"]))
+  apply = lojax.lorafy(model.apply)
+  direction = jax.tree.map(jnp.ones_like, lora.trainable)
+
+  def hvp(remat):
+    grad = jax.grad(_loss(apply, lora, ids, remat))
+    inner = lambda t: sum(jnp.vdot(a, b) for a, b in
+                          zip(jax.tree.leaves(grad(t)), jax.tree.leaves(direction)))
+    return jax.grad(inner)(lora.trainable)
+
+  for a, b in zip(jax.tree.leaves(hvp(True)), jax.tree.leaves(hvp(False))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max() + 1e-30))
+
+
+def test_forward_mode_needs_lora_remat_false():
+  model, lora, ids = _setup(dict(target_modules=["c_fc"]))
+  apply = lojax.lorafy(model.apply)
+  tangent = jax.tree.map(jnp.ones_like, lora.trainable)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(lambda t: apply(lora.with_trainable(t), ids), (lora.trainable,), (tangent,))
+  out, dout = jax.jvp(lambda t: apply(lora.with_trainable(t), ids, lora_remat=False),
+                      (lora.trainable,), (tangent,))
+  assert out.shape == dout.shape and float(jnp.abs(dout).max()) > 0
+
+
+def test_lora_remat_must_be_a_bool():
+  model, lora, ids = _setup(dict(target_modules=["c_fc"]))
+  with pytest.raises(TypeError, match="lora_remat"):
+    lojax.lorafy(model.apply)(lora, ids, lora_remat=jnp.array(True))
