@@ -41,6 +41,8 @@ def _loss(apply, lora, ids, remat):
 
 CASES = {
     "all-linear": (dict(target_modules="all-linear"), {}),
+    # ln_1/ln_2 outputs are adapted kernels' inputs, recomputed in the backward: their
+    # trainable copies get their gradients through the recomputation.
     "ln in modules_to_save, bias all": (
         dict(target_modules="all-linear", modules_to_save=["ln_2", "ln_1"], bias="all"), {}),
     "tied + scan": (dict(target_modules=["c_attn", "c_fc", "c_proj"]), dict(tied=True, scan=True)),
@@ -66,17 +68,6 @@ def test_same_values_and_gradients_as_the_plain_path(case):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_trainable_layernorm_gets_its_gradient_through_the_recomputed_input():
-  # ln_2 feeds c_fc only: its output is the adapted kernel's input, recomputed in the backward.
-  model, lora, ids = _setup(dict(target_modules=["c_fc"], modules_to_save=["ln_2"]))
-  apply = lojax.lorafy(model.apply)
-  g = jax.grad(_loss(apply, lora, ids, True))(lora.trainable)["default"]["modules_to_save"]
-  ref = jax.grad(_loss(apply, lora, ids, False))(lora.trainable)["default"]["modules_to_save"]
-  for k in ref:
-    assert float(jnp.abs(ref[k]).max()) > 0
-    np.testing.assert_allclose(g[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
-
-
 def test_second_order_gradients_match():
   model, lora, ids = _setup(dict(target_modules=["c_fc", "c_proj"]))
   apply = lojax.lorafy(model.apply)
@@ -88,7 +79,8 @@ def test_second_order_gradients_match():
                           zip(jax.tree.leaves(grad(t)), jax.tree.leaves(direction)))
     return jax.grad(inner)(lora.trainable)
 
-  for a, b in zip(jax.tree.leaves(hvp(True)), jax.tree.leaves(hvp(False))):
+  for a, b in zip(jax.tree.leaves(jax.jit(lambda: hvp(True))()),
+                  jax.tree.leaves(jax.jit(lambda: hvp(False))())):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max() + 1e-30))
 
 
