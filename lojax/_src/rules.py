@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lojax._src import fused
@@ -70,6 +71,43 @@ def _select(ctx: Context, x, term, axis: int = 0):
   shape = [1] * x.ndim
   shape[axis] = size
   return jnp.where(keep.reshape(shape), x, jnp.zeros((), x.dtype))
+
+
+def _gathers(ctx: Context, terms, first: int, x_free, x) -> bool:
+  """Whether a mixed-adapter batch can take :func:`_mixed_delta`'s single gathered pass."""
+  ids = ctx.example_ids
+  return (ids is not None and len(terms) > 1 and first == 0 and bool(x_free)
+          and x_free[0] == 0 and x.shape[0] % ids.shape[0] == 0
+          and all(t.dropout <= 0.0 and t.m is None for t in terms))
+
+
+def _mixed_delta(ctx: Context, x2, terms, c: int, d: int, dtype, kw):
+  """``Σ`` over adapters of ``(x@A)@(s·B)`` for a mixed-adapter batch, in one pass.
+
+  ``x2`` is ``[N, C]`` with the examples leading (``N = batch * rows``). Each
+  example gathers its own adapter's factors (ranks zero-padded to the largest;
+  a zero slot for examples without one) and one batched ``[rows, C] @ [C, r]``,
+  ``[rows, r] @ [r, D]`` product per example follows: the cost is one
+  adapter's pass over the batch, whatever the number of adapters.
+  """
+  ids = ctx.example_ids
+  batch, n = ids.shape[0], x2.shape[0]
+  a_s = [t.a.astype(dtype).reshape(c, -1) for t in terms]
+  b_s = [t.b.astype(dtype).reshape(a.shape[1], d) for t, a in zip(terms, a_s)]
+  r = max(a.shape[1] for a in a_s)
+  a_all = jnp.stack([jnp.pad(a, ((0, 0), (0, r - a.shape[1]))) for a in a_s]
+                    + [jnp.zeros((c, r), dtype)])                        # [T+1, C, r]
+  b_all = jnp.stack([jnp.pad(b, ((0, r - b.shape[0]), (0, 0))) for b in b_s]
+                    + [jnp.zeros((r, d), dtype)])                        # [T+1, r, D]
+  size = max(t.index for t in terms) + 1
+  table = np.full(size + 1, len(terms), np.int32)   # adapter index -> slot; default: zeros
+  for j, t in enumerate(terms):
+    table[t.index] = j
+  slot = jnp.asarray(table)[jnp.where((ids >= 0) & (ids < size), ids, size)]
+  x3 = x2.reshape(batch, n // batch, c)
+  t = jnp.einsum("bnc,bcr->bnr", x3, a_all[slot], **kw)
+  y = jnp.einsum("bnr,brd->bnd", t.astype(dtype), b_all[slot], **kw)
+  return y.reshape(n, d)
 
 
 def _dropout(ctx: Context, x, rate: float):
@@ -188,6 +226,14 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
   kfree_shape = [k.shape[j] for j in k_free]
   dtype = k.dtype
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  if _gathers(ctx, k.terms, first, x_free, x):
+    xt = jnp.transpose(x, x_perm) if x_perm != list(range(x.ndim)) else x
+    y = _mixed_delta(ctx, xt.reshape(n, c), k.terms, c, d, dtype, kw)
+    y = y.reshape(free_shape + kfree_shape)
+    if k_first:
+      nf = len(free_shape)
+      y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
+    return base + y.astype(base.dtype)
   out = base
   for term in k.terms:
     xd = _dropout(ctx, _select(ctx, x, term), term.dropout)
