@@ -54,7 +54,8 @@ def _select(ctx: Context, x, term, axis: int = 0):
 
   With a per-example adapter index (a mixed-adapter batch), each adapter's
   delta is computed on the whole batch with the other examples masked out:
-  the cost grows with the number of adapters, not with the batch size.
+  the cost grows with the number of adapters, not with the batch size. (Plain
+  ``x @ W`` uses take :func:`_mixed_delta` instead: one gathered pass.)
   """
   ids = ctx.example_ids
   if ids is None:
