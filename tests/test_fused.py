@@ -40,7 +40,6 @@ def _loss(apply, lora, ids, remat):
 
 
 CASES = {
-    "all-linear": (dict(target_modules="all-linear"), {}),
     # ln_1/ln_2 outputs are adapted kernels' inputs, recomputed in the backward: their
     # trainable copies get their gradients through the recomputation.
     "ln in modules_to_save, bias all": (
