@@ -150,7 +150,7 @@ class Classify:
     pred = batched(lambda i, m: self._predict(lora, i, m), ids, mask)
     return {"accuracy": float(np.mean(pred == labels))}, pred
 
-  def frozen_baseline(self, pretrained, train, test, seed):
+  def frozen_baseline(self, pretrained, train, test):
     """A linear probe: the same head trained to convergence on frozen, precomputed features."""
     encoder = minilm.MiniLM()
     feats = jax.jit(lambda i, m: self.model.features(encoder.apply(pretrained, i, m), m))
@@ -181,7 +181,7 @@ class Retrieve:
   metric, fmt = "recall@1", staticmethod(lambda v: f"{100 * v:.1f}%")
   scale = 20.0  # cosine-similarity temperature of the contrastive loss
 
-  def __init__(self, classes):
+  def __init__(self):
     self.model = minilm.MiniLM()
     self.apply = lojax.lorafy(self.model.apply)
     embed = lambda apply: jax.jit(lambda p, i, m: minilm.mean_pool(apply(p, i, m), m))
@@ -205,7 +205,8 @@ class Retrieve:
     queries, docs = batched(fn, *test[:2]), batched(fn, *test[2:])
     return retrieval_metrics(queries, docs), queries @ docs.T
 
-  def frozen_baseline(self, pretrained, train, test, seed):
+  def frozen_baseline(self, pretrained, train, test):
+    """The pretrained sentence embeddings, unchanged."""
     return self.evaluate(pretrained, test)[0]
 
 
@@ -227,7 +228,7 @@ def wrap(task, spec, args, pretrained, key):
   return lojax.wrap(task.params(pretrained), spec, key=key, quantize=quantize)
 
 
-def train(task, lora, spec, args, data, rng):
+def train(task, lora, spec, args, data, test, rng):
   """The training loop. Returns the trained LoraParams and the history for the plot."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
                                                 args.steps)
@@ -264,7 +265,7 @@ def train(task, lora, spec, args, data, rng):
     lora = lora.with_trainable(trainable)  # outside jit: the frozen base is never copied
     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     if t in eval_at:
-      value = task.evaluate(lora, args.test)[0][task.metric]
+      value = task.evaluate(lora, test)[0][task.metric]
       history["eval_step"].append(t)
       history["eval"].append(value)
       tqdm.write(f"step {t:4d}: held-out {task.metric} {task.fmt(value)}")
@@ -311,12 +312,12 @@ def main(argv=None):
   lora_key = jax.random.key(args.seed)
 
   _, pretrained, tokenizer = minilm.load_minilm()
-  train_data, args.test, classes, about = load_data(args, tokenizer)
+  train_data, test, classes, about = load_data(args, tokenizer)
   print(f"data (Python {'.'.join(map(str, sys.version_info[:3]))} standard "
         f"library): {about}")
-  task = (Classify if args.task == "classify" else Retrieve)(classes)
+  task = Classify(classes) if args.task == "classify" else Retrieve()
 
-  frozen = task.frozen_baseline(pretrained, train_data, args.test, args.seed)
+  frozen = task.frozen_baseline(pretrained, train_data, test)
   print(f"frozen model: {', '.join(f'{k} {task.fmt(v)}' for k, v in frozen.items())}")
 
   spec = make_spec(args)
@@ -328,8 +329,8 @@ def main(argv=None):
   assert not any("classifier" in p for p in targets), "the head must not be a LoRA target"
   lojax.print_trainable_parameters(lora)
 
-  lora, history = train(task, lora, spec, args, train_data, rng)
-  final, final_out = task.evaluate(lora, args.test)
+  lora, history = train(task, lora, spec, args, train_data, test, rng)
+  final, final_out = task.evaluate(lora, test)
   step_s = float(np.median(history["step_s"][1:] or history["step_s"]))
 
   ckpt = out / "checkpoint"
@@ -344,14 +345,14 @@ def main(argv=None):
   _, fresh, _ = minilm.load_minilm()
   template = wrap(task, spec, args, fresh, jax.random.key(args.seed + 7))
   restored = lojax.restore_adapters(ckpt, template)
-  again, again_out = task.evaluate(restored, args.test)
+  again, again_out = task.evaluate(restored, test)
   same = bool(np.array_equal(final_out, again_out))
 
   png = out / "training_curve.png"
   plot(png, history, frozen[task.metric], task, args)
   fmt = lambda m: ", ".join(f"{k} {task.fmt(v)}" for k, v in m.items())
-  print(f"\nheld-out ({len(args.test[0])} examples): frozen model {fmt(frozen)}")
-  print(f"{'':>{len(str(len(args.test[0]))) + 22}}{args.variant} model {fmt(final)}")
+  print(f"\nheld-out ({len(test[0])} examples): frozen model {fmt(frozen)}")
+  print(f"{'':>{len(str(len(test[0]))) + 22}}{args.variant} model {fmt(final)}")
   print(f"reloaded from the checkpoint: {fmt(again)} (identical outputs: {same})")
   print(f"median step {step_s:.3f} s on {jax.devices()[0].device_kind}; curve: {png}")
   metrics = {"task": args.task, "variant": args.variant, "rank": args.rank, "steps": args.steps,

@@ -24,7 +24,8 @@ def compiled_flops(f, *args) -> float:
   return float(cost["flops"])
 
 
-def steps(model, lora, ids):
+def step_fns(model, ids):
+  """The jitted-step bodies compared here: LoRA (lean or plain path), merged delta, full, limit."""
   apply = lojax.lorafy(model.apply)
   tx = optax.adamw(1e-3)
   labels = jnp.roll(ids, -1, axis=1)
@@ -32,19 +33,13 @@ def steps(model, lora, ids):
   def loss_of(logits):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  def lora_step(lora, opt_state, ids):
-    def loss_fn(trainable):
-      return loss_of(apply(lora.with_trainable(trainable), ids))
-    loss, grads = jax.value_and_grad(loss_fn)(lora.trainable)
-    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return optax.apply_updates(lora.trainable, updates), opt_state, loss
-
-  def merged_step(lora, opt_state, ids):  # the naive path: W + s*A@B inside the step
-    def loss_fn(trainable):
-      return loss_of(model.apply(lojax.merge(lora.with_trainable(trainable)), ids))
-    loss, grads = jax.value_and_grad(loss_fn)(lora.trainable)
-    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return optax.apply_updates(lora.trainable, updates), opt_state, loss
+  def trainable_step(logits_of):
+    def step(lora, opt_state, ids):
+      loss, grads = jax.value_and_grad(
+          lambda t: loss_of(logits_of(lora.with_trainable(t), ids)))(lora.trainable)
+      updates, opt_state = tx.update(grads, opt_state, lora.trainable)
+      return optax.apply_updates(lora.trainable, updates), opt_state, loss
+    return step
 
   def full_step(params, opt_state, ids):
     loss, grads = jax.value_and_grad(lambda p: loss_of(model.apply(p, ids)))(params)
@@ -54,13 +49,23 @@ def steps(model, lora, ids):
   def limit(params, perturb, ids):
     return jax.value_and_grad(lambda q: loss_of(model.apply(params, ids, q)))(perturb)
 
-  params = lora.base
-  perturb = jnp.zeros(ids.shape + (model.d,))
   return {
-      "lora": compiled_flops(lora_step, lora, tx.init(lora.trainable), ids),
-      "merged": compiled_flops(merged_step, lora, tx.init(lora.trainable), ids),
-      "full": compiled_flops(full_step, params, tx.init(params), ids),
-      "limit": compiled_flops(limit, params, perturb, ids),
+      "lora": trainable_step(apply),
+      "plain": trainable_step(lambda lo, x: apply(lo, x, lora_remat=False)),
+      # the naive path: W + s*A@B inside the step
+      "merged": trainable_step(lambda lo, x: model.apply(lojax.merge(lo), x)),
+      "full": full_step, "limit": limit, "tx": tx,
+  }
+
+
+def steps(model, lora, ids):
+  fns, params = step_fns(model, ids), lora.base
+  opt_state = fns["tx"].init(lora.trainable)
+  return {
+      "lora": compiled_flops(fns["lora"], lora, opt_state, ids),
+      "merged": compiled_flops(fns["merged"], lora, opt_state, ids),
+      "full": compiled_flops(fns["full"], params, fns["tx"].init(params), ids),
+      "limit": compiled_flops(fns["limit"], params, jnp.zeros(ids.shape + (model.d,)), ids),
   }
 
 
@@ -102,28 +107,10 @@ def test_lora_step_temp_memory_below_full_fine_tuning():
   params, ids = gpt.init(model, batch=8, seq=128)
   spec = lojax.LoraSpec(r=8, lora_alpha=16, target_modules="all-linear")
   lora = lojax.wrap(params, spec, key=jax.random.key(0))
-  apply = lojax.lorafy(model.apply)
-  tx = optax.adamw(1e-3)
-  labels = jnp.roll(ids, -1, axis=1)
-
-  def loss_of(logits):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  def lora_step(lora, opt_state, ids, remat=True):
-    def loss_fn(trainable):
-      return loss_of(apply(lora.with_trainable(trainable), ids, lora_remat=remat))
-    loss, grads = jax.value_and_grad(loss_fn)(lora.trainable)
-    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return optax.apply_updates(lora.trainable, updates), opt_state, loss
-
-  def full_step(params, opt_state, ids):
-    loss, grads = jax.value_and_grad(lambda p: loss_of(model.apply(p, ids)))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = tx.init(lora.trainable)
-  lean = temp_bytes(lora_step, lora, opt_state, ids)
-  plain = temp_bytes(lambda *a: lora_step(*a, remat=False), lora, opt_state, ids)
-  full = temp_bytes(full_step, params, tx.init(params), ids)
+  fns = step_fns(model, ids)
+  opt_state = fns["tx"].init(lora.trainable)
+  lean = temp_bytes(fns["lora"], lora, opt_state, ids)
+  plain = temp_bytes(fns["plain"], lora, opt_state, ids)
+  full = temp_bytes(fns["full"], params, fns["tx"].init(params), ids)
   assert lean <= full, (lean, full, plain)
   assert lean < plain, (lean, plain)

@@ -74,11 +74,14 @@ def _select(ctx: Context, x, term, axis: int = 0):
   return jnp.where(keep.reshape(shape), x, jnp.zeros((), x.dtype))
 
 
-def _gathers(ctx: Context, terms, first: int, x_free, x) -> bool:
-  """Whether a mixed-adapter batch can take :func:`_mixed_delta`'s single gathered pass."""
+def _gathers(ctx: Context, terms, first: int, lay, x) -> bool:
+  """Whether a mixed-adapter batch can take :func:`_mixed_delta`'s single gathered pass.
+
+  The examples must lead the ``[N, C]`` rows: x's axis 0 is its first free axis.
+  """
   ids = ctx.example_ids
-  return (ids is not None and len(terms) > 1 and first == 0 and bool(x_free)
-          and x_free[0] == 0 and x.shape[0] % ids.shape[0] == 0
+  return (ids is not None and len(terms) > 1 and first == 0 and bool(lay.free_shape)
+          and lay.x_perm[0] == 0 and x.shape[0] % ids.shape[0] == 0
           and all(t.dropout <= 0.0 and t.m is None for t in terms))
 
 
@@ -205,6 +208,55 @@ def _dora_scale(w2, a2, b2, m):
   return m.astype(jnp.float32) / lax.stop_gradient(norm)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How ``dot_general(x, kernel)`` maps onto one canonical ``[N, C] @ [C, D]`` matmul.
+
+  ``x``'s free axes merge into N and its contracted axes into C, in the order
+  of the kernel's ``side`` axes (``"I"``: input, ``"O"``: a transposed use);
+  the kernel's free axes merge into D.
+  """
+
+  x_perm: list
+  f1_axes: list         # the kernel's contracted-side axes, in value order
+  k_free: list
+  free_shape: list      # x's free axes' sizes
+  kfree_shape: list
+  n: int
+  c: int
+  d: int
+  k_first: bool         # the kernel is dot_general's lhs: its free axes come first
+
+  def to_2d(self, v):
+    if self.x_perm != list(range(v.ndim)):
+      v = jnp.transpose(v, self.x_perm)
+    return v.reshape(self.n, self.c)
+
+  def from_2d(self, y):
+    """``[N, D]`` back to dot_general's output layout."""
+    y = y.reshape(self.free_shape + self.kfree_shape)
+    if self.k_first:
+      nf = len(self.free_shape)
+      y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
+    return y
+
+  def w2(self, kernel):
+    """The kernel as ``[C, D]``."""
+    return jnp.transpose(kernel, self.f1_axes + self.k_free).reshape(self.c, self.d)
+
+
+def _layout(x, k, xc, kc, k_first, side) -> _Layout:
+  f1_axes = [j for j, s in enumerate(k.sides) if s == side]        # value order
+  k_free = [j for j in range(len(k.sides)) if j not in kc]
+  pair = dict(zip(kc, xc))
+  x_free = [j for j in range(x.ndim) if j not in xc]
+  return _Layout(
+      x_perm=x_free + [pair[j] for j in f1_axes], f1_axes=f1_axes, k_free=k_free,
+      free_shape=[x.shape[j] for j in x_free], kfree_shape=[k.shape[j] for j in k_free],
+      n=math.prod(x.shape[j] for j in x_free), c=math.prod(k.shape[j] for j in f1_axes),
+      d=math.prod(k.shape[j] for j in k_free), k_first=k_first)
+
+
 def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_element_type):
   """The common case as two plain 2-D matmuls: ``[N, C] @ [C, r] @ [r, D]``.
 
@@ -213,58 +265,32 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
   matmuls; contractions over several axes at once (e.g. batch and sequence
   in the weight gradient) are much slower on XLA:CPU.
   """
-  sides = k.sides
-  side = "I" if first == 0 else "O"
-  f1_axes = [j for j, s in enumerate(sides) if s == side]          # value order
-  k_free = [j for j in range(len(sides)) if j not in kc]
-  pair = dict(zip(kc, xc))
-  x_free = [j for j in range(x.ndim) if j not in xc]
-  x_perm = x_free + [pair[j] for j in f1_axes]
-  n = math.prod(x.shape[j] for j in x_free)
-  c = math.prod(k.shape[j] for j in f1_axes)
-  d = math.prod(k.shape[j] for j in k_free)
-  free_shape = [x.shape[j] for j in x_free]
-  kfree_shape = [k.shape[j] for j in k_free]
+  lay = _layout(x, k, xc, kc, k_first, "I" if first == 0 else "O")
+  c, d = lay.c, lay.d
   dtype = k.dtype
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-  if _gathers(ctx, k.terms, first, x_free, x):
-    xt = jnp.transpose(x, x_perm) if x_perm != list(range(x.ndim)) else x
-    y = _mixed_delta(ctx, xt.reshape(n, c), k.terms, c, d, dtype, kw)
-    y = y.reshape(free_shape + kfree_shape)
-    if k_first:
-      nf = len(free_shape)
-      y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
-    return base + y.astype(base.dtype)
+  if _gathers(ctx, k.terms, first, lay, x):
+    y = _mixed_delta(ctx, lay.to_2d(x), k.terms, c, d, dtype, kw)
+    return base + lay.from_2d(y).astype(base.dtype)
   out = base
   for term in k.terms:
-    xd = _dropout(ctx, _select(ctx, x, term), term.dropout)
-    xt = jnp.transpose(xd, x_perm) if x_perm != list(range(x.ndim)) else xd
-    x2 = xt.reshape(n, c)
+    x2 = lay.to_2d(_dropout(ctx, _select(ctx, x, term), term.dropout))
     if first == 0:   # contract the input side: x @ A then @ B
       f1 = term.a.astype(dtype).reshape(c, -1)                     # [C, r]
       f2 = term.b.astype(dtype).reshape(f1.shape[1], d)            # [r, D]
       t = jnp.matmul(x2, f1, **kw)
-      y = jnp.matmul(t.astype(dtype), f2, **kw)
+      y = lay.from_2d(jnp.matmul(t.astype(dtype), f2, **kw))
       if term.m is not None:
-        w2 = jnp.transpose(k.value, f1_axes + k_free).reshape(c, d)
-        mn = _dora_scale(w2, f1, f2, term.m.reshape(d))
-        shape = kfree_shape + [1] * len(free_shape) if k_first else kfree_shape
-        mn = mn.reshape(shape)
-        y = y.reshape(free_shape + kfree_shape)
-        if k_first:
-          nf = len(free_shape)
-          y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
+        mn = _dora_scale(lay.w2(k.value), f1, f2, term.m.reshape(d))
+        free_ones = [1] * len(lay.free_shape)
+        mn = mn.reshape(lay.kfree_shape + free_ones if k_first else lay.kfree_shape)
         out = out + ((mn - 1) * base + mn * y).astype(out.dtype)
         continue
     else:            # transposed use: contract the output side: x @ Bᵀ then @ Aᵀ
       f1 = term.b.astype(dtype).reshape(-1, c)                     # [r, C]
       f2 = term.a.astype(dtype).reshape(d, f1.shape[0])            # [D, r]
       t = lax.dot_general(x2, f1, (((1,), (1,)), ((), ())), **kw)
-      y = lax.dot_general(t.astype(dtype), f2, (((1,), (1,)), ((), ())), **kw)
-    y = y.reshape(free_shape + kfree_shape)
-    if k_first:      # dot_general puts the kernel's free axes first
-      nf = len(free_shape)
-      y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
+      y = lay.from_2d(lax.dot_general(t.astype(dtype), f2, (((1,), (1,)), ((), ())), **kw))
     out = out + y.astype(out.dtype)
   return out
 
@@ -283,23 +309,7 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
   activation, a reshape), the backward recomputes ``x`` from them instead of
   keeping it for ``dA``.
   """
-  sides = k.sides
-  f1_axes = [j for j, s in enumerate(sides) if s == "I"]           # value order
-  k_free = [j for j in range(len(sides)) if j not in kc]
-  pair = dict(zip(kc, xc))
-  x_free = [j for j in range(x.ndim) if j not in xc]
-  x_perm = x_free + [pair[j] for j in f1_axes]
-  n = math.prod(x.shape[j] for j in x_free)
-  c = math.prod(k.shape[j] for j in f1_axes)
-  d = math.prod(k.shape[j] for j in k_free)
-  free_shape = [x.shape[j] for j in x_free]
-  kfree_shape = [k.shape[j] for j in k_free]
-
-  def to_2d(v):
-    if x_perm != list(range(v.ndim)):
-      v = jnp.transpose(v, x_perm)
-    return v.reshape(n, c)
-
+  lay = _layout(x, k, xc, kc, k_first, "I")
   recompute = None
   site = ctx.site
   if site is not None:
@@ -307,20 +317,15 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
                         lambda v: isinstance(v, tg.Tagged))
     if found is not None:
       g = found.g
-      recompute = dataclasses.replace(found, g=lambda vals: to_2d(g(vals)))
+      recompute = dataclasses.replace(found, g=lambda vals: lay.to_2d(g(vals)))
   dtype = k.dtype
-  w2 = jnp.transpose(k.value, f1_axes + k_free).reshape(c, d)
   factors = []
   for term in k.terms:
-    f1 = term.a.astype(dtype).reshape(c, -1)                        # [C, r]
-    factors.append((f1, term.b.astype(dtype).reshape(f1.shape[1], d)))
-  y = fused.dense(to_2d(x), w2, factors, recompute, precision=precision,
+    f1 = term.a.astype(dtype).reshape(lay.c, -1)                    # [C, r]
+    factors.append((f1, term.b.astype(dtype).reshape(f1.shape[1], lay.d)))
+  y = fused.dense(lay.to_2d(x), lay.w2(k.value), factors, recompute, precision=precision,
                   preferred_element_type=preferred_element_type)
-  y = y.reshape(free_shape + kfree_shape)
-  if k_first:      # dot_general puts the kernel's free axes first
-    nf = len(free_shape)
-    y = jnp.transpose(y, list(range(nf, y.ndim)) + list(range(nf)))
-  return y.astype(base.dtype)
+  return lay.from_2d(y).astype(base.dtype)
 
 
 # --------------------------------------------------------------------------
