@@ -46,13 +46,16 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-# Elementwise and layout primitives a kernel input may be recomputed through.
+# Elementwise and layout primitives a kernel input may be recomputed through
+# (primitive objects, like the interpreter's table in primitives.py; that module
+# imports rules, which imports this one, so the set lives here).
 _CHEAP = frozenset({
-    "add", "sub", "mul", "div", "neg", "max", "min", "exp", "exp2", "log", "log1p",
-    "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow", "square",
-    "abs", "sign", "erf", "erfc", "sin", "cos", "select_n", "convert_element_type",
-    "reduce_precision", "copy", "copy_p", "clamp", "broadcast_in_dim", "reshape",
-    "transpose", "squeeze", "expand_dims",
+    lax.add_p, lax.sub_p, lax.mul_p, lax.div_p, lax.neg_p, lax.max_p, lax.min_p, lax.exp_p,
+    lax.exp2_p, lax.log_p, lax.log1p_p, lax.expm1_p, lax.tanh_p, lax.logistic_p, lax.sqrt_p,
+    lax.rsqrt_p, lax.cbrt_p, lax.integer_pow_p, lax.pow_p, lax.square_p, lax.abs_p,
+    lax.sign_p, lax.erf_p, lax.erfc_p, lax.sin_p, lax.cos_p, lax.select_n_p,
+    lax.convert_element_type_p, lax.reduce_precision_p, lax.copy_p, lax.clamp_p,
+    lax.broadcast_in_dim_p, lax.reshape_p, lax.transpose_p, lax.squeeze_p,
 })
 _MAX_EQNS = 64          # longest chain recomputed
 _ANCHOR_SLACK = 1.25    # anchors may hold at most this many bytes per byte of x
@@ -114,7 +117,7 @@ def chain(site: Site, var, bind: Callable, is_opaque: Callable[[Any], bool]):
       return True
     seen.add(v)
     e = info.producer.get(v)
-    if (e is None or e.primitive.name not in _CHEAP or len(e.outvars) != 1
+    if (e is None or e.primitive not in _CHEAP or len(e.outvars) != 1
         or (not root and info.uses[v] > 1)):
       anchors.append(v)
       return not is_opaque(site.env[v])

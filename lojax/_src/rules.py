@@ -418,9 +418,3 @@ def record_other(ctx: Context, t: tg.Tagged, prim: str):
   if ctx.record is not None:
     ctx.record(t, "other", prim=prim)
 
-
-RULES: dict[str, Callable[..., Any]] = {
-    "dot_general": lambda ctx, invals, params: dot_general(ctx, *invals, **params),
-    "conv_general_dilated": lambda ctx, invals, params: conv(ctx, *invals, **params),
-    "gather": lambda ctx, invals, params: gather(ctx, *invals, **params),
-}
