@@ -397,14 +397,40 @@ def resolve(spec: LoraSpec, kernels: Sequence[KernelInfo], module_paths: Sequenc
   """
   if not isinstance(spec, LoraSpec):
     raise TypeError(f"`spec` must be a LoraSpec; got {type(spec).__name__}.")
+  kernels = _sorted_kernels(kernels)
+  all_modules = sorted(set(module_paths) | {k.path for k in kernels})
+  problems: list[str] = []
+  saved_roots = _saved_roots(spec, all_modules, problems)
+  excluded = _excluded(spec, kernels, all_modules, problems)
+  heads = _heads(kernels, leaf_shapes)
+  n_problems = len(problems)
+  matched = _requested(spec, kernels, heads, all_modules, leaf_shapes, problems)
+  chosen = [k for k in matched if k.path not in excluded and not _under(k.path, saved_roots)]
+  _check_matrices(chosen, problems)
+  picked = _pick_layers(spec, chosen, problems)
+  targeting_failed = len(problems) > n_problems
+  if not picked and not problems:
+    problems.append(_nothing_left(matched, excluded, saved_roots))
+  targets = _targets(spec, picked)
+  if targets and not targeting_failed:  # keys are only judged against a sound target set
+    _check_pattern_keys(spec, targets, problems)
+  _raise_problems(problems)
+  return Resolution(targets=tuple(targets), modules_to_save=tuple(saved_roots),
+                    bias_paths=_bias_paths(spec, targets, leaf_shapes, saved_roots),
+                    heads=tuple(sorted(heads)))
+
+
+def _sorted_kernels(kernels: Sequence[KernelInfo]) -> list[KernelInfo]:
+  """The candidate kernels sorted by path; a path listed twice is an error."""
   kernels = sorted(kernels, key=lambda k: k.path)
   if dup := sorted(p for p, n in collections.Counter(k.path for k in kernels).items() if n > 1):
     raise ValueError(f"`kernels` lists these module paths more than once: {dup}.")
-  all_modules = sorted(set(module_paths) | {k.path for k in kernels})
-  problems: list[str] = []
+  return kernels
 
-  # modules_to_save: trained in full, never targets. Task-added names are optional.
-  optional = set(spec.optional_modules_to_save())
+
+def _saved_roots(spec: LoraSpec, all_modules: list[str], problems: list[str]) -> list[str]:
+  """The outermost ``modules_to_save`` modules (trained in full, never targets)."""
+  optional = set(spec.optional_modules_to_save())  # names a task adds may match nothing
   saved: set[str] = set()
   for entry in spec.effective_modules_to_save():
     hits = [m for m in all_modules if _list_match(entry)(m)]
@@ -412,9 +438,12 @@ def resolve(spec: LoraSpec, kernels: Sequence[KernelInfo], module_paths: Sequenc
       problems.append(f"`modules_to_save` entry {entry!r} matched no module path. Closest "
                       f"module paths: {_fmt(_closest(entry, all_modules))}.")
     saved.update(hits)
-  saved_roots = sorted(m for m in saved if not _under(m, saved - {m}))
+  return sorted(m for m in saved if not _under(m, saved - {m}))
 
-  # exclude_modules: a kernel is out if its path or an enclosing module matches.
+
+def _excluded(spec: LoraSpec, kernels: list[KernelInfo], all_modules: list[str],
+              problems: list[str]) -> set[str]:
+  """Kernel paths that ``exclude_modules`` removes: the path or an enclosing module matches."""
   ex = spec.exclude_modules
   rules = [] if ex is None else ([(ex, re.compile(ex).fullmatch)] if isinstance(ex, str)
                                  else [(e, _list_match(e)) for e in ex])
@@ -423,52 +452,71 @@ def resolve(spec: LoraSpec, kernels: Sequence[KernelInfo], module_paths: Sequenc
       kind = "regex" if isinstance(ex, str) else "entry"
       problems.append(f"`exclude_modules` {kind} {word!r} matched no module path. Closest "
                       f"module paths: {_fmt(_closest(word, all_modules))}.")
-  excluded = {k.path for k in kernels if any(
+  return {k.path for k in kernels if any(
       rule(k.path.rsplit("/", n)[0]) for n in range(k.path.count("/") + 1) for _, rule in rules)}
 
+
+def _heads(kernels: list[KernelInfo], leaf_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+  """Paths of the output heads: by name, or by output size = vocabulary (module doc)."""
   tables = [s for p, s in leaf_shapes.items() if p.rpartition("/")[2] == "embedding" and len(s) == 2]
   vocab = max((s[0] for s in tables), default=None)
-  heads = [k.path for k in kernels if k.path.rpartition("/")[2].lower() in HEAD_NAMES or (
+  return [k.path for k in kernels if k.path.rpartition("/")[2].lower() in HEAD_NAMES or (
       k.kind == "dense" and k.stacked is None and len(k.shape) == 2 and k.shape[1] == vocab
       and layer_index(k.path) is None)]
-  n_problems = len(problems)
-  matched = _requested(spec, kernels, heads, all_modules, leaf_shapes, problems)
-  chosen = [k for k in matched if k.path not in excluded and not _under(k.path, saved_roots)]
+
+
+def _check_matrices(chosen: list[KernelInfo], problems: list[str]) -> None:
+  """Reports chosen leaves with fewer than 2 axes per layer."""
   if flat := [f"{k.path} {k.shape}" for k in chosen if len(k.shape) - bool(k.stacked) < 2]:
     problems.append(f"`target_modules` matched leaves that are not matrices (at least 2 axes "
                     f"per layer are needed): {', '.join(flat)}. Remove or exclude them.")
-  picked = _pick_layers(spec, chosen, problems)
-  targeting_failed = len(problems) > n_problems
-  if not picked and not problems:
-    problems.append(
-        "No kernel is left to adapt: every match was removed by `exclude_modules` or "
-        f"`modules_to_save`. Matched: {_fmt(k.path for k in matched)}; excluded: "
-        f"{_fmt(sorted(excluded))}; modules_to_save: {_fmt(saved_roots)}.")
 
+
+def _nothing_left(matched: list[KernelInfo], excluded: set[str], saved_roots: list[str]) -> str:
+  """The problem when exclusions removed every match."""
+  return ("No kernel is left to adapt: every match was removed by `exclude_modules` or "
+          f"`modules_to_save`. Matched: {_fmt(k.path for k in matched)}; excluded: "
+          f"{_fmt(sorted(excluded))}; modules_to_save: {_fmt(saved_roots)}.")
+
+
+def _targets(spec: LoraSpec,
+             picked: list[tuple[KernelInfo, tuple[int, ...] | None]]) -> list[Target]:
+  """One :class:`Target` per picked kernel, with its ``rank_pattern``/``alpha_pattern`` values."""
   targets = []
   for k, layers in picked:
     r = (lookup(spec.rank_pattern, k.path) or (None, spec.r))[1]
     alpha = (lookup(spec.alpha_pattern, k.path) or (None, spec.lora_alpha))[1]
     targets.append(Target(k.path, r=r, alpha=alpha, scaling=spec.scaling(r, alpha),
                           layers=layers))
-  if targets and not targeting_failed:  # keys are only judged against a sound target set
-    for name in ("rank_pattern", "alpha_pattern", "kernel_axes"):
-      for key in getattr(spec, name):
-        if not any(_coverage(key, t.path) is not None for t in targets):
-          problems.append(
-              f"`{name}` key {key!r} matches no targeted module path. Closest targeted "
-              f"paths: {_fmt(_closest(key, [t.path for t in targets]))}. Keys are "
-              "regexes matched against a '/'-separated tail of the path.")
+  return targets
+
+
+def _check_pattern_keys(spec: LoraSpec, targets: list[Target], problems: list[str]) -> None:
+  """Reports ``rank_pattern``/``alpha_pattern``/``kernel_axes`` keys that match no target."""
+  for name in ("rank_pattern", "alpha_pattern", "kernel_axes"):
+    for key in getattr(spec, name):
+      if not any(_coverage(key, t.path) is not None for t in targets):
+        problems.append(
+            f"`{name}` key {key!r} matches no targeted module path. Closest targeted "
+            f"paths: {_fmt(_closest(key, [t.path for t in targets]))}. Keys are "
+            "regexes matched against a '/'-separated tail of the path.")
+
+
+def _raise_problems(problems: list[str]) -> None:
+  """Raises one ``ValueError`` listing every problem, if there is any."""
   if problems:
     head = ("Cannot resolve LoRA targets: " if len(problems) == 1 else
             f"Cannot resolve LoRA targets ({len(problems)} problems):\n  - ")
     raise ValueError(head + "\n  - ".join(problems))
 
+
+def _bias_paths(spec: LoraSpec, targets: list[Target], leaf_shapes: Mapping[str, tuple[int, ...]],
+                saved_roots: list[str]) -> tuple[str, ...]:
+  """The trainable bias leaves that ``spec.bias`` selects, sorted."""
   if spec.bias == "all":
     bias = [p for p in leaf_shapes
             if p.rpartition("/")[2] == "bias" and not _under(p, saved_roots)]
   else:
     bias = [f"{t.path}/bias" for t in targets
             if spec.bias == "lora_only" and f"{t.path}/bias" in leaf_shapes]
-  return Resolution(targets=tuple(targets), modules_to_save=tuple(saved_roots),
-                    bias_paths=tuple(sorted(bias)), heads=tuple(sorted(heads)))
+  return tuple(sorted(bias))

@@ -36,7 +36,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,8 @@ from lojax._src import adalora
 from lojax._src import dora
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
-from lojax._src.lora import AdapterMeta, LoraMeta, LoraParams, kernel_paths, wrap
+from lojax._src.model import AdapterMeta, LoraMeta, LoraParams
+from lojax._src.wrap import kernel_paths, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -132,6 +133,7 @@ the block projections are ``Conv1D`` (weight ``[in, out]``)."""
 # --------------------------------------------------------------------------
 
 def _np(x) -> np.ndarray:
+  """``x`` on the host as a contiguous float array safetensors can write."""
   x = np.asarray(jax.device_get(x))
   if x.dtype not in (np.float16, np.float32, np.float64):
     x = x.astype(np.float32)  # e.g. bfloat16, which safetensors.numpy cannot write
@@ -155,6 +157,7 @@ def _to_torch(t, a, b, e=None):
 
 
 def _single_adapter(lora: LoraParams, adapter_name: str | None) -> str:
+  """The adapter to export: ``adapter_name``, else the only active one."""
   if adapter_name is not None:
     lora.meta.adapter(adapter_name)
     return adapter_name
@@ -165,6 +168,7 @@ def _single_adapter(lora: LoraParams, adapter_name: str | None) -> str:
 
 
 def _name_or_raise(mapping: PeftMapping, path: str, layer=None) -> str:
+  """The torch name of ``path`` (layer ``layer``); raises if the mapping has none."""
   name = mapping.torch_name(path, layer)
   if name is None:
     key = path if layer is None else f"{path}[{layer}]"
@@ -215,73 +219,129 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   name = _single_adapter(lora, adapter_name)
   meta = lora.meta.adapter(name)
   ad = lora.adapters[name]
-  spec = meta.spec
-  ada = isinstance(spec, adalora.AdaLoraSpec)
-  tensors: dict[str, np.ndarray] = {}
-  owner: dict[str, str] = {}
-  targets, rank_pattern, alpha_pattern, ada_pattern = [], {}, {}, {}
-  fan_in_fan_out = False
+  out = _Tensors()
+  exported = _put_factors(out, meta, ad["lora"], mapping)
+  _put_biases(out, lora.base, meta, ad["bias"], mapping)
+  saved_names = _put_saved_modules(out, meta.modules_to_save, ad["modules_to_save"], mapping)
+  config = _config(meta.spec, exported, saved_names, mapping, base_model_name_or_path)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
+    json.dump(config, fh, indent=2, sort_keys=True)
+  save_file(out.arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
-  def put(key, value, source):
-    if key in tensors:
-      raise ValueError(f"The mapping gives '{source}' and '{owner[key]}' the same tensor name "
-                       f"{key!r}; make `mapping.names` one-to-one.")
-    tensors[key], owner[key] = value, source
 
-  target_names = {}
+class _Tensors:
+  """The tensors of a PEFT file by name; a name given twice is an error."""
+
+  def __init__(self):
+    self.arrays: dict[str, np.ndarray] = {}
+    self._owner: dict[str, str] = {}
+
+  def put(self, key: str, value: np.ndarray, source: str) -> None:
+    """Adds tensor ``key``, written for the lojax path ``source``."""
+    if key in self.arrays:
+      raise ValueError(f"The mapping gives '{source}' and '{self._owner[key]}' the same tensor "
+                       f"name {key!r}; make `mapping.names` one-to-one.")
+    self.arrays[key], self._owner[key] = value, source
+
+
+def _is_adalora(spec) -> bool:
+  """Whether ``spec`` is exported as PEFT's ADALORA (else LORA)."""
+  return isinstance(spec, adalora.AdaLoraSpec)
+
+
+def _check_exportable(spec, t) -> None:
+  """Raises if PEFT cannot hold this variant on this kind of kernel (AdaLoRA: dense only)."""
+  if _is_adalora(spec) and t.kind != "dense":
+    raise ValueError(f"PEFT's AdaLoRA adapts linear layers only; '{t.path}' is a "
+                     f"{t.kind} kernel. Export it with a plain LoraSpec instead.")
+
+
+def _magnitude_to_torch(f, pick) -> dict[str, np.ndarray]:
+  """PEFT's DoRA magnitude of one layer (one value per output feature), if the target has one."""
+  if dora.KEY not in f:
+    return {}
+  return {"lora_magnitude_vector": pick(_np(f[dora.KEY])).reshape(-1)}
+
+
+def _layer_tensors(t, f, ada: bool) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+  """``(layer, {suffix: tensor})`` of each exported layer of one target, in PEFT's layout."""
+  a, b = _np(f["lora_A"]), _np(f["lora_B"])
+  e = _np(f["lora_E"]) if ada else None
+  layers = [None] if not t.stacked else (t.layers or tuple(range(t.stacked)))
+  for j, layer in enumerate(layers):
+    pick = (lambda x: x) if layer is None else (lambda x, j=j: x[j])
+    parts = _to_torch(t, pick(a), pick(b), None if e is None else pick(e))
+    parts.update(_magnitude_to_torch(f, pick))
+    yield layer, parts
+
+
+def _put_factors(out: _Tensors, meta, factors, mapping: PeftMapping) -> list[tuple[Any, str]]:
+  """Writes every target's factor tensors; returns ``(target, torch name)`` per exported layer."""
+  ada = _is_adalora(meta.spec)
+  exported = []
   for t in meta.targets:
-    if ada and t.kind != "dense":
-      raise ValueError(f"PEFT's AdaLoRA adapts linear layers only; '{t.path}' is a "
-                       f"{t.kind} kernel. Export it with a plain LoraSpec instead.")
-    f = ad["lora"][t.path]
-    a, b = _np(f["lora_A"]), _np(f["lora_B"])
-    e = _np(f["lora_E"]) if ada else None
-    layers = [None] if not t.stacked else (t.layers or tuple(range(t.stacked)))
-    for j, layer in enumerate(layers):
+    _check_exportable(meta.spec, t)
+    for layer, parts in _layer_tensors(t, factors[t.path], ada):
       tn = _name_or_raise(mapping, t.path, layer)
-      target_names[(t.path, layer)] = tn
-      pick = (lambda x: x) if layer is None else (lambda x, j=j: x[j])
-      parts = _to_torch(t, pick(a), pick(b), None if e is None else pick(e))
-      if dora.KEY in f:  # PEFT's DoRA magnitude: one value per output feature
-        parts["lora_magnitude_vector"] = pick(_np(f[dora.KEY])).reshape(-1)
       for suffix, value in parts.items():
-        put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
-      targets.append(tn)
-      fan_in_fan_out |= not mapping.transposed(t.path)
-      if t.r != spec.r and not ada:
-        rank_pattern[tn] = t.r
-      if t.alpha != spec.lora_alpha:
-        alpha_pattern[tn] = t.alpha
-      if ada and t.r != spec.init_r:
-        ada_pattern[f"{tn}.lora_E"] = [True] * t.r + [False] * (spec.init_r - t.r)
+        out.put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
+      exported.append((t, tn))
+  return exported
 
-  base_paths, base_leaves, _ = P.flatten(lora.base)
+
+def _put_biases(out: _Tensors, base, meta, deltas, mapping: PeftMapping) -> None:
+  """Writes the trained biases as full values (base + delta), per layer if stacked."""
+  base_paths, base_leaves, _ = P.flatten(base)
   base = dict(zip(base_paths, base_leaves))
   adapted = {t.path: t for t in meta.targets}
-  for leaf_path, delta in ad["bias"].items():
+  for leaf_path, delta in deltas.items():
     module, leaf = P.split(leaf_path)
     full = _np(np.asarray(base[leaf_path]) + np.asarray(delta).astype(np.asarray(
         base[leaf_path]).dtype))
-    if module in adapted:
+    if module in adapted:  # PEFT wraps an adapted module: its bias is in `base_layer`
       t = adapted[module]
       layers = [None] if not t.stacked else list(range(t.stacked))
       for i, layer in enumerate(layers):
         tn = _name_or_raise(mapping, module, layer)
-        put(f"{PREFIX}{tn}.base_layer.{leaf}", full if layer is None else full[i], leaf_path)
+        out.put(f"{PREFIX}{tn}.base_layer.{leaf}", full if layer is None else full[i], leaf_path)
     else:
-      put(f"{PREFIX}{_name_or_raise(mapping, module)}.{leaf}", full, leaf_path)
+      out.put(f"{PREFIX}{_name_or_raise(mapping, module)}.{leaf}", full, leaf_path)
 
+
+def _put_saved_modules(out: _Tensors, modules, copies, mapping: PeftMapping) -> list[str]:
+  """Writes the ``modules_to_save`` copies as PEFT does; returns their torch names."""
   saved_names = []
-  for module in meta.modules_to_save:
+  for module in modules:
     tn = _name_or_raise(mapping, module)
     saved_names.append(tn)
-    for leaf_path, x in ad["modules_to_save"].items():
+    for leaf_path, x in copies.items():
       if P.is_under(leaf_path, module):
         suffix, value = _saved_leaf(mapping, module, leaf_path, _np(x))
-        put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), leaf_path)
+        out.put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), leaf_path)
+  return saved_names
 
-  config = {
-      "peft_type": "ADALORA" if ada else "LORA",
+
+def _rank_pattern(spec, exported: list[tuple[Any, str]]):
+  """The config's ``rank_pattern``: ranks other than ``r`` (AdaLoRA: ``lora_E`` masks or None)."""
+  if _is_adalora(spec):
+    masks = {f"{tn}.lora_E": [True] * t.r + [False] * (spec.init_r - t.r)
+             for t, tn in exported if t.r != spec.init_r}
+    return masks or None
+  return {tn: t.r for t, tn in exported if t.r != spec.r}
+
+
+def _variant_config(spec) -> dict[str, Any]:
+  """The variant's own config fields: ``peft_type`` and AdaLoRA's schedule."""
+  if _is_adalora(spec):
+    return {"peft_type": "ADALORA", **{f: getattr(spec, f) for f in _ADALORA_FIELDS}}
+  return {"peft_type": "LORA"}
+
+
+def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mapping: PeftMapping,
+            base_model_name_or_path: str | None) -> dict[str, Any]:
+  """The content of ``adapter_config.json``."""
+  return {
       "task_type": None if spec.task_type is None else spec_lib.TaskType(spec.task_type).value,
       "base_model_name_or_path": base_model_name_or_path,
       "revision": None,
@@ -289,27 +349,21 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
       "r": spec.r,
       "lora_alpha": spec.lora_alpha,
       "lora_dropout": spec.lora_dropout,
-      "target_modules": sorted(set(targets)),
+      "target_modules": sorted({tn for _, tn in exported}),
       "exclude_modules": None,
-      "fan_in_fan_out": fan_in_fan_out,
+      "fan_in_fan_out": any(not mapping.transposed(t.path) for t, _ in exported),
       "bias": spec.bias,
       "use_rslora": spec.use_rslora,
       "modules_to_save": saved_names or None,
       "init_lora_weights": spec.init_lora_weights,
       "layers_to_transform": None,
       "layers_pattern": None,
-      "rank_pattern": rank_pattern,
-      "alpha_pattern": alpha_pattern,
+      "rank_pattern": _rank_pattern(spec, exported),
+      "alpha_pattern": {tn: t.alpha for t, tn in exported if t.alpha != spec.lora_alpha},
       "use_dora": spec.use_dora,
       "loftq_config": dict(spec.loftq_config),
+      **_variant_config(spec),
   }
-  if ada:
-    config.update({f: getattr(spec, f) for f in _ADALORA_FIELDS})
-    config["rank_pattern"] = ada_pattern or None
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
-    json.dump(config, fh, indent=2, sort_keys=True)
-  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------
@@ -329,6 +383,7 @@ def _peft_lookup(pattern: Mapping[str, Any] | None, name: str, default):
 
 
 def _read(directory):
+  """``(config, tensors)`` of a PEFT adapter directory; raises if missing or damaged."""
   from safetensors.numpy import load_file
   cfg_path = os.path.join(directory, CONFIG_NAME)
   w_path = os.path.join(directory, WEIGHTS_NAME)
@@ -413,21 +468,59 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   """
   directory = os.fspath(directory)
   config, tensors = _read(directory)
+  ada = _is_adalora_file(config)
+  base = params.base if isinstance(params, LoraParams) else params
+  index = _torch_index(base, mapping, apply_fn=apply_fn, example_args=example_args,
+                       example_kwargs=example_kwargs)
+  contents = _sort_tensors(directory, tensors, config, index, mapping)
+  spec = _spec_from_file(config, contents, mapping, ada)
+  wrapped = wrap(params, spec, key=jax.random.key(0), adapter_name=adapter_name,
+                 apply_fn=apply_fn, example_args=example_args, example_kwargs=example_kwargs)
+  meta = wrapped.meta.adapter(adapter_name)
+  problems: list[str] = []
+  targets, weights = _fill_factors(meta.targets, contents.lora, spec, ada, problems)
+  bias = _fill_biases(meta.bias_paths, contents.biases, index.leaves, problems)
+  saved = _fill_saved(wrapped.adapters[adapter_name]["modules_to_save"], contents.saved, problems)
+  if problems:
+    raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
+                     "\n".join(problems))
+  return _assemble(wrapped, adapter_name, spec, targets, weights, bias, saved, ada)
+
+
+def _is_adalora_file(config: Mapping[str, Any]) -> bool:
+  """Whether the config is AdaLoRA's; raises unless it is LORA or ADALORA."""
   peft_type = config.get("peft_type")
   if peft_type not in ("LORA", "ADALORA"):
     raise ValueError(f"`peft_type` {peft_type!r} in {CONFIG_NAME} is not supported; lojax "
                      "reads LORA and ADALORA adapters.")
-  ada = peft_type == "ADALORA"
-  base = params.base if isinstance(params, LoraParams) else params
+  return peft_type == "ADALORA"
 
-  # torch names -> lojax paths, from the params and the mapping.
+
+class _TorchIndex(NamedTuple):
+  """The params seen by torch name: kernels (path, layer), modules, and leaves by path."""
+  kernels: dict[str, tuple[str, int | None]]
+  modules: dict[str, str]
+  leaves: dict[str, Any]
+
+
+def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
+                 example_kwargs) -> _TorchIndex:
+  """Torch names -> lojax paths, from the params and the mapping; a shared name is an error."""
   infos = kernel_paths(base, apply_fn=apply_fn, example_args=example_args,
                        example_kwargs=example_kwargs)
   leaf_paths, base_leaves, _ = P.flatten(base)
-  base_by_path = dict(zip(leaf_paths, base_leaves))
+  clashes: list[str] = []
+  kernels = _kernel_names(infos, mapping, clashes)
+  modules = _module_names(leaf_paths, mapping, clashes)
+  if clashes:
+    raise ValueError("The mapping gives several modules the same torch name: " +
+                     "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
+  return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)))
+
+
+def _kernel_names(infos, mapping: PeftMapping, clashes: list[str]):
+  """Torch name -> (kernel path, layer or None), one per layer of a stacked kernel."""
   kernel_names: dict[str, tuple[str, int | None]] = {}
-  module_names: dict[str, str] = {}
-  clashes = []
   for path, info in infos.items():
     layers = [None] if not info["stacked"] else list(range(info["stacked"]))
     for layer in layers:
@@ -437,20 +530,50 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
       if tn in kernel_names:
         clashes.append(f"{tn} <- {kernel_names[tn]}, {(path, layer)}")
       kernel_names[tn] = (path, layer)
+  return kernel_names
+
+
+def _module_names(leaf_paths, mapping: PeftMapping, clashes: list[str]) -> dict[str, str]:
+  """Torch name -> module path, for every module of the params."""
+  module_names: dict[str, str] = {}
   for module in P.module_paths(leaf_paths):
     tn = mapping.torch_name(module)
     if tn is not None:
       if tn in module_names and module_names[tn] != module:
         clashes.append(f"{tn} <- {module_names[tn]}, {module}")
       module_names.setdefault(tn, module)
-  if clashes:
-    raise ValueError("The mapping gives several modules the same torch name: " +
-                     "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
+  return module_names
 
-  # Sort the tensors.
+
+class _FileTensors(NamedTuple):
+  """The file's tensors sorted by role, keyed by lojax path."""
+  lora: dict[str, dict[int | None, dict[str, np.ndarray]]]  # path -> layer -> part -> tensor
+  biases: dict[str, dict[int | None, np.ndarray]]  # leaf path -> layer -> full value
+  saved: dict[str, np.ndarray]  # leaf path -> modules_to_save value
+  saved_modules: set[str]
+
+
+def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
+                  mapping: PeftMapping) -> _FileTensors:
+  """Sorts the tensors into LoRA parts, biases and modules_to_save; lists every misfit."""
+  problems: list[str] = []
+  lora_parts, other = _split_lora(tensors, problems)
+  found = _lora_by_path(lora_parts, index.kernels, problems)
+  biases, saved, saved_modules = _sort_others(other, config.get("modules_to_save") or [], index,
+                                              mapping, problems)
+  if problems:
+    raise ValueError(f"The PEFT adapter in {directory} does not fit these params with this "
+                     "mapping:\n" + "\n".join(problems) + "\nPass the `mapping` it was "
+                     "exported with and the matching base params.")
+  if not found:
+    raise ValueError(f"The PEFT adapter in {directory} holds no LoRA tensors.")
+  return _FileTensors(found, biases, saved, saved_modules)
+
+
+def _split_lora(tensors, problems: list[str]):
+  """``({torch module: {LoRA part: tensor}}, {name without prefix: tensor})``."""
   lora_parts: dict[str, dict[str, np.ndarray]] = {}
   other: dict[str, np.ndarray] = {}
-  problems = []
   for key, value in tensors.items():
     if not key.startswith(PREFIX):
       problems.append(f"  {key}: does not start with {PREFIX!r}")
@@ -460,6 +583,11 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
       lora_parts.setdefault(m.group(1), {})[m.group(2)] = value
     else:
       other[rest] = value
+  return lora_parts, other
+
+
+def _lora_by_path(lora_parts, kernel_names, problems: list[str]):
+  """The LoRA parts keyed by kernel path, then layer (None if not stacked)."""
   found: dict[str, dict[int | None, dict[str, np.ndarray]]] = {}
   for tn, parts in lora_parts.items():
     if tn not in kernel_names:
@@ -467,51 +595,52 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
       continue
     path, layer = kernel_names[tn]
     found.setdefault(path, {})[layer] = parts
+  return found
 
-  # Biases and modules_to_save.
-  saved_entries = config.get("modules_to_save") or []
-  bias_values: dict[str, np.ndarray] = {}
+
+def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
+                 problems: list[str]):
+  """The non-LoRA tensors as bias values and modules_to_save leaves (Flax layout)."""
+  bias_values: dict[str, dict[int | None, np.ndarray]] = {}
   saved_values: dict[str, np.ndarray] = {}
   saved_modules: set[str] = set()
   for rest, value in other.items():
     module_t, _, leaf_t = rest.rpartition(".")
     if module_t.endswith(".base_layer") and leaf_t == "bias":  # bias of an adapted module
       module_t = module_t[: -len(".base_layer")]
-      if module_t in kernel_names:
-        path, layer = kernel_names[module_t]
+      if module_t in index.kernels:
+        path, layer = index.kernels[module_t]
         bias_values.setdefault(f"{path}/bias", {})[layer] = value
       else:
         problems.append(f"  {PREFIX}{rest}: no kernel of these params maps to {module_t!r}")
       continue
-    owner = next((a for a in _ancestors(module_t) if a in module_names and any(
+    owner = next((a for a in _ancestors(module_t) if a in index.modules and any(
         a == e or a.endswith("." + e) for e in saved_entries)), None)
-    if owner is None and leaf_t == "bias" and module_t in module_names:
-      bias_values.setdefault(f"{module_names[module_t]}/bias", {})[None] = value
+    if owner is None and leaf_t == "bias" and module_t in index.modules:
+      bias_values.setdefault(f"{index.modules[module_t]}/bias", {})[None] = value
       continue
-    if owner is None or module_t not in module_names:
+    if owner is None or module_t not in index.modules:
       problems.append(f"  {PREFIX}{rest}: not a LoRA tensor, and no module of these params "
                       "(bias or modules_to_save) maps to it")
       continue
-    saved_modules.add(module_names[owner])
-    lojax_module = module_names[module_t]
-    leaf = _flax_leaf(lojax_module, leaf_t, base_by_path)
+    saved_modules.add(index.modules[owner])
+    lojax_module = index.modules[module_t]
+    leaf = _flax_leaf(lojax_module, leaf_t, index.leaves)
     if leaf is None:
       problems.append(f"  {PREFIX}{rest}: {lojax_module} has no leaf for {leaf_t!r}")
       continue
     if leaf == "kernel" and value.ndim == 2 and mapping.transposed(lojax_module):
       value = value.T
     saved_values[f"{lojax_module}/{leaf}"] = value
-  if problems:
-    raise ValueError(f"The PEFT adapter in {directory} does not fit these params with this "
-                     "mapping:\n" + "\n".join(problems) + "\nPass the `mapping` it was "
-                     "exported with and the matching base params.")
-  if not found:
-    raise ValueError(f"The PEFT adapter in {directory} holds no LoRA tensors.")
+  return bias_values, saved_values, saved_modules
 
-  # A spec that selects exactly the modules in the file.
+
+def _spec_from_file(config, contents: _FileTensors, mapping: PeftMapping, ada: bool):
+  """A spec that selects exactly the modules in the file, with the file's ranks and alphas."""
+  found = contents.lora
   r0 = int(config["init_r"] if ada else config.get("r", 8))
   alpha0 = config.get("lora_alpha", 8)
-  rank_pattern, alpha_pattern, alphas = {}, {}, {}
+  rank_pattern, alpha_pattern = {}, {}
   for path, layers in found.items():
     tn = mapping.torch_name(path, next(iter(layers)))
     alpha = _peft_lookup(config.get("alpha_pattern"), tn, alpha0)
@@ -522,98 +651,159 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
       rank_pattern[re.escape(path)] = r
     if alpha != alpha0:
       alpha_pattern[re.escape(path)] = alpha
-    alphas[path] = alpha
-  init = config.get("init_lora_weights", True)
   fields = dict(
       r=r0, lora_alpha=alpha0, use_rslora=bool(config.get("use_rslora", False)),
       target_modules=sorted(found), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
       lora_dropout=float(config.get("lora_dropout") or 0.0), bias=config.get("bias", "none"),
-      modules_to_save=sorted(saved_modules) or None,
-      init_lora_weights=init if init in (True, False, "gaussian") and not ada else True,
+      modules_to_save=sorted(contents.saved_modules) or None,
       task_type=config.get("task_type") if config.get("task_type") in
       [t.value for t in spec_lib.TaskType] else None)
-  if ada:
-    spec = adalora.AdaLoraSpec(**fields, **{f: config[f] for f in _ADALORA_FIELDS})
-  else:
-    spec = spec_lib.LoraSpec(**fields, use_dora=bool(config.get("use_dora", False)))
-  wrapped = wrap(params, spec, key=jax.random.key(0), adapter_name=adapter_name,
-                 apply_fn=apply_fn, example_args=example_args, example_kwargs=example_kwargs)
-  meta = wrapped.meta.adapter(adapter_name)
-  ad = wrapped.adapters[adapter_name]
+  return _variant_spec(config, fields, ada)
 
-  # Fill the weights.
-  targets, lora_weights = [], {}
-  for t in meta.targets:
+
+def _variant_spec(config, fields: dict[str, Any], ada: bool):
+  """The LoraSpec (AdaLoraSpec) of ``fields`` and the variant's own config entries."""
+  if ada:
+    return adalora.AdaLoraSpec(**fields, init_lora_weights=True,
+                               **{f: config[f] for f in _ADALORA_FIELDS})
+  init = config.get("init_lora_weights", True)
+  return spec_lib.LoraSpec(**fields, init_lora_weights=init if init in (True, False, "gaussian")
+                           else True, use_dora=bool(config.get("use_dora", False)))
+
+
+def _fill_factors(targets, found, spec, ada: bool, problems: list[str]):
+  """The file's factors of the spec's targets: ``(targets, {path: factors})``."""
+  kept, weights = [], {}
+  for t in targets:
     layers = found.get(t.path)
     if layers is None:
       problems.append(f"  {t.path}: selected by the spec but absent from the file")
       continue
-    if t.stacked:
-      kept = tuple(sorted(layers))
-      t = dataclasses.replace(t, layers=None if len(kept) == t.stacked else kept)
-    order = [None] if not t.stacked else list(t.layers or range(t.stacked))
-    try:
-      per = [_from_torch(t, layers[i], ada) if i in layers else None for i in order]
-    except ValueError:  # a reshape that does not fit
-      shapes = {k: v.shape for i in order for k, v in layers.get(i, {}).items()}
-      problems.append(f"  {t.path}: file gives shapes {shapes}, which do not fit the kernel "
-                      f"{t.shape} (in axes {t.in_axes})")
-      continue
-    if any(p is None for p in per):
-      problems.append(f"  {t.path}: incomplete factors in the file")
-      continue
-    r = per[0][0].shape[-1]
-    t = dataclasses.replace(t, r=int(r)) if ada else t
-    want = {"lora_A": t.a_shape(), "lora_B": t.b_shape()}
-    if ada:
-      want["lora_E"] = ((t.n_layers,) if t.stacked else ()) + (t.r,)
-    got = {"lora_A": [p[0] for p in per], "lora_B": [p[1] for p in per]}
-    if ada:
-      got["lora_E"] = [p[2] for p in per]
-    if spec.use_dora:
-      lead = (t.n_layers,) if t.stacked else ()
-      want[dora.KEY] = lead + tuple(t.kernel_shape[i] for i in t.out_axes)
-      mags = [layers[i].get("lora_magnitude_vector") for i in order]
-      if any(m_ is None for m_ in mags):
-        problems.append(f"  {t.path}: use_dora is set but lora_magnitude_vector is missing")
-        continue
-      got[dora.KEY] = [np.asarray(m_).reshape(want[dora.KEY][len(lead):]) for m_ in mags]
-    entry = {}
-    for k, xs in got.items():
-      x = np.stack(xs) if t.stacked else xs[0]
-      if x.shape != want[k]:
-        problems.append(f"  {t.path} {k}: file gives shape {x.shape} (Flax layout), the "
-                        f"kernel {t.shape} needs {want[k]}")
-      entry[k] = jnp.asarray(x)
-    lora_weights[t.path] = entry
-    targets.append(t)
+    filled = _target_factors(t, layers, spec, ada, problems)
+    if filled is not None:
+      t, entry = filled
+      weights[t.path] = entry
+      kept.append(t)
+  return kept, weights
+
+
+def _target_factors(t, layers, spec, ada: bool, problems: list[str]):
+  """``(target, factors)`` of one target from its file tensors; None after a problem."""
+  if t.stacked:
+    kept = tuple(sorted(layers))
+    t = dataclasses.replace(t, layers=None if len(kept) == t.stacked else kept)
+  order = [None] if not t.stacked else list(t.layers or range(t.stacked))
+  try:
+    per = [_from_torch(t, layers[i], ada) if i in layers else None for i in order]
+  except ValueError:  # a reshape that does not fit
+    shapes = {k: v.shape for i in order for k, v in layers.get(i, {}).items()}
+    problems.append(f"  {t.path}: file gives shapes {shapes}, which do not fit the kernel "
+                    f"{t.shape} (in axes {t.in_axes})")
+    return None
+  if any(p is None for p in per):
+    problems.append(f"  {t.path}: incomplete factors in the file")
+    return None
+  t = _with_file_rank(t, per, ada)
+  want = _expected_shapes(t, ada, spec.use_dora)
+  got = _file_factors(per, ada)
+  if spec.use_dora:
+    mags = _file_magnitudes(t, layers, order, want[dora.KEY], problems)
+    if mags is None:
+      return None
+    got[dora.KEY] = mags
+  return t, _checked_entry(t, got, want, problems)
+
+
+def _with_file_rank(t, per, ada: bool):
+  """AdaLoRA keeps the ranks PEFT allocated: the target's rank becomes the file's."""
+  return dataclasses.replace(t, r=int(per[0][0].shape[-1])) if ada else t
+
+
+def _expected_shapes(t, ada: bool, use_dora: bool) -> dict[str, tuple[int, ...]]:
+  """The Flax-layout shape of each factor of target ``t``."""
+  want = {"lora_A": t.a_shape(), "lora_B": t.b_shape()}
+  lead = (t.n_layers,) if t.stacked else ()
+  if ada:
+    want["lora_E"] = lead + (t.r,)
+  if use_dora:
+    want[dora.KEY] = lead + tuple(t.kernel_shape[i] for i in t.out_axes)
+  return want
+
+
+def _file_factors(per, ada: bool) -> dict[str, list[np.ndarray]]:
+  """The per-layer ``_from_torch`` triples as lists per factor."""
+  got = {"lora_A": [p[0] for p in per], "lora_B": [p[1] for p in per]}
+  if ada:
+    got["lora_E"] = [p[2] for p in per]
+  return got
+
+
+def _file_magnitudes(t, layers, order, want: tuple[int, ...], problems: list[str]):
+  """DoRA's per-layer magnitudes from the file; None (with a problem) if one is missing."""
+  mags = [layers[i].get("lora_magnitude_vector") for i in order]
+  if any(m is None for m in mags):
+    problems.append(f"  {t.path}: use_dora is set but lora_magnitude_vector is missing")
+    return None
+  lead = 1 if t.stacked else 0
+  return [np.asarray(m).reshape(want[lead:]) for m in mags]
+
+
+def _checked_entry(t, got, want, problems: list[str]) -> dict[str, jax.Array]:
+  """The factors (stacked if ``t`` is), reporting each shape that differs from ``want``."""
+  entry = {}
+  for k, xs in got.items():
+    x = np.stack(xs) if t.stacked else xs[0]
+    if x.shape != want[k]:
+      problems.append(f"  {t.path} {k}: file gives shape {x.shape} (Flax layout), the "
+                      f"kernel {t.shape} needs {want[k]}")
+    entry[k] = jnp.asarray(x)
+  return entry
+
+
+def _fill_biases(bias_paths, values, leaves, problems: list[str]) -> dict[str, jax.Array]:
+  """Bias deltas (file value - params) of the spec's bias leaves; zero where the file has none."""
   bias = {}
-  for p in meta.bias_paths:
-    value = bias_values.get(p)
-    b = np.asarray(base_by_path[p])
+  for p in bias_paths:
+    value = values.get(p)
+    b = np.asarray(leaves[p])
     if value is None:
-      bias[p] = jnp.zeros_like(base_by_path[p])
+      bias[p] = jnp.zeros_like(leaves[p])
       continue
     full = np.stack([value[i] for i in sorted(value)]) if None not in value else value[None]
     if full.shape != b.shape:
       problems.append(f"  {p}: file gives shape {full.shape}, params have {b.shape}")
       continue
     bias[p] = jnp.asarray((full.astype(b.dtype) - b).astype(b.dtype))
+  return bias
+
+
+def _fill_saved(copies, values, problems: list[str]) -> dict[str, jax.Array]:
+  """The file's values of the ``modules_to_save`` copies, in the params' dtypes."""
   saved = {}
-  for p, x in ad["modules_to_save"].items():
-    value = saved_values.get(p)
+  for p, x in copies.items():
+    value = values.get(p)
     if value is None or value.shape != np.shape(x):
       problems.append(f"  modules_to_save {p}: file gives "
                       f"{'nothing' if value is None else value.shape}, params have "
                       f"{np.shape(x)}")
       continue
     saved[p] = jnp.asarray(value.astype(np.asarray(x).dtype))
-  if problems:
-    raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
-                     "\n".join(problems))
-  new_ad = dict(ad, lora=lora_weights, bias=bias, modules_to_save=saved)
-  if ada:  # PEFT allocated the ranks: mark the adapter as allocated (see lojax.adalora)
-    new_ad[adalora.STEP_KEY] = jnp.asarray(spec.total_step, jnp.float32)
+  return saved
+
+
+def _loaded_state(spec, ada: bool) -> dict[str, jax.Array]:
+  """The variant's state for a loaded adapter (AdaLoRA: PEFT allocated the ranks)."""
+  if ada:  # mark the adapter as allocated (see lojax.adalora)
+    return {adalora.STEP_KEY: jnp.asarray(spec.total_step, jnp.float32)}
+  return {}
+
+
+def _assemble(wrapped: LoraParams, adapter_name: str, spec, targets, weights, bias,
+              saved, ada: bool) -> LoraParams:
+  """``wrapped`` with adapter ``adapter_name`` holding the file's weights and targets."""
+  meta = wrapped.meta.adapter(adapter_name)
+  new_ad = dict(wrapped.adapters[adapter_name], lora=weights, bias=bias, modules_to_save=saved)
+  new_ad.update(_loaded_state(spec, ada))
   new_meta = AdapterMeta(meta.name, spec, tuple(targets), meta.modules_to_save,
                          meta.bias_paths, meta.heads)
   metas = tuple(new_meta if m.name == adapter_name else m for m in wrapped.meta.adapters)
@@ -622,11 +812,13 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
 
 
 def _ancestors(name: str) -> list[str]:
+  """``name`` and its enclosing torch module names, innermost first."""
   parts = name.split(".")
   return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _flax_leaf(module: str, torch_leaf: str, base_by_path) -> str | None:
+  """The one Flax leaf of ``module`` that torch leaf ``torch_leaf`` names, or None."""
   candidates = ("kernel", "embedding", "scale", "weight") if torch_leaf == "weight" else (
       torch_leaf,)
   hits = [c for c in candidates if f"{module}/{c}" in base_by_path]
