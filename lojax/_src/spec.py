@@ -1,9 +1,15 @@
 """LoRA configuration: :class:`LoraSpec` and :class:`TaskType`.
 
 Field names and defaults are those of Hugging Face PEFT's ``LoraConfig``, so a
-PEFT configuration carries over unchanged. A spec is a frozen, hashable value:
-it is validated once, when it is built, and can be used as static data under
-``jax.jit``.
+PEFT configuration carries over unchanged. A spec is a deeply immutable,
+hashable value: it is validated and normalised once, when it is built, and can
+be used as static data under ``jax.jit`` and stored as checkpoint metadata.
+
+Normal form. Whatever was passed, a spec holds only Python values: NumPy
+scalars become ``int`` / ``float`` / ``bool`` / ``str``, sequences become
+tuples, mappings become :class:`FrozenDict`, ``task_type`` a :class:`TaskType`.
+So ``spec.to_dict()`` is always JSON-serialisable and
+``LoraSpec.from_dict(spec.to_dict()) == spec`` (with equal hashes).
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ import enum
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 GROUP_FLAGS = ("finetune_attention_modules", "finetune_mlp_modules",
                "finetune_language_layers", "finetune_vision_layers")
+MAX_RANK = 2**31 - 1  # far above any real rank: r never exceeds a kernel's smaller dimension
+MAX_ALPHA = float(np.finfo(np.float32).max)  # so alpha / r (r >= 1) is finite in float32
 _INIT_NAMES = ("gaussian", "pissa", "olora", "loftq", "orthogonal")
 _INIT_VALID = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' (K a positive int), "
                "'olora', 'loftq', 'orthogonal'")
@@ -65,43 +75,84 @@ def compile_pattern_key(key: str) -> re.Pattern[str]:
   return re.compile(key[1:] if key.startswith("^") else key)
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+class FrozenDict(Mapping):
+  """An immutable, hashable mapping: the type of a spec's dict fields.
 
+  It reads like a dict (``[]``, ``get``, ``items``, ``len``, ``in``, ``|``)
+  and equals a dict with the same items, whatever their order; its hash
+  ignores order too. Every mutating method raises ``TypeError``. Convert with
+  ``dict(...)``; serialise a whole spec with :meth:`LoraSpec.to_dict`.
 
-def _is_real(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+  >>> spec = LoraSpec(target_modules=["q"], rank_pattern={"q": 4})
+  >>> spec.rank_pattern == {"q": 4}, spec.rank_pattern
+  (True, FrozenDict({'q': 4}))
+  >>> spec.rank_pattern["q"] = 2
+  Traceback (most recent call last):
+  TypeError: `rank_pattern` is immutable: ...
+  >>> dataclasses.replace(spec, rank_pattern=spec.rank_pattern | {"q": 2}).rank_pattern
+  FrozenDict({'q': 2})
+  """
 
+  # Not a dict subclass: a dict whose mutators raise breaks code written for dicts, and
+  # dict's C-level methods (`dict.__setitem__(d, ...)`) would still mutate it. Not a
+  # MappingProxyType: it neither hashes nor pickles.
+  __slots__ = ("_data", "_field", "_hash")
 
-def _number(x: Any) -> int | float:
-  return int(x) if _is_int(x) else float(x)
+  def __init__(self, data: Mapping | Any = (), field: str | None = None):
+    if hasattr(self, "_data"):
+      self._refuse()
+    object.__setattr__(self, "_data", dict(data))
+    object.__setattr__(self, "_field", field)
+    object.__setattr__(self, "_hash", None)
 
+  def __getitem__(self, key):
+    return self._data[key]
 
-def _names(field: str, value: Any, problems: list[str], *, str_ok: bool) -> Any:
-  """Normalises a "str or sequence of str" field; records problems."""
-  if value is None:
-    return None
-  if isinstance(value, str):
-    return value if str_ok else (value,)
-  if isinstance(value, (set, frozenset)):
-    items = tuple(sorted(value, key=str))
-  elif isinstance(value, (list, tuple)):
-    items = tuple(value)
-  else:
-    problems.append(f"`{field}` must be None, a str or a list of str; got {value!r} "
-                    f"({type(value).__name__}). Pass e.g. `{field}=['q_proj', 'v_proj']`.")
-    return value
-  if bad := [v for v in items if not isinstance(v, str) or not v]:
-    problems.append(f"`{field}` entries must be non-empty str; got {', '.join(map(repr, bad))}.")
-  return items
+  def __iter__(self) -> Iterator:
+    return iter(self._data)
 
+  def __len__(self) -> int:
+    return len(self._data)
 
-def _check_regex(what: str, pattern: str, problems: list[str]) -> None:
-  try:
-    re.compile(pattern)
-  except re.error as e:
-    problems.append(f"{what} {pattern!r} is not a valid regular expression ({e}). "
-                    "Escape special characters with `re.escape` or fix the pattern.")
+  def __eq__(self, other: object) -> bool:
+    if isinstance(other, FrozenDict):
+      return self._data == other._data
+    if isinstance(other, Mapping):
+      return self._data == dict(other.items())
+    return NotImplemented
+
+  def __hash__(self) -> int:
+    if self._hash is None:
+      object.__setattr__(self, "_hash", hash(frozenset(self._data.items())))
+    return self._hash
+
+  def __repr__(self) -> str:
+    return f"FrozenDict({self._data!r})"
+
+  def __or__(self, other):  # a new FrozenDict, as frozenset | set is a new frozenset
+    if not isinstance(other, Mapping):
+      return NotImplemented
+    return FrozenDict({**self._data, **other}, self._field)
+
+  def __ror__(self, other):
+    return {**other, **self._data} if isinstance(other, Mapping) else NotImplemented
+
+  def __reduce__(self):
+    return (FrozenDict, (self._data, self._field))
+
+  def _refuse(self, *args, **kwargs):
+    f = self._field
+    if f is None:
+      raise TypeError("A FrozenDict is immutable; build a new one instead, e.g. "
+                      "`FrozenDict({**d, key: value})` or `d | {key: value}`.")
+    raise TypeError(
+        f"`{f}` is immutable: a LoraSpec is a hashable value (a jit cache key and "
+        "checkpoint metadata), so its fields never change after construction. Build a new "
+        f"spec instead: `dataclasses.replace(spec, {f}={{...}})`, e.g. "
+        f"`dataclasses.replace(spec, {f}=spec.{f} | {{key: value}})`.")
+
+  __setitem__ = __delitem__ = __setattr__ = __delattr__ = __ior__ = _refuse
+  update = pop = popitem = clear = setdefault = _refuse
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -111,6 +162,7 @@ class LoraSpec:
   Attributes:
     r: LoRA rank, an int > 0.
     lora_alpha: Scaling numerator: the update is scaled by ``alpha / r``.
+      ``|lora_alpha|`` must not exceed the float32 maximum (~3.4e38).
     use_rslora: Scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA).
     target_modules: ``"all-linear"`` (every matmul kernel but the output head),
       another str (a regex that must ``re.fullmatch`` the "/"-joined module
@@ -118,7 +170,8 @@ class LoraSpec:
     exclude_modules: Modules never adapted: a regex (str) or a list, as above.
     layers_to_transform: Keep only these layer indices (int or list).
     layers_pattern: Name(s) of the layer list, e.g. ``"layers"`` or ``"h"``;
-      only valid together with ``layers_to_transform``.
+      only valid together with ``layers_to_transform``. ``""`` and ``[]``
+      mean unset (None), as in PEFT.
     rank_pattern: Per-module rank, ``{key: r}``; keys are regexes matched at
       a "/" boundary of the module path (the most specific key wins).
     alpha_pattern: Per-module alpha, looked up independently of the rank.
@@ -139,6 +192,9 @@ class LoraSpec:
     kernel_axes: lojax-specific: ``{key: input_axes}`` for N-D kernels whose
       module path the key matches (same key rule as ``rank_pattern``).
 
+  The dict fields are stored as :class:`FrozenDict` and the sequences as
+  tuples: a spec never changes. Derive a new one with ``dataclasses.replace``.
+
   Raises:
     ValueError: listing every invalid field, what was received and expected.
 
@@ -154,20 +210,20 @@ class LoraSpec:
   exclude_modules: None | str | Sequence[str] = None
   layers_to_transform: None | int | Sequence[int] = None
   layers_pattern: None | str | Sequence[str] = None
-  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=FrozenDict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=FrozenDict)
   lora_dropout: float = 0.0
   bias: str = "none"
   modules_to_save: None | Sequence[str] = None
   init_lora_weights: bool | str = True
   use_dora: bool = False
-  loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
   task_type: None | TaskType | str = None
   finetune_attention_modules: None | bool = None
   finetune_mlp_modules: None | bool = None
   finetune_language_layers: None | bool = None
   finetune_vision_layers: None | bool = None
-  kernel_axes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
+  kernel_axes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=FrozenDict)
 
   def __post_init__(self):
     p: list[str] = []  # every problem found; raised together at the end
@@ -175,105 +231,25 @@ class LoraSpec:
     def set_(name: str, value: Any) -> None:
       object.__setattr__(self, name, value)
 
-    if not _is_int(self.r) or self.r <= 0:
-      p.append(f"`r` must be an int > 0; got r={self.r!r}. Pass e.g. `r=8`.")
-    else:
-      set_("r", int(self.r))
-    if not _is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha):
-      p.append(f"`lora_alpha` must be a finite number; got lora_alpha={self.lora_alpha!r}. "
-               "Pass e.g. `lora_alpha=16`.")
-    else:
-      set_("lora_alpha", _number(self.lora_alpha))
-    for name in ("use_rslora", "use_dora"):
-      if not isinstance(getattr(self, name), bool):
-        p.append(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
-    d = self.lora_dropout
-    if not _is_real(d) or not 0.0 <= d < 1.0:
-      p.append(f"`lora_dropout` must be a number in [0, 1); got lora_dropout={d!r}. "
-               "Use 0.0 for no dropout.")
-    else:
-      set_("lora_dropout", float(d))
-    if self.bias not in BIAS_MODES:
-      p.append(f"`bias` must be one of {BIAS_MODES}; got bias={self.bias!r}.")
-
-    for name, str_ok in (("target_modules", True), ("exclude_modules", True),
-                         ("layers_pattern", False), ("modules_to_save", False)):
-      set_(name, _names(name, getattr(self, name), p, str_ok=str_ok))
-    tm = self.target_modules
-    if isinstance(tm, str) and tm != ALL_LINEAR:
-      _check_regex("`target_modules`", tm, p)
-    if tm == ():
-      p.append("`target_modules=[]` selects nothing. Pass module names, a regex, or "
-               "'all-linear'.")
-    if isinstance(self.exclude_modules, str):
-      _check_regex("`exclude_modules`", self.exclude_modules, p)
-    for pat in self.layers_pattern or ():
-      if isinstance(pat, str):
-        _check_regex("`layers_pattern` entry", pat, p)
-
-    lt = self.layers_to_transform
-    items = (lt,) if _is_int(lt) else lt
-    if lt is None:
-      if self.layers_pattern is not None:
-        p.append(f"`layers_pattern={list(self.layers_pattern)!r}` was given without "
-                 "`layers_to_transform`. Pass the layer indices to keep, e.g. "
-                 "`layers_to_transform=[0, 1]`, or drop `layers_pattern`.")
-    elif not isinstance(items, (list, tuple, set, frozenset)) or not items:
-      p.append(f"`layers_to_transform` must be an int or a non-empty list of ints; got "
-               f"{lt!r}. Pass e.g. `layers_to_transform=[0, 1]`.")
-    elif bad := [i for i in items if not _is_int(i) or i < 0]:
-      p.append("`layers_to_transform` entries must be ints >= 0; got "
-               f"{', '.join(map(repr, bad))}.")
-    else:
-      set_("layers_to_transform",
-           int(lt) if _is_int(lt) else tuple(sorted({int(i) for i in items})))
-
-    for name, check, expected in (
-        ("rank_pattern", _positive_int, "an int > 0"),
-        ("alpha_pattern", _finite, "a finite number"),
-        ("kernel_axes", _axes, "a non-empty tuple of distinct ints >= 0"),
-    ):
-      set_(name, _pattern_dict(name, getattr(self, name), check, expected, p))
-
-    init = self.init_lora_weights
-    if not (isinstance(init, bool) or (isinstance(init, str) and (
-            init in _INIT_NAMES or _PISSA_NITER.fullmatch(init)))):
-      p.append(f"`init_lora_weights` must be one of {_INIT_VALID}; got "
-               f"init_lora_weights={init!r}.")
-    if init == "orthogonal" and _is_int(self.r) and self.r % 2:
-      p.append(f"`init_lora_weights='orthogonal'` needs an even `r`; got r={self.r}. "
-               f"Use r={self.r + 1} or another init.")
-    lc = self.loftq_config
-    if not isinstance(lc, Mapping):
-      p.append(f"`loftq_config` must be a dict; got {lc!r} ({type(lc).__name__}).")
-    else:
-      set_("loftq_config", dict(lc))
-      if unknown := sorted(map(str, set(lc) - set(_LOFTQ_KEYS))):
-        p.append(f"`loftq_config` has unknown keys {unknown}; valid keys are "
-                 f"{list(_LOFTQ_KEYS)}.")
-      if not (_is_int(bits := lc.get("loftq_bits", 4)) and bits in (4, 8)):
-        p.append(f"`loftq_config['loftq_bits']` must be 4 or 8; got {bits!r}.")
-      if not (_is_int(it := lc.get("loftq_iter", 1)) and it >= 1):
-        p.append(f"`loftq_config['loftq_iter']` must be an int >= 1; got {it!r}.")
-      if init == "loftq" and not lc:
-        p.append("`init_lora_weights='loftq'` needs `loftq_config`, e.g. "
-                 "`loftq_config={'loftq_bits': 4, 'loftq_iter': 1}`.")
-
-    tt = self.task_type
-    if tt is not None and not isinstance(tt, TaskType):
-      try:
-        set_("task_type", TaskType(tt.upper() if isinstance(tt, str) else tt))
-      except ValueError:
-        p.append(f"`task_type` must be None or one of {[t.value for t in TaskType]}; "
-                 f"got task_type={tt!r}.")
-
+    for f in dataclasses.fields(self):  # NumPy scalars anywhere (subclass fields too)
+      set_(f.name, _py(getattr(self, f.name)))
+    _check_numbers(self, set_, p)
+    _check_names(self, set_, p)
+    _check_layers(self, set_, p)
+    for name, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha),
+                        ("kernel_axes", _axes)):
+      set_(name, _pattern_dict(name, getattr(self, name), check, p))
+    _check_init(self, set_, p)
+    _check_task(self, set_, p)
     p.extend(_check_groups(self))
     if p:
       head = "Invalid LoraSpec: " if len(p) == 1 else f"Invalid LoraSpec ({len(p)} problems):\n  - "
       raise ValueError(head + "\n  - ".join(p))
 
   def _canonical(self) -> tuple:
-    return tuple((f.name, _freeze(getattr(self, f.name))) for f in dataclasses.fields(self))
+    # Every field is hashable once validated (mappings are FrozenDicts, whose equality
+    # and hash ignore order).
+    return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
 
   def __eq__(self, other: object) -> bool:
     if type(other) is not type(self):
@@ -316,7 +292,7 @@ class LoraSpec:
     return tuple(m for m in _TASK_MODULES.get(self.task_type, ()) if m not in user)
 
   def to_dict(self) -> dict[str, Any]:
-    """A JSON-friendly dict of all fields (enums as str, tuples as lists).
+    """A JSON-serialisable dict of all fields (enums as str, tuples as lists).
 
     >>> LoraSpec(target_modules=["q"], task_type="CAUSAL_LM").to_dict()["task_type"]
     'CAUSAL_LM'
@@ -325,7 +301,7 @@ class LoraSpec:
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> LoraSpec:
-    """Rebuilds a spec from :meth:`to_dict` output.
+    """Rebuilds a spec from :meth:`to_dict` output (also after a JSON round trip).
 
     Raises:
       ValueError: if ``data`` has keys that are not ``LoraSpec`` fields.
@@ -338,44 +314,134 @@ class LoraSpec:
       raise TypeError(f"`data` must be a dict; got {type(data).__name__}.")
     names = [f.name for f in dataclasses.fields(cls)]
     if unknown := sorted(str(k) for k in data if k not in names):
-      raise ValueError(f"`data` has keys that are not LoraSpec fields: {unknown}. Valid "
+      raise ValueError(f"`data` has keys that are not {cls.__name__} fields: {unknown}. Valid "
                        f"fields: {names}. Remove the extra keys before calling `from_dict`.")
     return cls(**data)
 
 
-def _positive_int(v: Any) -> int | None:
-  return int(v) if _is_int(v) and v > 0 else None
+# --------------------------------------------------------------------------
+# Validation steps of LoraSpec.__post_init__; each records problems in `p`
+# and stores the normalised values with `set_`.
+# --------------------------------------------------------------------------
+
+def _check_numbers(spec: LoraSpec, set_, p: list[str]) -> None:
+  r, why = _rank(spec.r)
+  if why:
+    p.append(f"`r` must be {why}; got r={_show(spec.r)}. Pass e.g. `r=8`.")
+  else:
+    set_("r", r)
+  alpha, why = _alpha(spec.lora_alpha)
+  if why:
+    p.append(f"`lora_alpha` must be {why}; got lora_alpha={_show(spec.lora_alpha)}. "
+             "Pass e.g. `lora_alpha=16`.")
+  else:
+    set_("lora_alpha", alpha)
+  for name in ("use_rslora", "use_dora"):
+    if not isinstance(getattr(spec, name), bool):
+      p.append(f"`{name}` must be True or False; got {_show(getattr(spec, name))}.")
+  d = spec.lora_dropout
+  if not _is_real(d) or not 0.0 <= d < 1.0:
+    p.append(f"`lora_dropout` must be a number in [0, 1); got lora_dropout={_show(d)}. "
+             "Use 0.0 for no dropout.")
+  else:
+    set_("lora_dropout", float(d))
+  if not (isinstance(spec.bias, str) and spec.bias in BIAS_MODES):
+    p.append(f"`bias` must be one of {BIAS_MODES}; got bias={_show(spec.bias)}.")
+  else:
+    set_("bias", _str(spec.bias))
 
 
-def _finite(v: Any) -> int | float | None:
-  return _number(v) if _is_real(v) and math.isfinite(v) else None
+def _check_names(spec: LoraSpec, set_, p: list[str]) -> None:
+  lp = spec.layers_pattern
+  if isinstance(lp, (str, list, tuple)) and not lp:  # PEFT: an empty layers_pattern is unset
+    set_("layers_pattern", None)
+  for name, str_ok in (("target_modules", True), ("exclude_modules", True),
+                       ("layers_pattern", False), ("modules_to_save", False)):
+    set_(name, _names(name, getattr(spec, name), p, str_ok=str_ok))
+  tm = spec.target_modules
+  if isinstance(tm, (str, tuple)) and not tm:
+    p.append(f"`target_modules={_jsonable(tm)!r}` selects nothing. Pass module names, a "
+             "regex, or 'all-linear'.")
+  elif isinstance(tm, str) and tm != ALL_LINEAR:
+    _check_regex("`target_modules`", tm, p)
+  if isinstance(spec.exclude_modules, str):
+    _check_regex("`exclude_modules`", spec.exclude_modules, p)
+  if isinstance(spec.layers_pattern, tuple):
+    for pat in spec.layers_pattern:
+      if isinstance(pat, str) and pat:
+        _check_regex("`layers_pattern` entry", pat, p, embedded=True)
 
 
-def _pattern_dict(name: str, value: Any, check, expected: str, p: list[str]) -> Any:
-  """Validates a ``{regex key: value}`` field; returns a plain dict copy."""
-  if not isinstance(value, Mapping):
-    p.append(f"`{name}` must be a dict; got {value!r} ({type(value).__name__}).")
-    return value
-  out = {}
-  for key, v in value.items():
-    if not isinstance(key, str) or not key:
-      p.append(f"`{name}` keys must be non-empty str; got key {key!r}.")
-      continue
-    try:
-      compile_pattern_key(key)
-    except re.error as e:
-      p.append(f"`{name}` key {key!r} is not a valid regular expression ({e}). "
-               "Escape special characters with `re.escape` or fix the key.")
-    if (out.setdefault(key, check(v))) is None:
-      p.append(f"`{name}[{key!r}]` must be {expected}; got {v!r}.")
-  return out
+def _check_layers(spec: LoraSpec, set_, p: list[str]) -> None:
+  lt = spec.layers_to_transform
+  items = (lt,) if _is_int(lt) else lt
+  if lt is None:
+    if isinstance(spec.layers_pattern, tuple):
+      p.append(f"`layers_pattern={list(spec.layers_pattern)!r}` was given without "
+               "`layers_to_transform`. Pass the layer indices to keep, e.g. "
+               "`layers_to_transform=[0, 1]`, or drop `layers_pattern`.")
+  elif not isinstance(items, (list, tuple, set, frozenset, range)) or not items:
+    p.append(f"`layers_to_transform` must be an int or a non-empty list of ints; got "
+             f"{_show(lt)}. Pass e.g. `layers_to_transform=[0, 1]`.")
+  elif bad := [i for i in map(_py, items) if not _is_int(i) or i < 0]:
+    p.append("`layers_to_transform` entries must be ints >= 0; got "
+             f"{', '.join(map(_show, bad))}.")
+  else:
+    set_("layers_to_transform",
+         int(lt) if _is_int(lt) else tuple(sorted({int(i) for i in items})))
+
+
+def _check_init(spec: LoraSpec, set_, p: list[str]) -> None:
+  init = spec.init_lora_weights
+  name = _str(init) if isinstance(init, str) else None  # compared below; never an array
+  if not (isinstance(init, bool) or (name and (
+          name in _INIT_NAMES or _PISSA_NITER.fullmatch(name)))):
+    p.append(f"`init_lora_weights` must be one of {_INIT_VALID}; got "
+             f"init_lora_weights={_show(init)}.")
+  elif name:
+    set_("init_lora_weights", name)
+  init = name
+  if init == "orthogonal" and _is_int(spec.r) and spec.r % 2:
+    p.append(f"`init_lora_weights='orthogonal'` needs an even `r`; got r={spec.r}. "
+             f"Use r={spec.r + 1} or another init.")
+  lc = spec.loftq_config
+  if not isinstance(lc, Mapping):
+    p.append(f"`loftq_config` must be a dict; got {_show(lc)} ({type(lc).__name__}).")
+    return
+  n = len(p)
+  if unknown := sorted(map(str, set(lc) - set(_LOFTQ_KEYS))):
+    p.append(f"`loftq_config` has unknown keys {unknown}; valid keys are "
+             f"{list(_LOFTQ_KEYS)}.")
+  if not (_is_int(bits := lc.get("loftq_bits", 4)) and bits in (4, 8)):
+    p.append(f"`loftq_config['loftq_bits']` must be 4 or 8; got {_show(bits)}.")
+  if not (_is_int(it := lc.get("loftq_iter", 1)) and it >= 1):
+    p.append(f"`loftq_config['loftq_iter']` must be an int >= 1; got {_show(it)}.")
+  if init == "loftq" and not lc:
+    p.append("`init_lora_weights='loftq'` needs `loftq_config`, e.g. "
+             "`loftq_config={'loftq_bits': 4, 'loftq_iter': 1}`.")
+  if len(p) == n:  # valid: known str keys, int values
+    set_("loftq_config", FrozenDict({_str(k): int(v) for k, v in lc.items()}, "loftq_config"))
+
+
+def _check_task(spec: LoraSpec, set_, p: list[str]) -> None:
+  tt = spec.task_type
+  if tt is None or isinstance(tt, TaskType):
+    return
+  try:
+    if not isinstance(tt, str):
+      raise ValueError
+    set_("task_type", TaskType(tt.upper()))
+  except ValueError:
+    p.append(f"`task_type` must be None or one of {[t.value for t in TaskType]}; "
+             f"got task_type={_show(tt)}.")
 
 
 def _check_groups(spec: LoraSpec) -> list[str]:
   """Checks ``target_modules`` against the ``finetune_*`` group flags."""
   p = []
   flags = {name: getattr(spec, name) for name in GROUP_FLAGS}
-  if bad := [f"{k}={v!r}" for k, v in flags.items() if v is not None and not isinstance(v, bool)]:
+  if bad := [f"{k}={_show(v)}" for k, v in flags.items()
+             if v is not None and not isinstance(v, bool)]:
     p.append(f"The `finetune_*` flags must be None, True or False; got {', '.join(bad)}.")
   given = [k for k, v in flags.items() if v is not None]
   if spec.target_modules is not None and given:
@@ -391,21 +457,134 @@ def _check_groups(spec: LoraSpec) -> list[str]:
   return p
 
 
-def _axes(v: Any) -> tuple[int, ...] | None:
+# --------------------------------------------------------------------------
+# Value checks and normalisation
+# --------------------------------------------------------------------------
+
+def _py(x: Any) -> Any:
+  """A NumPy scalar (bool, int, float, str) as the Python value; anything else as is."""
+  if isinstance(x, (np.bool_, np.integer, np.floating, np.str_)):
+    return x.item()
+  return x
+
+
+def _str(x: str) -> str:
+  return str.__str__(x)  # the exact-str value of a str subclass (np.str_, a str enum)
+
+
+def _show(x: Any, limit: int = 80) -> str:
+  s = repr(x)
+  return s if len(s) <= limit else s[:limit - 5] + " ...>"
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _rank(v: Any) -> tuple[int | None, str | None]:
+  if not _is_int(v) or v <= 0:
+    return None, "an int > 0"
+  if v > MAX_RANK:
+    return None, ("at most 2**31 - 1 (a rank never exceeds the smaller dimension of the "
+                  "kernel it adapts)")
+  return int(v), None
+
+
+def _alpha(v: Any) -> tuple[int | float | None, str | None]:
+  if not _is_real(v):
+    return None, "a finite number"
+  try:
+    f = float(v)
+  except OverflowError:  # an int beyond float range
+    f = math.inf if v > 0 else -math.inf
+  else:
+    if not math.isfinite(f):
+      return None, "a finite number"
+  if abs(f) > MAX_ALPHA:
+    return None, (f"a number with magnitude <= {MAX_ALPHA:.4g}, so that the scaling "
+                  "alpha / r stays finite in float32")
+  return (int(v) if _is_int(v) else f), None
+
+
+def _axes(v: Any) -> tuple[tuple[int, ...] | None, str | None]:
+  why = "a non-empty tuple of distinct ints >= 0"
   items = (v,) if _is_int(v) else v
   if not isinstance(items, (list, tuple)) or not items:
-    return None
+    return None, why
+  items = [_py(i) for i in items]
   if not all(_is_int(i) and i >= 0 for i in items) or len(set(items)) != len(items):
+    return None, why
+  return tuple(int(i) for i in items), None
+
+
+def _pattern_dict(name: str, value: Any, check, p: list[str]) -> Any:
+  """Validates a ``{regex key: value}`` field; returns a :class:`FrozenDict` copy."""
+  if not isinstance(value, Mapping):
+    p.append(f"`{name}` must be a dict; got {_show(value)} ({type(value).__name__}).")
+    return value
+  out = {}
+  for key, v in value.items():
+    key, v = _py(key), _py(v)
+    if not isinstance(key, str) or not key:
+      p.append(f"`{name}` keys must be non-empty str; got key {_show(key)}.")
+      continue
+    key = _str(key)
+    _check_regex(f"`{name}` key", key, p, embedded=True, caret=True)
+    out[key], why = check(v)
+    if why:
+      p.append(f"`{name}[{key!r}]` must be {why}; got {_show(v)}.")
+  return FrozenDict(out, name)
+
+
+def _names(field: str, value: Any, problems: list[str], *, str_ok: bool) -> Any:
+  """Normalises a "str or sequence of str" field; records problems."""
+  if value is None:
     return None
-  return tuple(int(i) for i in items)
+  if isinstance(value, str):
+    if not value and not str_ok:
+      problems.append(f"`{field}=''` names no module. Pass None for none, or names such as "
+                      f"`{field}=['classifier']`.")
+      return value
+    return _str(value) if str_ok else (_str(value),)
+  if isinstance(value, (set, frozenset)):
+    items = tuple(sorted(value, key=str))
+  elif isinstance(value, (list, tuple)):
+    items = tuple(map(_py, value))
+  else:
+    hint = " Convert an array with `.tolist()`." if hasattr(value, "shape") else ""
+    problems.append(f"`{field}` must be None, a str or a list of str; got {_show(value)} "
+                    f"({type(value).__name__}). Pass e.g. `{field}=['q_proj', 'v_proj']`.{hint}")
+    return value
+  if bad := [v for v in items if not isinstance(v, str) or not v]:
+    problems.append(f"`{field}` entries must be non-empty str; got {', '.join(map(_show, bad))}.")
+    return items
+  return tuple(map(_str, items))
 
 
-def _freeze(value: Any) -> Any:
-  if isinstance(value, Mapping):
-    return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-  if isinstance(value, (list, tuple)):
-    return tuple(_freeze(v) for v in value)
-  return value
+def _check_regex(what: str, pattern: str, problems: list[str], *, embedded: bool = False,
+                 caret: bool = False) -> None:
+  """Records a problem if ``pattern`` does not compile.
+
+  ``embedded``: it must also compile inside ``(?:...)``; ``caret``: a leading
+  ``^`` is an anchor the matcher strips (see :func:`compile_pattern_key`).
+  """
+  body = pattern[1:] if caret and pattern.startswith("^") else pattern
+  try:
+    re.compile(body)
+  except re.error as e:
+    problems.append(f"{what} {pattern!r} is not a valid regular expression ({e}). "
+                    "Escape special characters with `re.escape` or fix the pattern.")
+    return
+  if embedded:  # the matcher embeds it in a larger regex, e.g. (?:.*/)?(?:key)
+    try:
+      re.compile(f"(?:{body})")
+    except re.error as e:
+      problems.append(f"{what} {pattern!r} cannot be part of a larger regular expression "
+                      f"({e}). Use a scoped flag such as `(?i:...)` instead of `(?i)`.")
 
 
 def _jsonable(value: Any) -> Any:
