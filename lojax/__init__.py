@@ -1,5 +1,39 @@
-"""lojax: parameter-efficient fine-tuning (LoRA) as pure transforms of JAX param trees."""
+"""lojax: parameter-efficient fine-tuning (LoRA) as pure transforms of JAX param trees.
 
+The architecture, one group per concept (docs/design.md draws the pipeline).
+"""
+
+# Configuration: what to adapt and how (PEFT's LoraConfig names).
+from lojax._src.spec import LoraSpec
+from lojax._src.spec import TaskType
+
+# The data model and wrapping: a frozen base plus named adapters.
+from lojax._src.model import LoraParams
+from lojax._src.wrap import kernel_paths
+from lojax._src.wrap import wrap
+
+# Computing with adapters: factorized inside any function of the params.
+from lojax._src.apply import lorafy
+
+# Folding adapters into the base and taking them out again.
+from lojax._src.merge import merge
+from lojax._src.merge import unmerge
+
+# Training plumbing for optax: masks, labels, counts, the active set.
+from lojax._src.training import ParameterCount
+from lojax._src.training import count_parameters
+from lojax._src.training import partition_labels
+from lojax._src.training import print_trainable_parameters
+from lojax._src.training import set_adapter
+from lojax._src.training import trainable_mask
+
+# Several adapters on one base: delete, disable, combine, mixed batches.
+from lojax._src.adapters import adapter_ids
+from lojax._src.adapters import add_weighted_adapter
+from lojax._src.adapters import delete_adapter
+from lojax._src.adapters import disable_adapters
+
+# AdaLoRA: SVD-form adapters whose rank allocation runs inside the optimizer.
 from lojax._src.adalora import AdaLoraSpec
 from lojax._src.adalora import AdaLoraState
 from lojax._src.adalora import adalora
@@ -8,38 +42,28 @@ from lojax._src.adalora import adalora_orth_reg
 from lojax._src.adalora import adalora_rank_pattern
 from lojax._src.adalora import adalora_ranks
 from lojax._src.adalora import resize as adalora_resize
-from lojax._src.adapters import add_weighted_adapter
-from lojax._src.adapters import adapter_ids
-from lojax._src.adapters import delete_adapter
-from lojax._src.adapters import disable_adapters
-from lojax._src.apply import lorafy
+
+# Quantized base kernels (QLoRA).
+from lojax._src.quant import QuantizedArray
+from lojax._src.quant import dequantize
+from lojax._src.quant import quantize
+
+# Checkpoints (Orbax) of adapters, optimizer state and merged models.
 from lojax._src.checkpoint import AdapterCheckpointer
 from lojax._src.checkpoint import restore_adapters
 from lojax._src.checkpoint import save_adapters
 from lojax._src.checkpoint import save_merged
-from lojax._src.lora import LoraParams
-from lojax._src.lora import kernel_paths
-from lojax._src.lora import wrap
-from lojax._src.merge import merge
-from lojax._src.merge import unmerge
+
+# Hugging Face PEFT adapter files.
 from lojax._src.peft_format import GPT2_MAPPING
 from lojax._src.peft_format import PeftMapping
 from lojax._src.peft_format import load_peft
 from lojax._src.peft_format import save_peft
-from lojax._src.quant import QuantizedArray
-from lojax._src.quant import dequantize
-from lojax._src.quant import quantize
+
+# Sharding adapters and optimizer states with the base.
 from lojax._src.sharding import lora_shardings
 from lojax._src.sharding import opt_state_shardings
 from lojax._src.sharding import shard
-from lojax._src.spec import LoraSpec
-from lojax._src.spec import TaskType
-from lojax._src.training import ParameterCount
-from lojax._src.training import count_parameters
-from lojax._src.training import partition_labels
-from lojax._src.training import print_trainable_parameters
-from lojax._src.training import set_adapter
-from lojax._src.training import trainable_mask
 
 __version__ = "0.1.0"
 

@@ -184,8 +184,8 @@ def test_merge_several_and_unmerge_in_reverse_order():
   merged = lojax.merge(lora)
   want = np64(lora.base["l"]["kernel"]) + dense_delta(lora, "a") + dense_delta(lora, "b")
   np.testing.assert_allclose(merged["l"]["kernel"], want, rtol=1e-5, atol=1e-6)
-  step = lojax.unmerge(merged, lora, adapter_names=["b"])
+  step = lojax.unmerge(lora, merged, adapter_names=["b"])
   np.testing.assert_allclose(step["l"]["kernel"], np64(lora.base["l"]["kernel"]) + dense_delta(lora, "a"),
                              rtol=1e-5, atol=1e-6)
-  back = lojax.unmerge(step, lora, adapter_names=["a"])
+  back = lojax.unmerge(lora, step, adapter_names=["a"])
   np.testing.assert_allclose(back["l"]["kernel"], lora.base["l"]["kernel"], rtol=1e-5, atol=1e-6)

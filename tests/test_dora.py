@@ -73,7 +73,7 @@ def test_model_merge_unmerge_and_gradients(variant):
       x * (1 + 0.2 * jax.random.normal(jax.random.key(i), x.shape)) for i, x in enumerate(leaves)]))
   out = jax.jit(lojax.lorafy(m.apply))(lora, ids)
   np.testing.assert_allclose(out, m.apply(lojax.merge(lora), ids), rtol=1e-5, atol=1e-5)
-  back = lojax.unmerge(lojax.merge(lora), lora)
+  back = lojax.unmerge(lora, lojax.merge(lora))
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   g1 = jax.grad(lambda t: jnp.mean(lojax.lorafy(m.apply)(lora.with_trainable(t), ids) ** 2))(

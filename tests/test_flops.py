@@ -51,7 +51,7 @@ def step_fns(model, ids):
 
   return {
       "lora": trainable_step(apply),
-      "plain": trainable_step(lambda lo, x: apply(lo, x, lora_remat=False)),
+      "plain": trainable_step(lojax.lorafy(model.apply, remat=False)),
       # the naive path: W + s*A@B inside the step
       "merged": trainable_step(lambda lo, x: model.apply(lojax.merge(lo), x)),
       "full": full_step, "limit": limit, "tx": tx,

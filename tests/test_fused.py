@@ -1,13 +1,13 @@
-"""The memory-lean dense path (default, ``lora_remat=True``) against the plain factorized path.
+"""The memory-lean dense path (default, ``lorafy(fn, remat=True)``) against the plain factorized path.
 
 The lean path runs ``x @ W + s(x@A)@B`` as one matmul under a custom VJP and
 recomputes the kernel input in the backward from the values it was made from
 (LayerNorm inputs, an activation's input). These tests pin that it computes
-the same values and the same gradients as ``lora_remat=False`` (the plain
+the same values and the same gradients as ``remat=False`` (the plain
 path, itself checked against float64 NumPy in test_apply.py), including
 gradients that flow *through* the recomputed chain into trainable leaves
 (a LayerNorm in ``modules_to_save``, trainable biases), and that it refuses
-forward mode with JAX's error while ``lora_remat=False`` supports it.
+forward mode with JAX's error while ``remat=False`` supports it.
 """
 
 import jax
@@ -30,11 +30,12 @@ def _setup(spec_kwargs, **model_kwargs):
   return model, lora, ids
 
 
-def _loss(apply, lora, ids, remat):
+def _loss(model, lora, ids, remat):
   labels = jnp.roll(ids, -1, axis=1)
+  apply = lojax.lorafy(model.apply, remat=remat)
 
   def f(trainable):
-    logits = apply(lora.with_trainable(trainable), ids, lora_remat=remat)
+    logits = apply(lora.with_trainable(trainable), ids)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return f
 
@@ -53,9 +54,8 @@ CASES = {
 def test_same_values_and_gradients_as_the_plain_path(case):
   spec_kwargs, model_kwargs = CASES[case]
   model, lora, ids = _setup(spec_kwargs, **model_kwargs)
-  apply = lojax.lorafy(model.apply)
-  lean = jax.jit(jax.value_and_grad(_loss(apply, lora, ids, True)))(lora.trainable)
-  plain = jax.jit(jax.value_and_grad(_loss(apply, lora, ids, False)))(lora.trainable)
+  lean = jax.jit(jax.value_and_grad(_loss(model, lora, ids, True)))(lora.trainable)
+  plain = jax.jit(jax.value_and_grad(_loss(model, lora, ids, False)))(lora.trainable)
   np.testing.assert_allclose(lean[0], plain[0], rtol=1e-6)
   flat_lean = jax.tree_util.tree_leaves_with_path(lean[1])
   flat_plain = jax.tree.leaves(plain[1])
@@ -69,11 +69,10 @@ def test_same_values_and_gradients_as_the_plain_path(case):
 
 def test_second_order_gradients_match():
   model, lora, ids = _setup(dict(target_modules=["c_fc", "c_proj"]))
-  apply = lojax.lorafy(model.apply)
   direction = jax.tree.map(jnp.ones_like, lora.trainable)
 
   def hvp(remat):
-    grad = jax.grad(_loss(apply, lora, ids, remat))
+    grad = jax.grad(_loss(model, lora, ids, remat))
     inner = lambda t: sum(jnp.vdot(a, b) for a, b in
                           zip(jax.tree.leaves(grad(t)), jax.tree.leaves(direction)))
     return jax.grad(inner)(lora.trainable)
@@ -83,18 +82,21 @@ def test_second_order_gradients_match():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max() + 1e-30))
 
 
-def test_forward_mode_needs_lora_remat_false():
+def test_forward_mode_needs_remat_false():
   model, lora, ids = _setup(dict(target_modules=["c_fc"]))
   apply = lojax.lorafy(model.apply)
   tangent = jax.tree.map(jnp.ones_like, lora.trainable)
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda t: apply(lora.with_trainable(t), ids), (lora.trainable,), (tangent,))
-  out, dout = jax.jvp(lambda t: apply(lora.with_trainable(t), ids, lora_remat=False),
+  plain = lojax.lorafy(model.apply, remat=False)
+  out, dout = jax.jvp(lambda t: plain(lora.with_trainable(t), ids),
                       (lora.trainable,), (tangent,))
   assert out.shape == dout.shape and float(jnp.abs(dout).max()) > 0
 
 
-def test_lora_remat_must_be_a_bool():
+def test_remat_is_a_bool_given_to_lorafy():
   model, lora, ids = _setup(dict(target_modules=["c_fc"]))
-  with pytest.raises(TypeError, match="lora_remat"):
-    lojax.lorafy(model.apply)(lora, ids, lora_remat=jnp.array(True))
+  with pytest.raises(TypeError, match="remat"):
+    lojax.lorafy(model.apply, remat=jnp.array(True))
+  with pytest.raises(TypeError, match=r"lorafy\(fn, remat=False\)"):
+    lojax.lorafy(model.apply)(lora, ids, lora_remat=False)

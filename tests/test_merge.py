@@ -232,7 +232,7 @@ def test_unmerge_restores_base(untied):
              if not np.allclose(x, y, atol=1e-4)]
   # Every kernel of all-linear, every bias and lm_head were changed by merge ...
   assert len(changed) == 8 + 13 + 1, changed
-  restored = lojax.unmerge(merged, lora)
+  restored = lojax.unmerge(lora, merged)
   assert jax.tree.structure(restored) == jax.tree.structure(params)
   # ... and unmerge takes all of it out again.
   for p, x, y in zip(paths, jax.tree.leaves(restored), jax.tree.leaves(params)):
@@ -250,7 +250,7 @@ def test_unmerge_subset_by_adapter_names(untied):
   both = lojax.merge(lora, adapter_names=["default", "b"])
   only_default = lojax.merge(lora, adapter_names="default")
   assert not _all_leaves_equal(both, only_default)
-  partial = lojax.unmerge(both, lora, adapter_names=["b"])
+  partial = lojax.unmerge(lora, both, adapter_names=["b"])
   for x, y in zip(jax.tree.leaves(partial), jax.tree.leaves(only_default)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
   # Reference in float64 for one kernel: W + s*A1@B1 (s = 2).
@@ -317,7 +317,7 @@ def test_merge_unknown_adapter_name_raises():
   with pytest.raises(ValueError, match=r"No adapter named 'nope'"):
     lojax.merge(lora, adapter_names=["default", "nope"])
   with pytest.raises(ValueError, match=r"No adapter named 'nope'"):
-    lojax.unmerge(lojax.merge(lora), lora, adapter_names="nope")
+    lojax.unmerge(lora, lojax.merge(lora), adapter_names="nope")
 
 
 def test_safe_merge_names_a_non_finite_bias_delta():

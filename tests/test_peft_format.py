@@ -261,3 +261,24 @@ def test_export_loads_in_peft_on_transformers_gpt2(tmp_path):
   ours = np.asarray(lojax.lorafy(m.apply)(lora, ids))
   assert np.abs(ours - np.asarray(m.apply(params, ids))).max() > 1e-3   # the adapters matter
   np.testing.assert_allclose(theirs, ours, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("config_change, extra_suffix", [
+    ({}, "lora_magnitude_vector"),                  # a DoRA magnitude in a plain LoRA file
+    ({}, "lora_E"),                                 # an AdaLoRA singular-value vector
+    ({"use_dora": True}, None),                     # DoRA announced, magnitude missing
+])
+def test_tensors_the_variant_does_not_hold_are_refused(tmp_path, config_change, extra_suffix):
+  spec = lojax.LoraSpec(r=4, target_modules=["c_attn"])
+  model, params, ids, lora = wrapped(spec)
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  if extra_suffix:
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    t[f"base_model.model.transformer.h.1.attn.c_attn.{extra_suffix}"] = np.ones(4, np.float32)
+    save_file(t, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+  cfg_file = tmp_path / "adapter_config.json"
+  cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), **config_change)))
+  want = (rf"params/h_1/attn/c_attn: the file has \['{extra_suffix}'\], which a lora adapter"
+          if extra_suffix else r"params/h_0/attn/c_attn: incomplete factors in the file")
+  with pytest.raises(ValueError, match=want):
+    load_peft(tmp_path, params, mapping=GPT2_MAPPING, apply_fn=model.apply, example_args=(ids,))

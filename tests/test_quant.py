@@ -170,3 +170,33 @@ def test_quantize_only_when_wrapping_plain_params(gpt_model):
   with pytest.raises(ValueError, match=r"`quantize='int8'` is only for wrapping plain params"):
     lojax.wrap(lora, lojax.LoraSpec(target_modules=["c_attn"]), key=jax.random.key(0),
                adapter_name="second", quantize="int8")
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_unmerge_gives_back_the_quantized_base(gpt_model, method):
+  _, params, _ = gpt_model
+  spec = lojax.LoraSpec(r=4, target_modules=["c_attn"], init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0), quantize=method)
+  merged = lojax.merge(lora)
+  w = merged["params"]["h_0"]["attn"]["c_attn"]["kernel"]
+  assert not quant.is_quantized(w)   # merged: plain float weights (for export)
+  back = lojax.unmerge(lora, merged)
+  for i in (0, 1):
+    got = back["params"][f"h_{i}"]["attn"]["c_attn"]["kernel"]
+    want = lora.base["params"][f"h_{i}"]["attn"]["c_attn"]["kernel"]
+    assert quant.is_quantized(got) and got.method == method and got.shape == want.shape
+    # The same stored codes and scales as the base it was merged from (not a float kernel).
+    for k, v in want.data.items():
+      np.testing.assert_array_equal(np.asarray(got.data[k]), np.asarray(v), err_msg=k)
+  assert back["params"]["lm_head"]["kernel"].dtype == jnp.float32
+  # Merged params that were changed since: their kernel is quantized anew, like the base.
+  changed = jax.tree.map(lambda x: x, merged)
+  k = merged["params"]["h_0"]["attn"]["c_attn"]["kernel"]
+  changed["params"]["h_0"]["attn"]["c_attn"]["kernel"] = k * 2.0
+  got = lojax.unmerge(lora, changed)["params"]["h_0"]["attn"]["c_attn"]["kernel"]
+  assert quant.is_quantized(got) and got.method == method
+  f = lora.adapters["default"]["lora"]["params/h_0/attn/c_attn"]
+  ref = 2.0 * np.asarray(k) - spec.lora_alpha / spec.r * np.asarray(f["lora_A"]) @ np.asarray(
+      f["lora_B"])
+  err = np.abs(np.asarray(quant.dequantize(got)) - ref).max() / np.abs(ref).max()
+  assert err < (0.02 if method == "int8" else 0.2), err

@@ -37,9 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lojax._src import inits
+from lojax._src import lora as lora_lib
+from lojax._src import model
+from lojax._src import quant
 from lojax._src import spec as spec_lib
+from lojax._src.model import Factors, LoraParams
 
 STEP_KEY = "adalora_step"
+E = "lora_E"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -114,13 +120,113 @@ class AdaLoraSpec(spec_lib.LoraSpec):
     """``(alpha if alpha > 0 else r) / (ranknum + 1e-5)``, ranknum = initial rank."""
     return (alpha if alpha > 0 else r) / (r + 1e-5)
 
+  peft_type = "ADALORA"
 
-def init_factors(key_rng: np.random.Generator, target, dtype):
-  """P, Q ~ N(0, 0.02), E = 0 (PEFT's AdaLoRA init)."""
-  lead = (target.n_layers,) if target.stacked else ()
-  p = jnp.asarray(key_rng.standard_normal(target.a_shape()) * 0.02, dtype)
-  q = jnp.asarray(key_rng.standard_normal(target.b_shape()) * 0.02, dtype)
-  return {"lora_A": p, "lora_E": jnp.zeros(lead + (target.r,), dtype), "lora_B": q}
+  def variant(self):
+    """The SVD-form variant (:class:`AdaLora`)."""
+    return ADALORA
+
+  def peft_fields(self, ranks):
+    """PEFT's ADALORA entries: the schedule, and ``rank_pattern`` as kept-rank masks."""
+    masks = {f"{tn}.{E}": [True] * r + [False] * (self.init_r - r)
+             for tn, r in ranks.items() if r != self.init_r}
+    return {"peft_type": self.peft_type, "rank_pattern": masks or None,
+            **{f: getattr(self, f) for f in _own_fields()}}
+
+  @classmethod
+  def from_peft_fields(cls, config, fields, ranks):
+    """The file's ranks are the allocated ones (kept per target); ``ranknum`` is ``init_r``."""
+    del ranks
+    if missing := [f for f in _own_fields() if f not in config]:
+      raise ValueError(f"This ADALORA adapter_config.json lacks {missing}; PEFT writes every "
+                       "AdaLoraConfig field. Save the adapter again with PEFT.")
+    return cls(**fields, init_lora_weights=True, **{f: config[f] for f in _own_fields()})
+
+
+def _own_fields() -> tuple[str, ...]:
+  """The fields AdaLoraSpec adds to LoraSpec (PEFT's AdaLoraConfig extras)."""
+  shared = {f.name for f in dataclasses.fields(spec_lib.LoraSpec)}
+  return tuple(f.name for f in dataclasses.fields(AdaLoraSpec) if f.name not in shared)
+
+
+class AdaLora(lora_lib.Lora):
+  """SVD form: ``lora_A`` = P ``[L?, in..., r]``, ``lora_E`` = E ``[L?, r]``,
+  ``lora_B`` = Q ``[L?, r, out...]``; the compute path's ``A`` is ``P * E``."""
+
+  name = "adalora"
+
+  def layout(self, t):
+    lead = (model.LAYER,) if t.stacked else ()
+    return {lora_lib.A: t.a_roles(), E: lead + (model.RANK,), lora_lib.B: t.b_roles()}
+
+  def init(self, spec, key, t, kernel, dtype, quantize):
+    """P, Q ~ N(0, 0.02), E = 0 (PEFT's AdaLoRA init); the base is only quantized."""
+    rng = inits.generator(key, t.path)
+    shapes = self.shapes(t)
+    entry = {lora_lib.A: jnp.asarray(rng.standard_normal(shapes[lora_lib.A]) * 0.02, dtype),
+             E: jnp.zeros(shapes[E], dtype),
+             lora_lib.B: jnp.asarray(rng.standard_normal(shapes[lora_lib.B]) * 0.02, dtype)}
+    new = None if quantize is None else quant.quantize(kernel, quantize, in_axes=t.in_axes,
+                                                       stacked=bool(t.stacked))
+    return entry, new
+
+  def adapter_state(self, spec):
+    return {STEP_KEY: jnp.zeros((), jnp.float32)}
+
+  def factors(self, t, entry):
+    f = super().factors(t, entry)
+    e = t.expand_layers(entry[E])
+    lead = 1 if t.stacked else 0
+    scale = e.reshape(e.shape[:lead] + (1,) * (f.a.ndim - lead - 1) + e.shape[-1:])
+    return Factors(f.a * scale, f.b)
+
+  def check_trained(self, name, adapter):
+    """Warns when an AdaLoRA adapter was trained without :func:`adalora` (see module doc)."""
+    step = adapter.get(STEP_KEY)
+    if step is None or isinstance(step, jax.core.Tracer):
+      return
+    trained = any(np.any(np.asarray(v[E])) for v in adapter[model.LORA].values())
+    if int(np.asarray(step)) == 0 and trained:
+      warnings.warn(
+          f"lojax: AdaLoRA adapter {name!r} was trained but never allocated: its ranks "
+          "never changed. Train it with `lojax.adalora(optimizer, spec)` as the optimizer.",
+          stacklevel=3)
+
+
+  def to_peft(self, t, layer):
+    """PEFT's SVD form: ``lora_A [r, in]``, ``lora_E [r, 1]``, ``lora_B [out, r]`` (dense only)."""
+    self._check_dense(t)
+    r = t.r
+    return {"lora_A": layer[lora_lib.A].reshape(-1, r).T, E: layer[E].reshape(r, 1),
+            "lora_B": layer[lora_lib.B].reshape(r, -1).T}
+
+  def from_peft(self, t, tensors):
+    self._check_dense(t)
+    a, b, e = (tensors.get(k) for k in ("lora_A", "lora_B", E))
+    if a is None or b is None or e is None:
+      return None
+    r = a.shape[0]
+    kin = tuple(t.kernel_shape[i] for i in t.in_axes)
+    kout = tuple(t.kernel_shape[i] for i in t.out_axes)
+    return {lora_lib.A: a.T.reshape(kin + (r,)), E: e.reshape(r),
+            lora_lib.B: b.T.reshape((r,) + kout)}
+
+  def peft_target(self, t, layer):
+    """PEFT allocated the ranks: the target keeps the file's rank (and ranknum = init_r)."""
+    return dataclasses.replace(t, r=int(layer[E].shape[-1]))
+
+  def peft_state(self, spec):
+    """PEFT allocated the ranks: the adapter is marked as allocated (see :func:`adalora`)."""
+    return {STEP_KEY: jnp.asarray(spec.total_step, jnp.float32)}
+
+  @staticmethod
+  def _check_dense(t):
+    if t.kind != "dense":
+      raise ValueError(f"PEFT's AdaLoRA adapts linear layers only; '{t.path}' is a {t.kind} "
+                       "kernel. Export it with a plain LoraSpec instead.")
+
+
+ADALORA = AdaLora()
 
 
 # --------------------------------------------------------------------------
@@ -350,23 +456,6 @@ def adalora_rank_pattern(opt_state) -> dict[str, list]:
   return {p: np.asarray(m).tolist() for p, m in mask.items()}
 
 
-def warn_if_unallocated(lora) -> None:
-  """Warns once per adapter trained without :func:`adalora` (see module doc)."""
-  for meta in lora.meta.adapters:
-    if not isinstance(meta.spec, AdaLoraSpec):
-      continue
-    ad = lora.adapters[meta.name]
-    step = ad.get(STEP_KEY)
-    if step is None or isinstance(step, jax.core.Tracer):
-      continue
-    trained = any(np.any(np.asarray(v["lora_E"])) for v in ad["lora"].values())
-    if int(np.asarray(step)) == 0 and trained:
-      warnings.warn(
-          f"lojax: AdaLoRA adapter {meta.name!r} was trained but never allocated: its ranks "
-          "never changed. Train it with `lojax.adalora(optimizer, spec)` as the optimizer.",
-          stacklevel=3)
-
-
 def resize(lora, opt_state, /, *, adapter_name: str = "default"):
   """Truncates P, E, Q to the kept ranks: a smaller adapter, same outputs.
 
@@ -385,8 +474,7 @@ def resize(lora, opt_state, /, *, adapter_name: str = "default"):
   >>> small.adapters["default"]["lora"]["d"]["lora_E"].shape  # nothing pruned yet
   (4,)
   """
-  from lojax._src.lora import AdapterMeta, LoraMeta, LoraParams  # circular at import time
-  warn_if_unallocated(lora)
+  ADALORA.check_trained(adapter_name, lora.adapters[adapter_name])
   state = _find_state(opt_state)
   meta = lora.meta.adapter(adapter_name)
   ad = lora.adapters[adapter_name]
@@ -417,9 +505,5 @@ def resize(lora, opt_state, /, *, adapter_name: str = "default"):
                         "lora_B": jnp.asarray(b2)}
     targets.append(dataclasses.replace(t, r=r_new))
   new_ad = dict(ad, lora=new_lora)
-  new_meta = AdapterMeta(meta.name, meta.spec, tuple(targets), meta.modules_to_save,
-                         meta.bias_paths, meta.heads)
-  metas = tuple(new_meta if m.name == adapter_name else m for m in lora.meta.adapters)
-  adapters = dict(lora.adapters, **{adapter_name: new_ad})
-  return LoraParams(lora.base, adapters, LoraMeta(metas, lora.meta.active))
+  return lora.with_adapter(meta.replace(targets=tuple(targets)), new_ad)
 

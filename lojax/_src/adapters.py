@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lojax._src import model
 from lojax._src import spec as spec_lib
-from lojax._src.apply import factors
-from lojax._src.lora import AdapterMeta, LoraMeta, LoraParams
+from lojax._src.model import AdapterMeta, LoraMeta, LoraParams
 
 BASE = "__base__"
 
@@ -124,72 +124,102 @@ def add_weighted_adapter(lora: LoraParams, adapters: Sequence[str], weights: Seq
   >>> both.adapters["mix"]["lora"]["d"]["lora_A"].shape
   (4, 4)
   """
-  if combination_type not in ("cat", "svd", "linear"):
+  metas = _check_combination(lora, adapters, weights, adapter_name, combination_type)
+  weights = [float(w) for w in weights]
+  paths = sorted({t.path for m in metas for t in m.targets})
+  new_lora, new_targets = {}, []
+  for path in paths:
+    parts = _parts(lora, metas, weights, path)
+    a_new, b_new = _COMBINE[combination_type](path, parts, svd_rank)
+    r_new = int(a_new.shape[-1])
+    new_lora[path] = {"lora_A": a_new, "lora_B": b_new}
+    new_targets.append(dataclasses.replace(parts[0][1], layers=None, r=r_new, alpha=float(r_new),
+                                           scaling=1.0, dropout=0.0))
+  bias: dict = {}
+  for m, w in zip(metas, weights):
+    for p, d in lora.adapters[m.name][model.BIAS].items():
+      bias[p] = bias.get(p, 0) + w * d
+  spec = spec_lib.LoraSpec(r=max(t.r for t in new_targets), lora_alpha=1.0,
+                           target_modules=list(paths))
+  meta = AdapterMeta(adapter_name, spec, tuple(new_targets), (), tuple(sorted(bias)), ())
+  return lora.with_adapter(meta, {model.LORA: new_lora, model.BIAS: bias, model.SAVED: {}})
+
+
+def _check_combination(lora, adapters, weights, adapter_name, combination_type):
+  """The metadata of the adapters to combine; raises for anything that cannot be combined."""
+  if combination_type not in _COMBINE:
     raise ValueError(f"`combination_type` must be 'cat', 'svd' or 'linear'; got "
                      f"{combination_type!r}.")
-  adapters, weights = list(adapters), [float(w) for w in weights]
+  adapters, weights = list(adapters), list(weights)
   if not adapters or len(adapters) != len(weights):
     raise ValueError(f"Give one weight per adapter; got adapters={adapters}, weights={weights}.")
   if adapter_name in lora.meta.names:
     raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
   metas = [lora.meta.adapter(n) for n in adapters]  # raises for unknown names
-  saving = [m.name for m in metas if lora.adapters[m.name]["modules_to_save"]]
+  saving = [m.name for m in metas if lora.adapters[m.name][model.SAVED]]
   if saving:
     raise ValueError(f"Adapters {saving} hold modules_to_save copies, which cannot be combined "
                      "into a low-rank adapter.")
-  paths = sorted({t.path for m in metas for t in m.targets})
-  new_lora, new_targets = {}, []
-  for path in paths:
-    parts = []  # (weight, meta target, A_eff, B_eff with scaling folded in)
-    for m, w in zip(metas, weights):
-      t = next((t for t in m.targets if t.path == path), None)
-      if t is not None:
-        a, b = factors(t, lora.adapters[m.name]["lora"][path])
-        parts.append((w, t, a, b))
-    ref = parts[0][1]
-    layouts = {(t.shape, t.in_axes, t.stacked) for _, t, _, _ in parts}
-    if len(layouts) != 1:
-      raise ValueError(f"Adapters disagree on the layout of '{path}': {sorted(layouts)}.")
-    lead = 1 if ref.stacked else 0
-    if combination_type == "linear":
-      ranks = {a.shape[-1] for _, _, a, _ in parts}
-      if len(ranks) != 1:
-        raise ValueError(f"combination_type='linear' needs equal ranks; '{path}' has ranks "
-                         f"{sorted(ranks)}. Use 'cat' or 'svd'.")
-      neg = [t.path for w, t, _, _ in parts if w * t.scaling < 0]
-      if neg:
-        raise ValueError(f"combination_type='linear' takes sqrt(weight * scaling), which needs "
-                         f"non-negative weights; got a negative product at {neg}.")
-      # factors() folded s_i into B; undo it to apply PEFT's sqrt(w_i s_i) to both.
-      a_new = sum(np.sqrt(w * t.scaling) * a for w, t, a, _ in parts)
-      b_new = sum(np.sqrt(w * t.scaling) * (b / t.scaling) for w, t, _, b in parts)
-    else:
-      a_cat = jnp.concatenate([w * a for w, _, a, _ in parts], axis=-1)
-      b_cat = jnp.concatenate([b for _, _, _, b in parts], axis=lead)
-      if combination_type == "cat":
-        a_new, b_new = a_cat, b_cat
-      else:
-        k = svd_rank or max(t.r for _, t, _, _ in parts)
-        in_shape = a_cat.shape[lead:-1]
-        out_shape = b_cat.shape[lead + 1:]
-        lead_shape = a_cat.shape[:lead]
-        a2 = a_cat.reshape(lead_shape + (-1, a_cat.shape[-1]))
-        b2 = b_cat.reshape(lead_shape + (b_cat.shape[lead], -1))
-        a_k, b_k = _svd_truncate(a2.astype(jnp.float32), b2.astype(jnp.float32), k)
-        a_new = a_k.reshape(lead_shape + in_shape + (a_k.shape[-1],)).astype(a_cat.dtype)
-        b_new = b_k.reshape(lead_shape + (b_k.shape[-2],) + out_shape).astype(b_cat.dtype)
-    r_new = int(a_new.shape[-1])
-    new_lora[path] = {"lora_A": a_new, "lora_B": b_new}
-    new_targets.append(dataclasses.replace(ref, layers=None, r=r_new, alpha=float(r_new),
-                                           scaling=1.0, dropout=0.0))
-  bias: dict = {}
+  return metas
+
+
+def _parts(lora, metas, weights, path: str) -> list:
+  """``[(weight, target, A, B with the scaling folded in)]`` of the adapters that adapt ``path``."""
+  parts = []
   for m, w in zip(metas, weights):
-    for p, d in lora.adapters[m.name]["bias"].items():
-      bias[p] = bias.get(p, 0) + w * d
-  spec = spec_lib.LoraSpec(r=max(t.r for t in new_targets), lora_alpha=1.0,
-                           target_modules=list(paths))
-  meta = AdapterMeta(adapter_name, spec, tuple(new_targets), (), tuple(sorted(bias)), ())
-  new_adapters = dict(lora.adapters)
-  new_adapters[adapter_name] = {"lora": new_lora, "bias": bias, "modules_to_save": {}}
-  return LoraParams(lora.base, new_adapters,
-                    LoraMeta(lora.meta.adapters + (meta,), lora.meta.active))
+    t = next((t for t in m.targets if t.path == path), None)
+    if t is None:
+      continue
+    f = model.factors(m, t, lora.adapters[m.name][model.LORA][path])
+    if f.m is not None:
+      raise ValueError(f"Adapter {m.name!r} rescales '{path}' by a learned magnitude "
+                       f"({m.variant.name}), which is not a low-rank delta and cannot be "
+                       "combined; merge it instead (lojax.merge).")
+    parts.append((w, t, f.a, f.b))
+  layouts = {(t.shape, t.in_axes, t.stacked) for _, t, _, _ in parts}
+  if len(layouts) != 1:
+    raise ValueError(f"Adapters disagree on the layout of '{path}': {sorted(layouts)}.")
+  return parts
+
+
+def _linear(path, parts, svd_rank):
+  """PEFT's ``"linear"``: ``A = sum c_i A_i``, ``B = sum c_i B_i``, ``c_i = sqrt(w_i s_i)``."""
+  del svd_rank
+  ranks = {a.shape[-1] for _, _, a, _ in parts}
+  if len(ranks) != 1:
+    raise ValueError(f"combination_type='linear' needs equal ranks; '{path}' has ranks "
+                     f"{sorted(ranks)}. Use 'cat' or 'svd'.")
+  neg = [t.path for w, t, _, _ in parts if w * t.scaling < 0]
+  if neg:
+    raise ValueError(f"combination_type='linear' takes sqrt(weight * scaling), which needs "
+                     f"non-negative weights; got a negative product at {neg}.")
+  # The factors carry s_i in B; undo it to apply PEFT's sqrt(w_i s_i) to both.
+  a_new = sum(np.sqrt(w * t.scaling) * a for w, t, a, _ in parts)
+  b_new = sum(np.sqrt(w * t.scaling) * (b / t.scaling) for w, t, _, b in parts)
+  return a_new, b_new
+
+
+def _cat(path, parts, svd_rank):
+  """Exactly ``sum_i w_i dW_i``: the weighted factors side by side."""
+  del path, svd_rank
+  lead = 1 if parts[0][1].stacked else 0
+  a_cat = jnp.concatenate([w * a for w, _, a, _ in parts], axis=-1)
+  b_cat = jnp.concatenate([b for _, _, _, b in parts], axis=lead)
+  return a_cat, b_cat
+
+
+def _svd(path, parts, svd_rank):
+  """The best rank-``svd_rank`` factors of ``sum_i w_i dW_i``, from the stacked factors."""
+  a_cat, b_cat = _cat(path, parts, None)
+  lead = 1 if parts[0][1].stacked else 0
+  k = svd_rank or max(t.r for _, t, _, _ in parts)
+  in_shape, out_shape, lead_shape = a_cat.shape[lead:-1], b_cat.shape[lead + 1:], a_cat.shape[:lead]
+  a2 = a_cat.reshape(lead_shape + (-1, a_cat.shape[-1]))
+  b2 = b_cat.reshape(lead_shape + (b_cat.shape[lead], -1))
+  a_k, b_k = _svd_truncate(a2.astype(jnp.float32), b2.astype(jnp.float32), k)
+  a_new = a_k.reshape(lead_shape + in_shape + (a_k.shape[-1],)).astype(a_cat.dtype)
+  b_new = b_k.reshape(lead_shape + (b_k.shape[-2],) + out_shape).astype(b_cat.dtype)
+  return a_new, b_new
+
+
+_COMBINE = {"cat": _cat, "svd": _svd, "linear": _linear}

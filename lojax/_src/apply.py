@@ -10,36 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lojax._src import analysis
-from lojax._src import dora
 from lojax._src import interpret
+from lojax._src import model
 from lojax._src import paths as P
-from lojax._src import quant
 from lojax._src import rules
 from lojax._src import tagged as tg
-from lojax._src.lora import LoraParams, TargetMeta
-
-
-def _expand_layers(x, t: TargetMeta):
-  """Scatters per-selected-layer factors into the full stack (zeros elsewhere)."""
-  if not t.stacked or t.layers is None:
-    return x
-  full = jnp.zeros((t.stacked,) + x.shape[1:], x.dtype)
-  return full.at[jnp.asarray(t.layers)].set(x)
-
-
-def factors(t: TargetMeta, params: dict):
-  """The (A, B·scaling) factors of one target in the kernel's own layout.
-
-  An AdaLoRA adapter's singular values E fold into A: ``A = P * E``.
-  """
-  a = params["lora_A"]
-  if "lora_E" in params:
-    e = params["lora_E"]
-    lead = 1 if t.stacked else 0
-    a = a * e.reshape(e.shape[:lead] + (1,) * (a.ndim - lead - 1) + e.shape[-1:])
-  a = _expand_layers(a, t)
-  b = _expand_layers(params["lora_B"], t) * jnp.asarray(t.scaling, params["lora_B"].dtype)
-  return a, b
+from lojax._src.model import LoraParams, TargetMeta
 
 
 def check_fit(lora: LoraParams, paths: list[str], leaves: list[Any]):
@@ -57,21 +33,15 @@ def check_fit(lora: LoraParams, paths: list[str], leaves: list[Any]):
       if got != t.shape:
         problems.append(f"  [{name}] {t.leaf_path}: params have shape {got}, adapter was built "
                         f"for {t.shape}")
-      entry = params.get("lora", {}).get(t.path)
+      entry = params.get(model.LORA, {}).get(t.path)
       if entry is None:
         problems.append(f"  [{name}] {t.path}: adapter weights missing")
         continue
-      wants = [("lora_A", t.a_shape()), ("lora_B", t.b_shape())]
-      if "lora_E" in entry:
-        wants.append(("lora_E", ((t.n_layers,) if t.stacked else ()) + (t.r,)))
-      if dora.KEY in entry:
-        wants.append((dora.KEY, t.b_shape()[:(1 if t.stacked else 0)] + t.b_shape()[
-            (2 if t.stacked else 1):]))
-      for k, want in wants:
-        have = tuple(np.shape(entry.get(k))) if k in entry else None
+      for k, want in meta.variant.shapes(t).items():
+        have = tuple(np.shape(entry[k])) if k in entry else None
         if have != want:
           problems.append(f"  [{name}] {t.path}/{k}: shape {have}, expected {want}")
-    for group in ("bias", "modules_to_save"):
+    for group in (model.BIAS, model.SAVED):
       for p, x in params.get(group, {}).items():
         if p not in shapes:
           problems.append(f"  [{name}] {group} {p}: not in the params")
@@ -89,7 +59,7 @@ def view(lora: LoraParams):
   paths, leaves, treedef = P.flatten(lora.base)
   check_fit(lora, paths, leaves)
   index = {p: i for i, p in enumerate(paths)}
-  leaves = quant.dequantize_leaves(leaves)  # quantized base kernels, inside the step
+  leaves = [model.decode(x) for x in leaves]  # e.g. quantized kernels, inside the step
   # The base is frozen by construction: however the caller differentiates,
   # no gradient (and so no full-size weight gradient) flows into it.
   leaves = [jax.lax.stop_gradient(x) for x in leaves]
@@ -98,20 +68,18 @@ def view(lora: LoraParams):
   for name in lora.meta.active:
     meta = lora.meta.adapter(name)
     params = lora.adapters[name]
-    for p, x in params["modules_to_save"].items():
+    for p, x in params[model.SAVED].items():
       if p in saved_by:
         raise ValueError(
             f"Active adapters {saved_by[p]!r} and {name!r} both hold a trained copy of "
             f"'{p}' (modules_to_save); activate only one of them.")
       saved_by[p] = name
       leaves[index[p]] = x
-    for p, d in params["bias"].items():
+    for p, d in params[model.BIAS].items():
       leaves[index[p]] = leaves[index[p]] + d.astype(leaves[index[p]].dtype)
     for t in meta.targets:
-      a, b = factors(t, params["lora"][t.path])
-      mag = params["lora"][t.path].get(dora.KEY)
-      m = None if mag is None else dora.term_magnitude(t, mag)
-      terms.setdefault(index[t.leaf_path], []).append((t, a, b, name, m))
+      f = model.factors(meta, t, params[model.LORA][t.path])
+      terms.setdefault(index[t.leaf_path], []).append((t, f.a, f.b, name, f.m))
   return paths, leaves, treedef, terms
 
 
@@ -128,7 +96,7 @@ def _check_ids(ids, n_active: int):
   return ids
 
 
-def lorafy(fn: Callable) -> Callable:
+def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
   """Turns ``fn(params, *args, **kwargs)`` into ``f(lora, *args, **kwargs)``.
 
   The returned function runs ``fn`` on the base params with every active
@@ -138,7 +106,17 @@ def lorafy(fn: Callable) -> Callable:
   which warn). Works for ``model.apply`` of Flax linen, a function that
   merges an NNX graphdef with its state, or any function of a pytree.
 
-  Extra keyword arguments of the returned function:
+  Args:
+    fn: any function whose first argument is the param tree.
+    remat: a compile-time choice, default True: plain ``x @ W`` uses of
+      adapted kernels run as one matmul under a custom VJP whose backward
+      recomputes the kernel input from the values it was computed from (see
+      ``lojax/_src/fused.py``), instead of keeping an activation-sized
+      buffer per adapted kernel for the adapter gradients. Set False to
+      differentiate the function in forward mode (``jax.jvp``,
+      ``jax.jacfwd``), which a custom VJP does not support.
+
+  Extra keyword arguments of the returned function (they vary per call):
     lora_rng: PRNG key for LoRA dropout (training).
     lora_deterministic: set True to disable LoRA dropout (evaluation); a
       Python bool (static under ``jax.jit``).
@@ -146,14 +124,7 @@ def lorafy(fn: Callable) -> Callable:
       example ``i`` uses active adapter ``lora.meta.active[ids[i]]`` only, or
       none when ``ids[i] == -1`` (see :func:`lojax.adapter_ids`). The
       activations' leading axis must be the examples.
-    lora_remat: a Python bool, default True: plain ``x @ W`` uses of adapted
-      kernels run as one matmul under a custom VJP whose backward recomputes
-      the kernel input from the values it was computed from (see
-      ``lojax/_src/fused.py``), instead of keeping an activation-sized buffer
-      per adapted kernel for the adapter gradients. Set False to
-      differentiate the function in forward mode (``jax.jvp``,
-      ``jax.jacfwd``), which a custom VJP does not support.
-  A spec with ``lora_dropout > 0`` needs one of the two.
+  A spec with ``lora_dropout > 0`` needs one of the first two.
 
   The base params are wrapped in ``lax.stop_gradient``: differentiating with
   respect to the whole :class:`LoraParams` gives zero base gradients, and
@@ -168,9 +139,17 @@ def lorafy(fn: Callable) -> Callable:
   (1, 3)
   """
 
+  if not callable(fn):
+    raise TypeError(f"`fn` must be a function of the params, got {type(fn).__name__}.")
+  if not isinstance(remat, bool):
+    raise TypeError(f"`remat` must be a Python bool, got {remat!r} ({type(remat).__name__}).")
+
   @functools.wraps(fn)
   def wrapped(lora, /, *args, lora_rng=None, lora_deterministic=False, lora_adapter_ids=None,
-              lora_remat=True, **kwargs):
+              **kwargs):
+    if "lora_remat" in kwargs:
+      raise TypeError("`lora_remat` is no longer a per-call argument: it is a compile-time "
+                      "choice of the lorafied function. Use `lojax.lorafy(fn, remat=False)`.")
     if not isinstance(lora, LoraParams):
       raise TypeError(
           f"The first argument must be the LoraParams returned by lojax.wrap, got "
@@ -179,8 +158,6 @@ def lorafy(fn: Callable) -> Callable:
       raise TypeError(
           "`lora_deterministic` must be a Python bool, not a traced value: close over it or "
           "mark it static, e.g. jax.jit(apply, static_argnames='lora_deterministic').")
-    if not isinstance(lora_remat, bool):
-      raise TypeError(f"`lora_remat` must be a Python bool, got {type(lora_remat).__name__}.")
     paths, leaves, treedef, terms = view(lora)
     dropout = max((ts_[0].dropout for ts in terms.values() for ts_ in ts), default=0.0)
     rng = None
@@ -212,7 +189,7 @@ def lorafy(fn: Callable) -> Callable:
       raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "
                        "rescales the base output of every example); run them separately.")
     ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)),
-                        remat=lora_remat)
+                        remat=remat)
     outs = interpret.run_closed(closed, invals + list(dyn), ctx)
     outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

@@ -32,14 +32,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lojax._src import adalora
+from lojax._src import merge as merge_lib
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
-from lojax._src.lora import AdapterMeta, LoraMeta, LoraParams, TargetMeta
+from lojax._src.model import AdapterMeta, LoraMeta, LoraParams, TargetMeta
 
 FORMAT = "lojax.adapters"
 VERSION = 1
-_SPEC_CLASSES = {cls.__name__: cls for cls in (spec_lib.LoraSpec, adalora.AdaLoraSpec)}
 _TARGET_FIELDS = ("path", "leaf", "shape", "kind", "in_axes", "stacked", "layers", "r", "alpha",
                   "scaling", "dropout")
 _SAFE = re.compile(r"[A-Za-z0-9_]")
@@ -127,9 +126,9 @@ def _target_from_json(d: Mapping) -> TargetMeta:
 
 def _adapter_json(meta: AdapterMeta) -> dict:
   cls = type(meta.spec).__name__
-  if _SPEC_CLASSES.get(cls) is not type(meta.spec):
+  if spec_lib.spec_classes().get(cls) is not type(meta.spec):
     raise TypeError(f"Adapter {meta.name!r} has a spec of type {cls}, which lojax checkpoints "
-                    f"cannot store; supported: {sorted(_SPEC_CLASSES)}.")
+                    f"cannot store; supported: {sorted(spec_lib.spec_classes())}.")
   return {"name": meta.name, "spec_class": cls, "spec": meta.spec.to_dict(),
           "targets": [_target_json(t) for t in meta.targets],
           "modules_to_save": list(meta.modules_to_save), "bias_paths": list(meta.bias_paths),
@@ -137,9 +136,9 @@ def _adapter_json(meta: AdapterMeta) -> dict:
 
 
 def _adapter_from_json(d: Mapping) -> AdapterMeta:
-  cls = _SPEC_CLASSES.get(d["spec_class"])
+  cls = spec_lib.spec_classes().get(d["spec_class"])
   if cls is None:
-    raise ValueError(f"unknown spec class {d['spec_class']!r} (known: {sorted(_SPEC_CLASSES)})")
+    raise ValueError(f"unknown spec class {d['spec_class']!r} (known: {sorted(spec_lib.spec_classes())})")
   return AdapterMeta(d["name"], cls.from_dict(d["spec"]),
                      tuple(_target_from_json(t) for t in d["targets"]),
                      tuple(d["modules_to_save"]), tuple(d["bias_paths"]), tuple(d["heads"]))
@@ -554,12 +553,11 @@ def save_merged(directory: str | os.PathLike, lora: LoraParams, /, *,
   ...                   key=jax.random.key(0))
   >>> save_merged(os.path.join(tempfile.mkdtemp(), "merged"), lora)
   """
-  from lojax._src.merge import merge  # merge imports the apply machinery
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and not overwrite:
     raise ValueError(f"`directory` {directory} already exists; pass `overwrite=True` to "
                      "replace it, or choose a new directory.")
-  merged = merge(lora, adapter_names=adapter_names, safe_merge=safe_merge)
+  merged = merge_lib.merge(lora, adapter_names=adapter_names, safe_merge=safe_merge)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(directory, merged, force=overwrite)
     ckpt.wait_until_finished()

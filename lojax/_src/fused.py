@@ -30,7 +30,7 @@ one contraction; the backward computes ``dx = dy Wᵀ + (dy Bᵀ) Aᵀ``,
 ``dA = xᵀ (dy Bᵀ)`` and ``dB = (x A)ᵀ dy`` as before, with the same ``x``.
 The base kernel gets no gradient (lorafy stops it). Forward-mode
 differentiation (``jax.jvp``) does not go through a ``custom_vjp``; pass
-``lora_remat=False`` to the lorafied function for that.
+``remat=False`` to :func:`lojax.lorafy` for that.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ would cost on every new adapter shape.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 
 import jax
@@ -236,5 +237,39 @@ def init_target(spec, key, target, leaf, dtype, *, quantize: str | None = None):
     new_leaf = quant.quantize(w.astype(np.float32), method, in_axes=target.in_axes,
                               stacked=bool(target.stacked))
     new_leaf = quant.QuantizedArray(new_leaf.data, method=method, shape=new_leaf.shape,
-                                    dtype=kernel_dtype, stacked=new_leaf.stacked)
+                                    dtype=kernel_dtype, stacked=new_leaf.stacked,
+                                    in_axes=new_leaf.in_axes)
   return jnp.asarray(a, dtype), jnp.asarray(b, dtype), new_leaf
+
+
+def check(spec, t, leaf, quantize: str | None) -> list[str]:
+  """Why ``spec``'s init (or ``quantize``) does not fit target ``t``: one line per problem."""
+  init = spec.init_lora_weights
+  bad = []
+  if init == "orthogonal" and t.r % 2:
+    bad.append(f"  {t.path}: `init_lora_weights='orthogonal'` needs an even rank, this target "
+               f"has r={t.r} (check `rank_pattern`)")
+  if rewrites_base(init) and t.r > min(t.fan_in, t.fan_out):
+    bad.append(f"  {t.path}: `init_lora_weights={init!r}` needs r <= min(fan_in, fan_out) = "
+               f"{min(t.fan_in, t.fan_out)}, got r={t.r}")
+  if (init == "loftq" or quantize is not None) and t.kind != "dense":
+    what = "`init_lora_weights='loftq'`" if init == "loftq" else f"`quantize={quantize!r}`"
+    bad.append(f"  {t.path}: {what} supports dense (matmul) kernels only; this is a "
+               f"{t.kind} kernel")
+  if init == "loftq":
+    bits = spec.loftq_config.get("loftq_bits", 4)
+    method = quantize or (leaf.method if quant.is_quantized(leaf) else None)
+    if method is not None and (method == "int8") != (bits == 8):
+      bad.append(f"  {t.path}: `loftq_config['loftq_bits']={bits}` does not match the "
+                 f"quantization {method!r} (4 bits: 'nf4' or 'nf4-dq', 8 bits: 'int8')")
+  return bad
+
+
+def warn_loftq_scaling(spec, targets) -> None:
+  """LoftQ's factors approximate the kernel only for scaling 1 (as in PEFT): say so."""
+  if spec.init_lora_weights == "loftq" and (odd := sorted({t.scaling for t in targets} - {1.0})):
+    warnings.warn(
+        f"LoftQ's factors are not divided by the scaling (as in PEFT): at init the model "
+        f"computes deq(base) + s*A@B with s = {odd}, which approximates the original "
+        "kernels only for s = 1. Set `lora_alpha` equal to `r` (without `use_rslora`).",
+        stacklevel=3)

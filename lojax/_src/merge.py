@@ -5,24 +5,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lojax._src import adalora
-from lojax._src import dora
+from lojax._src import model
 from lojax._src import paths as P
-from lojax._src import quant
-from lojax._src import tagged as tg
-from lojax._src.apply import factors
-from lojax._src.lora import LoraParams, TargetMeta
-
-
-def kernel_delta(t: TargetMeta, params: dict, dtype) -> jax.Array:
-  """The scaled delta ``s * A@B`` of one target in its kernel's layout."""
-  a, b = factors(t, params)
-  shell = tg.Tagged(jax.ShapeDtypeStruct(t.shape, dtype), t.leaf_path, t.sides(),
-                    (tg.Term(a, b),), None)
-  return tg.delta(shell, dtype)
+from lojax._src.model import LoraParams
 
 
 def _names(lora: LoraParams, adapter_names):
@@ -36,50 +23,50 @@ def _names(lora: LoraParams, adapter_names):
 
 
 def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
+  """``params`` with the adapters added (``sign`` 1) or taken out (-1), leaf by leaf."""
   paths, leaves, treedef = P.flatten(params)
   index = {p: i for i, p in enumerate(paths)}
-  leaves = quant.dequantize_leaves(leaves)
+  floats = [model.decode(x) for x in leaves]
   base_paths, base_leaves, _ = P.flatten(lora.base)
-  base_by_path = dict(zip(base_paths, quant.dequantize_leaves(base_leaves)))
+  base_by_path = dict(zip(base_paths, base_leaves))
   touched = set()
   saved_by: dict[str, str] = {}
   for name in _names(lora, adapter_names):
     meta = lora.meta.adapter(name)
+    variant = meta.variant
     ad = lora.adapters[name]
     for t in meta.targets:
       i = index[t.leaf_path]
-      w = leaves[i]
-      entry = ad["lora"][t.path]
-      if dora.KEY in entry:
-        a, b = factors(t, entry)
-        if sign > 0:
-          new = dora.merged_kernel(t, w, a, b, entry[dora.KEY])
-        else:
-          new = dora.unmerged_kernel(t, w, base_by_path[t.leaf_path], a, b, entry[dora.KEY])
-        leaves[i] = new.astype(w.dtype)
+      w, entry = floats[i], ad[model.LORA][t.path]
+      if sign > 0:
+        new = variant.merge(t, w, entry)
       else:
-        d = kernel_delta(t, entry, jnp.promote_types(w.dtype, jnp.float32))
-        leaves[i] = (w.astype(d.dtype) + sign * d).astype(w.dtype)
+        new = variant.unmerge(t, w, entry, model.decode(base_by_path[t.leaf_path]))
+      floats[i] = new.astype(w.dtype)
       touched.add(t.leaf_path)
-    for p, d in ad["bias"].items():
+    for p, d in ad[model.BIAS].items():
       i = index[p]
-      leaves[i] = (leaves[i] + sign * d.astype(leaves[i].dtype)).astype(leaves[i].dtype)
+      floats[i] = (floats[i] + sign * d.astype(floats[i].dtype)).astype(floats[i].dtype)
       touched.add(p)
-    for p, x in ad["modules_to_save"].items():
+    for p, x in ad[model.SAVED].items():
       if p in saved_by:
         raise ValueError(
             f"Adapters {saved_by[p]!r} and {name!r} both hold a trained copy of '{p}' "
             "(modules_to_save); merge only one of them.")
       saved_by[p] = name
-      leaves[index[p]] = x if sign > 0 else base_by_path[p]
+      floats[index[p]] = x if sign > 0 else model.decode(base_by_path[p])
       touched.add(p)
   if safe:
-    bad = [p for p in sorted(touched) if not _finite(leaves[index[p]], p)]
+    bad = [p for p in sorted(touched) if not _finite(floats[index[p]], p)]
     if bad:
       raise ValueError(
           "Merging produced non-finite values (NaN or inf) in " + ", ".join(bad) +
           "; the adapters are broken (check the learning rate / loss). Nothing was merged.")
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+  if sign < 0:  # the base as it was: an encoded (e.g. quantized) kernel is stored so again
+    for p in touched:
+      if model.is_encoded(base := base_by_path.get(p)):
+        floats[index[p]] = base.encode_like(floats[index[p]])
+  return jax.tree_util.tree_unflatten(treedef, floats)
 
 
 def _finite(x, path) -> bool:
@@ -115,22 +102,36 @@ def merge(lora: LoraParams, /, *, adapter_names: str | Sequence[str] | None = No
   >>> lojax.merge(lora)["dense"]["kernel"].shape
   (4, 3)
   """
-  adalora.warn_if_unallocated(lora)
+  _check_lora("lora", lora)
+  for meta in lora.meta.adapters:
+    meta.variant.check_trained(meta.name, lora.adapters[meta.name])
   return _apply(lora, lora.base, adapter_names, 1.0, safe_merge)
 
 
-def unmerge(params: Any, lora: LoraParams, /, *,
+def unmerge(lora: LoraParams, params: Any, /, *,
             adapter_names: str | Sequence[str] | None = None) -> Any:
   """Takes adapters back out of merged params (inverse of :func:`merge`).
 
-  Kernels get ``W' - s*A@B``, biases ``b' - delta`` and saved modules their
-  base values, so ``unmerge(merge(lora), lora)`` equals ``lora.base`` up to
-  float rounding.
+  Kernels get ``W' - s*A@B`` (DoRA: ``W' * n/m - s*A@B``), biases
+  ``b' - delta`` and saved modules their base values, so
+  ``unmerge(lora, merge(lora))`` equals ``lora.base`` up to float rounding.
+  A base kernel stored encoded (e.g. a quantized QLoRA base) comes back
+  encoded the same way.
 
   >>> import jax, jax.numpy as jnp, lojax
   >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
   >>> lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["dense"]),
   ...                   key=jax.random.key(0))
-  >>> restored = lojax.unmerge(lojax.merge(lora), lora)
+  >>> restored = lojax.unmerge(lora, lojax.merge(lora))
   """
+  _check_lora("lora", lora)
+  if isinstance(params, LoraParams):
+    raise TypeError("`params` must be the merged param tree, got a LoraParams; the order is "
+                    "`lojax.unmerge(lora, merged_params)` (the same as lojax.merge's).")
   return _apply(lora, params, adapter_names, -1.0, False)
+
+
+def _check_lora(arg: str, lora: Any) -> None:
+  if not isinstance(lora, LoraParams):
+    raise TypeError(f"`{arg}` must be the LoraParams returned by lojax.wrap, got "
+                    f"{type(lora).__name__}. (lojax.unmerge takes `(lora, merged_params)`.)")

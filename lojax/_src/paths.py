@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from lojax._src import model
+
 KERNEL_LEAVES = ("kernel", "embedding")
 
 
@@ -37,8 +39,8 @@ def render(keypath: tuple[Any, ...]) -> str:
 
 def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
   """Flattens ``tree`` into (paths, leaves, treedef)."""
-  from lojax._src import quant  # a quantized kernel is one leaf at its kernel's path
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)
+  # An encoded (e.g. quantized) kernel is one leaf at its kernel's path.
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=model.is_encoded)
   paths = [render(kp) for kp, _ in with_path]
   leaves = [leaf for _, leaf in with_path]
   if len(set(paths)) != len(paths):

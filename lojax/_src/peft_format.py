@@ -42,8 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lojax._src import adalora
-from lojax._src import dora
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
 from lojax._src.model import AdapterMeta, LoraMeta, LoraParams
@@ -52,8 +50,6 @@ from lojax._src.wrap import kernel_paths, wrap
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-                   "orth_reg_weight", "total_step")
 _LEAF_TO_TORCH = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 
 
@@ -138,22 +134,6 @@ def _np(x) -> np.ndarray:
   if x.dtype not in (np.float16, np.float32, np.float64):
     x = x.astype(np.float32)  # e.g. bfloat16, which safetensors.numpy cannot write
   return np.ascontiguousarray(x)
-
-
-def _to_torch(t, a, b, e=None):
-  """Per-layer factors in PEFT's layout: (A, B[, E]) and their tensor suffixes."""
-  r = t.r
-  if t.kind == "embed":
-    return {"lora_embedding_A": a.T, "lora_embedding_B": b.T}
-  if t.kind == "conv":
-    n = a.ndim - 1  # spatial axes + cin
-    ta = np.transpose(a, (n, n - 1) + tuple(range(n - 1)))
-    tb = b.T.reshape(b.shape[1], r, *([1] * (n - 1)))
-    return {"lora_A.weight": ta, "lora_B.weight": tb}
-  ta, tb = a.reshape(-1, r).T, b.reshape(r, -1).T
-  if e is not None:
-    return {"lora_A": ta, "lora_E": e.reshape(r, 1), "lora_B": tb}
-  return {"lora_A.weight": ta, "lora_B.weight": tb}
 
 
 def _single_adapter(lora: LoraParams, adapter_name: str | None) -> str:
@@ -245,44 +225,19 @@ class _Tensors:
     self.arrays[key], self._owner[key] = value, source
 
 
-def _is_adalora(spec) -> bool:
-  """Whether ``spec`` is exported as PEFT's ADALORA (else LORA)."""
-  return isinstance(spec, adalora.AdaLoraSpec)
-
-
-def _check_exportable(spec, t) -> None:
-  """Raises if PEFT cannot hold this variant on this kind of kernel (AdaLoRA: dense only)."""
-  if _is_adalora(spec) and t.kind != "dense":
-    raise ValueError(f"PEFT's AdaLoRA adapts linear layers only; '{t.path}' is a "
-                     f"{t.kind} kernel. Export it with a plain LoraSpec instead.")
-
-
-def _magnitude_to_torch(f, pick) -> dict[str, np.ndarray]:
-  """PEFT's DoRA magnitude of one layer (one value per output feature), if the target has one."""
-  if dora.KEY not in f:
-    return {}
-  return {"lora_magnitude_vector": pick(_np(f[dora.KEY])).reshape(-1)}
-
-
-def _layer_tensors(t, f, ada: bool) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+def _layer_tensors(variant, t, entry) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
   """``(layer, {suffix: tensor})`` of each exported layer of one target, in PEFT's layout."""
-  a, b = _np(f["lora_A"]), _np(f["lora_B"])
-  e = _np(f["lora_E"]) if ada else None
+  entry = {k: _np(x) for k, x in entry.items()}
   layers = [None] if not t.stacked else (t.layers or tuple(range(t.stacked)))
   for j, layer in enumerate(layers):
-    pick = (lambda x: x) if layer is None else (lambda x, j=j: x[j])
-    parts = _to_torch(t, pick(a), pick(b), None if e is None else pick(e))
-    parts.update(_magnitude_to_torch(f, pick))
-    yield layer, parts
+    yield layer, variant.to_peft(t, entry if layer is None else {k: x[j] for k, x in entry.items()})
 
 
 def _put_factors(out: _Tensors, meta, factors, mapping: PeftMapping) -> list[tuple[Any, str]]:
   """Writes every target's factor tensors; returns ``(target, torch name)`` per exported layer."""
-  ada = _is_adalora(meta.spec)
   exported = []
   for t in meta.targets:
-    _check_exportable(meta.spec, t)
-    for layer, parts in _layer_tensors(t, factors[t.path], ada):
+    for layer, parts in _layer_tensors(meta.variant, t, factors[t.path]):
       tn = _name_or_raise(mapping, t.path, layer)
       for suffix, value in parts.items():
         out.put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
@@ -322,22 +277,6 @@ def _put_saved_modules(out: _Tensors, modules, copies, mapping: PeftMapping) -> 
   return saved_names
 
 
-def _rank_pattern(spec, exported: list[tuple[Any, str]]):
-  """The config's ``rank_pattern``: ranks other than ``r`` (AdaLoRA: ``lora_E`` masks or None)."""
-  if _is_adalora(spec):
-    masks = {f"{tn}.lora_E": [True] * t.r + [False] * (spec.init_r - t.r)
-             for t, tn in exported if t.r != spec.init_r}
-    return masks or None
-  return {tn: t.r for t, tn in exported if t.r != spec.r}
-
-
-def _variant_config(spec) -> dict[str, Any]:
-  """The variant's own config fields: ``peft_type`` and AdaLoRA's schedule."""
-  if _is_adalora(spec):
-    return {"peft_type": "ADALORA", **{f: getattr(spec, f) for f in _ADALORA_FIELDS}}
-  return {"peft_type": "LORA"}
-
-
 def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mapping: PeftMapping,
             base_model_name_or_path: str | None) -> dict[str, Any]:
   """The content of ``adapter_config.json``."""
@@ -358,11 +297,10 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
       "init_lora_weights": spec.init_lora_weights,
       "layers_to_transform": None,
       "layers_pattern": None,
-      "rank_pattern": _rank_pattern(spec, exported),
       "alpha_pattern": {tn: t.alpha for t, tn in exported if t.alpha != spec.lora_alpha},
       "use_dora": spec.use_dora,
       "loftq_config": dict(spec.loftq_config),
-      **_variant_config(spec),
+      **spec.peft_fields({tn: t.r for t, tn in exported}),
   }
 
 
@@ -370,8 +308,9 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
 # Import
 # --------------------------------------------------------------------------
 
-_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
-                       r"lora_magnitude_vector|lora_A|lora_B|lora_E)")
+# An adapter tensor: `<torch module>.lora_<part>[.weight]`; which parts a layer must have (and
+# may have) is its variant's business (Variant.from_peft / to_peft).
+_LORA_KEY = re.compile(r"(.+?)\.(lora_[A-Za-z_]+(?:\.weight)?)")
 
 
 def _peft_lookup(pattern: Mapping[str, Any] | None, name: str, default):
@@ -398,32 +337,6 @@ def _read(directory):
     raise ValueError(f"Could not read the PEFT adapter in {directory} ({type(e).__name__}: "
                      f"{str(e).strip()[:200]}).") from None
   return config, tensors
-
-
-def _from_torch(t, parts: Mapping[str, np.ndarray], ada: bool):
-  """Flax-layout (A, B[, E]) of one layer from PEFT tensors; None if a part is missing."""
-  kin = tuple(t.kernel_shape[i] for i in t.in_axes)
-  kout = tuple(t.kernel_shape[i] for i in t.out_axes)
-  if t.kind == "embed":
-    a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
-    if a is None or b is None:
-      return None
-    return a.T, b.T, None
-  if ada:
-    a, b, e = parts.get("lora_A"), parts.get("lora_B"), parts.get("lora_E")
-    if a is None or b is None or e is None:
-      return None
-    r = a.shape[0]
-    return a.T.reshape(kin + (r,)), b.T.reshape((r,) + kout), e.reshape(-1)
-  a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
-  if a is None or b is None:
-    return None
-  r = a.shape[0]
-  if t.kind == "conv":
-    n = a.ndim - 1
-    a = np.transpose(a, tuple(range(2, n + 1)) + (1, 0))
-    return a, b.reshape(b.shape[0], r).T, None
-  return a.reshape(r, -1).T.reshape(kin + (r,)), b.reshape(-1, r).T.reshape((r,) + kout), None
 
 
 def load_peft(directory: str | os.PathLike, params: Any, /, *,
@@ -468,32 +381,33 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   """
   directory = os.fspath(directory)
   config, tensors = _read(directory)
-  ada = _is_adalora_file(config)
+  spec_class = _spec_class(config)
   base = params.base if isinstance(params, LoraParams) else params
   index = _torch_index(base, mapping, apply_fn=apply_fn, example_args=example_args,
                        example_kwargs=example_kwargs)
   contents = _sort_tensors(directory, tensors, config, index, mapping)
-  spec = _spec_from_file(config, contents, mapping, ada)
+  spec = _spec_from_file(spec_class, config, contents, mapping)
   wrapped = wrap(params, spec, key=jax.random.key(0), adapter_name=adapter_name,
                  apply_fn=apply_fn, example_args=example_args, example_kwargs=example_kwargs)
   meta = wrapped.meta.adapter(adapter_name)
   problems: list[str] = []
-  targets, weights = _fill_factors(meta.targets, contents.lora, spec, ada, problems)
+  targets, weights = _fill_factors(meta.targets, contents.lora, meta.variant, problems)
   bias = _fill_biases(meta.bias_paths, contents.biases, index.leaves, problems)
   saved = _fill_saved(wrapped.adapters[adapter_name]["modules_to_save"], contents.saved, problems)
   if problems:
     raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
                      "\n".join(problems))
-  return _assemble(wrapped, adapter_name, spec, targets, weights, bias, saved, ada)
+  return _assemble(wrapped, adapter_name, spec, targets, weights, bias, saved)
 
 
-def _is_adalora_file(config: Mapping[str, Any]) -> bool:
-  """Whether the config is AdaLoRA's; raises unless it is LORA or ADALORA."""
+def _spec_class(config: Mapping[str, Any]) -> type:
+  """The spec class that reads this config's ``peft_type``; raises for other types."""
+  classes = {cls.peft_type: cls for cls in spec_lib.spec_classes().values()}
   peft_type = config.get("peft_type")
-  if peft_type not in ("LORA", "ADALORA"):
+  if peft_type not in classes:
     raise ValueError(f"`peft_type` {peft_type!r} in {CONFIG_NAME} is not supported; lojax "
-                     "reads LORA and ADALORA adapters.")
-  return peft_type == "ADALORA"
+                     f"reads {' and '.join(sorted(classes))} adapters.")
+  return classes[peft_type]
 
 
 class _TorchIndex(NamedTuple):
@@ -635,43 +549,31 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
   return bias_values, saved_values, saved_modules
 
 
-def _spec_from_file(config, contents: _FileTensors, mapping: PeftMapping, ada: bool):
+def _spec_from_file(spec_class, config, contents: _FileTensors, mapping: PeftMapping):
   """A spec that selects exactly the modules in the file, with the file's ranks and alphas."""
   found = contents.lora
-  r0 = int(config["init_r"] if ada else config.get("r", 8))
   alpha0 = config.get("lora_alpha", 8)
-  rank_pattern, alpha_pattern = {}, {}
+  ranks, alpha_pattern = {}, {}
   for path, layers in found.items():
     tn = mapping.torch_name(path, next(iter(layers)))
     alpha = _peft_lookup(config.get("alpha_pattern"), tn, alpha0)
     first = next(iter(layers.values()))
     a = first.get("lora_A", first.get("lora_A.weight", first.get("lora_embedding_A")))
-    r = int(a.shape[0]) if a is not None else r0
-    if r != r0 and not ada:
-      rank_pattern[re.escape(path)] = r
+    if a is not None:
+      ranks[path] = int(a.shape[0])
     if alpha != alpha0:
       alpha_pattern[re.escape(path)] = alpha
   fields = dict(
-      r=r0, lora_alpha=alpha0, use_rslora=bool(config.get("use_rslora", False)),
-      target_modules=sorted(found), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+      lora_alpha=alpha0, use_rslora=bool(config.get("use_rslora", False)),
+      target_modules=sorted(found), alpha_pattern=alpha_pattern,
       lora_dropout=float(config.get("lora_dropout") or 0.0), bias=config.get("bias", "none"),
       modules_to_save=sorted(contents.saved_modules) or None,
       task_type=config.get("task_type") if config.get("task_type") in
       [t.value for t in spec_lib.TaskType] else None)
-  return _variant_spec(config, fields, ada)
+  return spec_class.from_peft_fields(config, fields, ranks)
 
 
-def _variant_spec(config, fields: dict[str, Any], ada: bool):
-  """The LoraSpec (AdaLoraSpec) of ``fields`` and the variant's own config entries."""
-  if ada:
-    return adalora.AdaLoraSpec(**fields, init_lora_weights=True,
-                               **{f: config[f] for f in _ADALORA_FIELDS})
-  init = config.get("init_lora_weights", True)
-  return spec_lib.LoraSpec(**fields, init_lora_weights=init if init in (True, False, "gaussian")
-                           else True, use_dora=bool(config.get("use_dora", False)))
-
-
-def _fill_factors(targets, found, spec, ada: bool, problems: list[str]):
+def _fill_factors(targets, found, variant, problems: list[str]):
   """The file's factors of the spec's targets: ``(targets, {path: factors})``."""
   kept, weights = [], {}
   for t in targets:
@@ -679,7 +581,7 @@ def _fill_factors(targets, found, spec, ada: bool, problems: list[str]):
     if layers is None:
       problems.append(f"  {t.path}: selected by the spec but absent from the file")
       continue
-    filled = _target_factors(t, layers, spec, ada, problems)
+    filled = _target_factors(t, layers, variant, problems)
     if filled is not None:
       t, entry = filled
       weights[t.path] = entry
@@ -687,65 +589,33 @@ def _fill_factors(targets, found, spec, ada: bool, problems: list[str]):
   return kept, weights
 
 
-def _target_factors(t, layers, spec, ada: bool, problems: list[str]):
+def _target_factors(t, layers, variant, problems: list[str]):
   """``(target, factors)`` of one target from its file tensors; None after a problem."""
   if t.stacked:
     kept = tuple(sorted(layers))
     t = dataclasses.replace(t, layers=None if len(kept) == t.stacked else kept)
   order = [None] if not t.stacked else list(t.layers or range(t.stacked))
   try:
-    per = [_from_torch(t, layers[i], ada) if i in layers else None for i in order]
-  except ValueError:  # a reshape that does not fit
+    per = [variant.from_peft(t, layers[i]) if i in layers else None for i in order]
+  except ValueError as e:  # a reshape that does not fit, or a kernel PEFT cannot adapt so
     shapes = {k: v.shape for i in order for k, v in layers.get(i, {}).items()}
     problems.append(f"  {t.path}: file gives shapes {shapes}, which do not fit the kernel "
-                    f"{t.shape} (in axes {t.in_axes})")
+                    f"{t.shape} (in axes {t.in_axes}): {e}")
     return None
   if any(p is None for p in per):
-    problems.append(f"  {t.path}: incomplete factors in the file")
+    have = sorted({k for i in order for k in layers.get(i, {})})
+    problems.append(f"  {t.path}: incomplete factors in the file (it has {have})")
     return None
-  t = _with_file_rank(t, per, ada)
-  want = _expected_shapes(t, ada, spec.use_dora)
-  got = _file_factors(per, ada)
-  if spec.use_dora:
-    mags = _file_magnitudes(t, layers, order, want[dora.KEY], problems)
-    if mags is None:
-      return None
-    got[dora.KEY] = mags
+  t = variant.peft_target(t, per[0])
+  used = set(variant.to_peft(t, per[0]))
+  if extra := sorted({k for i in order for k in layers[i]} - used):
+    problems.append(f"  {t.path}: the file has {extra}, which a {variant.name} adapter does "
+                    f"not hold (it holds {sorted(used)}); check `peft_type` and `use_dora` in "
+                    f"{CONFIG_NAME}")
+    return None
+  want = variant.shapes(t)
+  got = {k: [p[k] for p in per] for k in want}
   return t, _checked_entry(t, got, want, problems)
-
-
-def _with_file_rank(t, per, ada: bool):
-  """AdaLoRA keeps the ranks PEFT allocated: the target's rank becomes the file's."""
-  return dataclasses.replace(t, r=int(per[0][0].shape[-1])) if ada else t
-
-
-def _expected_shapes(t, ada: bool, use_dora: bool) -> dict[str, tuple[int, ...]]:
-  """The Flax-layout shape of each factor of target ``t``."""
-  want = {"lora_A": t.a_shape(), "lora_B": t.b_shape()}
-  lead = (t.n_layers,) if t.stacked else ()
-  if ada:
-    want["lora_E"] = lead + (t.r,)
-  if use_dora:
-    want[dora.KEY] = lead + tuple(t.kernel_shape[i] for i in t.out_axes)
-  return want
-
-
-def _file_factors(per, ada: bool) -> dict[str, list[np.ndarray]]:
-  """The per-layer ``_from_torch`` triples as lists per factor."""
-  got = {"lora_A": [p[0] for p in per], "lora_B": [p[1] for p in per]}
-  if ada:
-    got["lora_E"] = [p[2] for p in per]
-  return got
-
-
-def _file_magnitudes(t, layers, order, want: tuple[int, ...], problems: list[str]):
-  """DoRA's per-layer magnitudes from the file; None (with a problem) if one is missing."""
-  mags = [layers[i].get("lora_magnitude_vector") for i in order]
-  if any(m is None for m in mags):
-    problems.append(f"  {t.path}: use_dora is set but lora_magnitude_vector is missing")
-    return None
-  lead = 1 if t.stacked else 0
-  return [np.asarray(m).reshape(want[lead:]) for m in mags]
 
 
 def _checked_entry(t, got, want, problems: list[str]) -> dict[str, jax.Array]:
@@ -791,19 +661,12 @@ def _fill_saved(copies, values, problems: list[str]) -> dict[str, jax.Array]:
   return saved
 
 
-def _loaded_state(spec, ada: bool) -> dict[str, jax.Array]:
-  """The variant's state for a loaded adapter (AdaLoRA: PEFT allocated the ranks)."""
-  if ada:  # mark the adapter as allocated (see lojax.adalora)
-    return {adalora.STEP_KEY: jnp.asarray(spec.total_step, jnp.float32)}
-  return {}
-
-
 def _assemble(wrapped: LoraParams, adapter_name: str, spec, targets, weights, bias,
-              saved, ada: bool) -> LoraParams:
+              saved) -> LoraParams:
   """``wrapped`` with adapter ``adapter_name`` holding the file's weights and targets."""
   meta = wrapped.meta.adapter(adapter_name)
   new_ad = dict(wrapped.adapters[adapter_name], lora=weights, bias=bias, modules_to_save=saved)
-  new_ad.update(_loaded_state(spec, ada))
+  new_ad.update(spec.variant().peft_state(spec))
   new_meta = AdapterMeta(meta.name, spec, tuple(targets), meta.modules_to_save,
                          meta.bias_paths, meta.heads)
   metas = tuple(new_meta if m.name == adapter_name else m for m in wrapped.meta.adapters)

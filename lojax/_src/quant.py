@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lojax._src import model
+
 METHODS = ("nf4", "nf4-dq", "int8")
 BLOCK = 64          # values per NF4 block
 SCALE_BLOCK = 256   # NF4 block scales per double-quantization block
@@ -64,7 +66,7 @@ NF4_MAX_ERROR = float(np.max(np.diff(NF4_LEVELS.astype(np.float64)))) / 2
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class QuantizedArray:
+class QuantizedArray(model.EncodedArray):
   """A quantized kernel: stored arrays (children) plus static layout (aux).
 
   Attributes:
@@ -72,6 +74,8 @@ class QuantizedArray:
     shape: shape of the kernel it stands for.
     dtype: dtype it dequantizes to by default (the original kernel's).
     stacked: whether axis 0 is a stacked layer axis (quantized per layer).
+    in_axes: the per-layer input axes it was quantized with (``None``: the
+      default, all axes but the last).
     data: ``{name: array}``; NF4: ``codes`` ``[L?, blocks, 32] uint8`` and
       ``scales`` ``[L?, blocks] float32`` (with ``"nf4-dq"``: ``scales``
       ``[L?, scale blocks, 256] int8``, ``scales_absmax``
@@ -83,23 +87,24 @@ class QuantizedArray:
   """
 
   def __init__(self, data: dict[str, Any], *, method: str, shape: Sequence[int], dtype: Any,
-               stacked: bool = False):
+               stacked: bool = False, in_axes: Sequence[int] | None = None):
     self.data = dict(data)
     self.method = method
     self.shape = tuple(shape)
     self.dtype = np.dtype(dtype)
     self.stacked = bool(stacked)
+    self.in_axes = None if in_axes is None else tuple(int(a) for a in in_axes)
 
   def tree_flatten_with_keys(self):
     names = tuple(sorted(self.data))
     children = tuple((jax.tree_util.GetAttrKey(n), self.data[n]) for n in names)
-    return children, (names, self.method, self.shape, self.dtype, self.stacked)
+    return children, (names, self.method, self.shape, self.dtype, self.stacked, self.in_axes)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    names, method, shape, dtype, stacked = aux
+    names, method, shape, dtype, stacked, in_axes = aux
     return cls(dict(zip(names, children)), method=method, shape=shape, dtype=dtype,
-               stacked=stacked)
+               stacked=stacked, in_axes=in_axes)
 
   @property
   def ndim(self) -> int:
@@ -118,6 +123,26 @@ class QuantizedArray:
   def dequantize(self, dtype: Any = None):
     """The kernel as a ``jax.numpy`` array (see :func:`dequantize`)."""
     return dequantize(self, dtype)
+
+  decode = dequantize
+
+  def encode_like(self, x: Any) -> "QuantizedArray":
+    """``x`` quantized with this array's method and layout (on the host).
+
+    When ``x`` is this array's own kernel up to float rounding (relative
+    1e-5), this array itself is returned: re-quantizing a dequantized kernel
+    is not exact for ``"nf4-dq"`` (its scales are quantized too).
+    """
+    if tuple(np.shape(x)) != self.shape:
+      raise ValueError(f"Cannot store an array of shape {tuple(np.shape(x))} like a "
+                       f"QuantizedArray of shape {self.shape}.")
+    x = np.asarray(jax.device_get(x), np.float32)
+    own = np.asarray(self.dequantize(np.float32))
+    if np.max(np.abs(x - own), initial=0.0) <= 1e-5 * np.max(np.abs(own), initial=0.0):
+      return self
+    q = quantize(x, self.method, in_axes=self.in_axes, stacked=self.stacked)
+    return QuantizedArray(q.data, method=self.method, shape=self.shape, dtype=self.dtype,
+                          stacked=self.stacked, in_axes=self.in_axes)
 
   def __repr__(self):
     return (f"QuantizedArray({self.method}, shape={self.shape}, dtype={self.dtype.name}, "
@@ -160,7 +185,7 @@ def quantize(x: Any, method: str, /, *, in_axes: Sequence[int] | None = None,
   dtype = x.dtype if hasattr(x, "dtype") else np.float32
   data = quantize_np(np.asarray(x, np.float32), method, in_axes=in_axes, stacked=stacked)
   return QuantizedArray({k: jnp.asarray(v) for k, v in data.items()}, method=method,
-                        shape=np.shape(x), dtype=dtype, stacked=stacked)
+                        shape=np.shape(x), dtype=dtype, stacked=stacked, in_axes=in_axes)
 
 
 def quantize_np(x: np.ndarray, method: str, *, in_axes=None, stacked=False) -> dict:
@@ -252,8 +277,3 @@ def fake_quantize_np(x: np.ndarray, method: str, *, in_axes=None, stacked=False)
   """``dequantize(quantize(x))`` on the host (float32 NumPy)."""
   data = quantize_np(np.asarray(x, np.float32), method, in_axes=in_axes, stacked=stacked)
   return _dequantize(np, data, method, np.shape(x), stacked)
-
-
-def dequantize_leaves(leaves: Sequence[Any]) -> list[Any]:
-  """Replaces every :class:`QuantizedArray` in a flat leaf list by its float kernel."""
-  return [dequantize(x) if is_quantized(x) else x for x in leaves]

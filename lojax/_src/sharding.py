@@ -6,8 +6,10 @@ The rule (Megatron-friendly: no adapter ever needs a gathered base kernel):
   axis replicated;
 * ``lora_B [L?, r, out...]`` the rank axis replicated and the kernel's
   output-axis shardings;
-* AdaLoRA's ``lora_E [L?, r]`` is replicated except a stacked layer axis;
-* DoRA's ``lora_magnitude [L?, out...]`` takes the kernel's output-axis shardings;
+* generally, every parameter of a target (AdaLoRA's ``lora_E [L?, r]``,
+  DoRA's ``lora_magnitude [L?, out...]``, ...) follows the axis roles its
+  variant declares (``Variant.layout``): a kernel axis takes that axis's
+  sharding, the rank axis is replicated;
 * a stacked layer axis keeps the kernel's layer-axis sharding (dense, N-D,
   conv and embedding kernels all follow the same rule);
 * bias deltas and ``modules_to_save`` copies take their base leaf's sharding;
@@ -26,8 +28,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lojax._src import model
 from lojax._src import paths as P
-from lojax._src.lora import LoraParams, TargetMeta
+from lojax._src.model import LoraParams, TargetMeta
 
 PS = PartitionSpec
 
@@ -76,15 +79,12 @@ def _padded(spec: PartitionSpec, ndim: int) -> list:
   return entries + [None] * (ndim - len(entries))
 
 
-def factor_specs(t: TargetMeta, kernel_spec: PartitionSpec) -> dict[str, list]:
-  """The spec entries of ``lora_A``, ``lora_B`` and ``lora_E`` of one target."""
+def _param_entries(t: TargetMeta, roles: tuple, kernel_spec: PartitionSpec) -> list:
+  """The spec entries of a target parameter whose axes have ``roles`` (see Variant.layout)."""
   entries = _padded(kernel_spec, len(t.shape))
-  lead = entries[:1] if t.stacked else []
   per = entries[1:] if t.stacked else entries
-  return {"lora_A": lead + [per[a] for a in t.in_axes] + [None],
-          "lora_B": lead + [None] + [per[a] for a in t.out_axes],
-          "lora_E": lead + [None],
-          "lora_magnitude": lead + [per[a] for a in t.out_axes]}   # DoRA: like B, no rank
+  return [entries[0] if x == model.LAYER else None if x == model.RANK else per[x]
+          for x in roles]
 
 
 def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None,
@@ -134,7 +134,23 @@ def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None
   >>> s.adapters["default"]["lora"]["d"]["lora_B"].spec
   P(None, 'model')
   """
+  by_path, mesh = _base_specs(lora, base_shardings, mesh)
   paths, leaves, treedef = P.flatten(lora.base)
+  base = jax.tree_util.tree_unflatten(
+      treedef, [_named(mesh, by_path[p], np.shape(x)) for p, x in zip(paths, leaves)])
+  adapters = {name: _adapter_shardings(lora.meta.adapter(name), ad, by_path, mesh, replicate,
+                                       override)
+              for name, ad in lora.adapters.items()}
+  return LoraParams(base, adapters, lora.meta)
+
+
+def _named(mesh, spec: PartitionSpec, shape) -> NamedSharding:
+  return NamedSharding(mesh, _fit(mesh, _padded(spec, len(shape)), tuple(shape)))
+
+
+def _base_specs(lora: LoraParams, base_shardings, mesh):
+  """``({base leaf path: PartitionSpec}, mesh)`` from the user's ``base_shardings``."""
+  paths = P.flatten(lora.base)[0]
   if base_shardings is None:
     given_paths, given = paths, [None] * len(paths)
   else:
@@ -157,40 +173,40 @@ def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None
         f"`base_shardings` has no entry for {len(missing)} leaf path(s) of the base params: "
         f"{missing[:10]}{' …' if len(missing) > 10 else ''}. Give a sharding (or None for "
         "replicated) for every leaf, in a tree with the base params' paths.")
-  shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}
-  named = lambda spec, shape: NamedSharding(mesh, _fit(mesh, _padded(spec, len(shape)), shape))
-  base = jax.tree_util.tree_unflatten(treedef, [named(by_path[p], shapes[p]) for p in paths])
+  return by_path, mesh
+
+
+def _adapter_shardings(meta, ad, by_path, mesh, replicate: bool, override):
+  """The shardings of one adapter's tree (see the module docstring for the rule)."""
+  targets = {t.path: t for t in meta.targets}
   rep = NamedSharding(mesh, PS())
-  adapters = {}
-  for name, ad in lora.adapters.items():
-    meta = lora.meta.adapter(name)
-    targets = {t.path: t for t in meta.targets}
 
-    def leaf_sharding(keypath, x, name=name, targets=targets):
-      path = P.render(keypath)
-      shape = tuple(np.shape(x))
-      group, _, rest = path.partition("/")
-      sharding = rep
-      if replicate:
-        pass
-      elif group in ("bias", "modules_to_save") and rest in by_path:
-        sharding = named(by_path[rest], shape)
-      elif group == "lora":
-        module, leaf = P.split(rest)
-        t = targets.get(module)
-        if t is not None:
-          entries = factor_specs(t, by_path[t.leaf_path]).get(leaf)
-          if entries is not None:
-            sharding = NamedSharding(mesh, _fit(mesh, entries, shape))
-      if override is not None:
-        new = override(f"{name}/{path}", sharding)
-        if isinstance(new, PartitionSpec):
-          new = NamedSharding(mesh, new)
-        sharding = sharding if new is None else new
-      return sharding
+  def derived(path: str, shape) -> NamedSharding:
+    group, _, rest = path.partition("/")
+    if replicate:
+      return rep
+    if group in (model.BIAS, model.SAVED) and rest in by_path:
+      return _named(mesh, by_path[rest], shape)
+    if group == model.LORA:
+      module, leaf = P.split(rest)
+      t = targets.get(module)
+      roles = None if t is None else meta.variant.layout(t).get(leaf)
+      if roles is not None:
+        entries = _param_entries(t, roles, by_path[t.leaf_path])
+        return NamedSharding(mesh, _fit(mesh, entries, shape))
+    return rep
 
-    adapters[name] = jax.tree_util.tree_map_with_path(leaf_sharding, ad)
-  return LoraParams(base, adapters, lora.meta)
+  def leaf_sharding(keypath, x):
+    path = P.render(keypath)
+    sharding = derived(path, tuple(np.shape(x)))
+    if override is not None:
+      new = override(f"{meta.name}/{path}", sharding)
+      if isinstance(new, PartitionSpec):
+        new = NamedSharding(mesh, new)
+      sharding = sharding if new is None else new
+    return sharding
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, ad)
 
 
 def _flatten_specs(tree):

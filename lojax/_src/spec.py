@@ -20,9 +20,12 @@ import math
 import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+
+from lojax._src import dora
+from lojax._src import lora
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -225,6 +228,8 @@ class LoraSpec:
   finetune_vision_layers: None | bool = None
   kernel_axes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=FrozenDict)
 
+  peft_type: ClassVar[str] = "LORA"   # the `peft_type` of the PEFT config this spec writes
+
   def __post_init__(self):
     p: list[str] = []  # every problem found; raised together at the end
 
@@ -273,6 +278,45 @@ class LoraSpec:
     2.0
     """
     return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+  def variant(self):
+    """The adapter variant this spec makes: plain LoRA, or DoRA with ``use_dora``.
+
+    A subclass for another kind of adapter returns its own (see ``model.Variant``).
+
+    >>> LoraSpec(target_modules="all-linear", use_dora=True).variant().name
+    'dora'
+    """
+    return dora.DORA if self.use_dora else lora.LORA
+
+  def peft_fields(self, ranks: Mapping[str, int]) -> dict[str, Any]:
+    """This spec's own entries of a PEFT ``adapter_config.json``.
+
+    Args:
+      ranks: ``{torch module name: rank}`` of the exported targets.
+
+    >>> LoraSpec(r=4, target_modules=["q"]).peft_fields({"q": 4, "k": 2})
+    {'peft_type': 'LORA', 'rank_pattern': {'k': 2}}
+    """
+    return {"peft_type": self.peft_type,
+            "rank_pattern": {tn: r for tn, r in ranks.items() if r != self.r}}
+
+  @classmethod
+  def from_peft_fields(cls, config: Mapping[str, Any], fields: Mapping[str, Any],
+                       ranks: Mapping[str, int]) -> "LoraSpec":
+    """The spec of a PEFT config.
+
+    Args:
+      config: the config as read from ``adapter_config.json``.
+      fields: the entries every spec shares, already derived from the file.
+      ranks: ``{module path: rank}`` found in the file's tensors.
+    """
+    r0 = int(config.get("r", 8))
+    init = config.get("init_lora_weights", True)
+    return cls(**fields, r=r0,
+               rank_pattern={re.escape(p): r for p, r in ranks.items() if r != r0},
+               init_lora_weights=init if init in (True, False, "gaussian") else True,
+               use_dora=bool(config.get("use_dora", False)))
 
   def effective_modules_to_save(self) -> tuple[str, ...]:
     """``modules_to_save`` plus the head names implied by ``task_type``.
@@ -323,6 +367,20 @@ class LoraSpec:
 # Validation steps of LoraSpec.__post_init__; each records problems in `p`
 # and stores the normalised values with `set_`.
 # --------------------------------------------------------------------------
+
+def spec_classes() -> dict[str, type]:
+  """LoraSpec and every subclass of it (e.g. AdaLoraSpec) by class name.
+
+  >>> sorted(spec_classes())[-1]
+  'LoraSpec'
+  """
+  out, todo = {}, [LoraSpec]
+  while todo:
+    cls = todo.pop()
+    out[cls.__name__] = cls
+    todo.extend(cls.__subclasses__())
+  return out
+
 
 def _check_numbers(spec: LoraSpec, set_, p: list[str]) -> None:
   r, why = _rank(spec.r)

@@ -9,7 +9,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from lojax._src.lora import LoraMeta, LoraParams
+from lojax._src import model
+from lojax._src.model import LoraMeta, LoraParams
 
 
 def _label_tree(lora: LoraParams, yes, no):
@@ -78,9 +79,12 @@ def count_parameters(lora: LoraParams) -> ParameterCount:
   >>> print(lojax.count_parameters(lora))
   trainable params: 7 || all params: 19 || trainable%: 36.8421
   """
-  trainable = _size(lora.trainable) - sum(
-      1 for ad in lora.trainable.values() if "adalora_step" in ad)
-  extra = sum(_size(ad["lora"]) + _size(ad["modules_to_save"]) for ad in lora.adapters.values())
+  trainable = 0
+  for name, ad in lora.trainable.items():
+    meta = lora.meta.adapter(name)
+    state = meta.variant.adapter_state(meta.spec)   # bookkeeping arrays, not parameters
+    trainable += _size({k: v for k, v in ad.items() if k not in state})
+  extra = sum(_size(ad[model.LORA]) + _size(ad[model.SAVED]) for ad in lora.adapters.values())
   total = _size(lora.base) + extra
   return ParameterCount(trainable, total)
 
