@@ -293,3 +293,20 @@ def test_adalora_needs_an_adalora_adapter():
     lojax.adalora(optax.adam(1e-3), spec).init(plain.trainable)
   with pytest.raises(TypeError, match="must be a lojax.AdaLoraSpec"):
     lojax.adalora(optax.adam(1e-3), lojax.LoraSpec(target_modules=["a"]))
+
+
+def test_init_draws_and_parameter_counts_are_pinned():
+  """P then Q from the documented per-path generator (so a seed gives the same adapter in every
+  version), and the step counter is no parameter: PEFT's trainable count."""
+  from lojax._src import inits
+  spec = lojax.AdaLoraSpec(init_r=3, target_r=1, total_step=10, target_modules=["a", "b"])
+  params, *_ = two_branch_model()
+  lora = lojax.wrap(params, spec, key=jax.random.key(7))
+  for path in ("a", "b"):
+    rng = inits.generator(jax.random.key(7), path)
+    v = lora.trainable["default"]["lora"][path]
+    np.testing.assert_array_equal(v["lora_A"], np.float32(rng.standard_normal((8, 3)) * 0.02))
+    np.testing.assert_array_equal(v["lora_B"], np.float32(rng.standard_normal((3, 8)) * 0.02))
+  count = lojax.count_parameters(lora)
+  assert count.trainable == 2 * (8 * 3 + 3 + 3 * 8)          # P, E, Q of two kernels
+  assert count.total == 2 * 8 * 8 + count.trainable

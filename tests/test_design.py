@@ -94,17 +94,30 @@ def test_variant_knowledge_lives_in_its_own_module():
 
 
 def test_every_variant_implements_the_protocol():
+  """Shapes, factors, merge/unmerge against the written-out math, and PEFT tensors round-trip,
+  for a stacked 3-D kernel [L, in, out]."""
   from lojax._src import adalora, dora, lora
   t = model.TargetMeta(path="d", leaf="kernel", shape=(3, 5, 4), kind="dense", in_axes=(0,),
                        stacked=3, layers=None, r=2, alpha=4.0, scaling=2.0, dropout=0.0)
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal(t.shape)
   for variant in (lora.LORA, dora.DORA, adalora.ADALORA):
     shapes = variant.shapes(t)
     assert shapes["lora_A"] == (3, 5, 2) and shapes["lora_B"] == (3, 2, 4)
-    entry = {k: jnp.ones(s) for k, s in shapes.items()}
-    f = variant.factors(t, entry)
-    assert f.a.shape == (3, 5, 2) and f.b.shape == (3, 2, 4)
-    w = jnp.zeros(t.shape)
-    np.testing.assert_allclose(variant.unmerge(t, variant.merge(t, w + 1, entry), entry, w + 1),
-                               w + 1, rtol=1e-5)
+    entry = {k: rng.standard_normal(s).astype(np.float32) + 1.0 for k, s in shapes.items()}
+    a = entry["lora_A"] * (entry["lora_E"][:, None, :] if "lora_E" in entry else 1.0)
+    merged = w + 2.0 * np.einsum("lir,lro->lio", a.astype(np.float64), entry["lora_B"])
+    if "lora_magnitude" in entry:   # DoRA: m / ||W + s*A@B|| per output column
+      merged = merged * entry["lora_magnitude"][:, None, :] / np.linalg.norm(merged, axis=1,
+                                                                             keepdims=True)
+    got = variant.merge(t, jnp.asarray(w, jnp.float32), entry)
+    np.testing.assert_allclose(got, merged, rtol=2e-5, atol=2e-5, err_msg=variant.name)
+    back = variant.unmerge(t, got, entry, jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(back, w, rtol=1e-4, atol=1e-4, err_msg=variant.name)
+    layer = {k: v[1] for k, v in entry.items()}
+    again = variant.from_peft(t, variant.to_peft(t, layer))
+    assert sorted(again) == sorted(layer)
+    for k in layer:
+      np.testing.assert_array_equal(again[k], layer[k], err_msg=f"{variant.name} {k}")
   assert dora.DORA.shapes(t)["lora_magnitude"] == (3, 4)
   assert adalora.ADALORA.shapes(t)["lora_E"] == (3, 2)

@@ -144,3 +144,25 @@ def test_dora_peft_round_trip(tmp_path):
                              np.linspace(0.5, 2.0, 5), rtol=1e-6)
   back = lojax.load_peft(tmp_path / "dora", params, mapping=mapping)
   np.testing.assert_allclose(lojax.lorafy(f)(back, x), lojax.lorafy(f)(lora, x), rtol=1e-5)
+
+
+def test_magnitude_of_a_rewritten_base_keeps_the_output_at_init():
+  """PiSSA rewrites W into a residual; the magnitude is the norm of what the model computes."""
+  k = jax.random.split(jax.random.key(2), 2)
+  params = {"l": {"kernel": jax.random.normal(k[0], (6, 5))}}
+  x = jax.random.normal(k[1], (4, 6))
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, use_dora=True, target_modules=["l"],
+                        init_lora_weights="pissa")
+  lora = lojax.wrap(params, spec, key=jax.random.key(1))
+  ad = lora.adapters["default"]["lora"]["l"]
+  W = np64(lora.base["l"]["kernel"]) + 2.0 * np64(ad["lora_A"]) @ np64(ad["lora_B"])
+  np.testing.assert_allclose(W, np64(params["l"]["kernel"]), atol=1e-5)   # residual + s*A@B = W
+  np.testing.assert_allclose(ad["lora_magnitude"], np.linalg.norm(W, axis=0), rtol=1e-5)
+  np.testing.assert_allclose(lojax.lorafy(f)(lora, x), np64(x) @ np64(params["l"]["kernel"]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_dora_adapters_cannot_be_combined():
+  params, x, lora = dense_setup(init=False)
+  with pytest.raises(ValueError, match=r"'default' rescales 'l' by a learned magnitude \(dora\)"):
+    lojax.add_weighted_adapter(lora, ["default"], [1.0], "combined", combination_type="cat")

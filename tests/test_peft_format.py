@@ -282,3 +282,15 @@ def test_tensors_the_variant_does_not_hold_are_refused(tmp_path, config_change, 
           if extra_suffix else r"params/h_0/attn/c_attn: incomplete factors in the file")
   with pytest.raises(ValueError, match=want):
     load_peft(tmp_path, params, mapping=GPT2_MAPPING, apply_fn=model.apply, example_args=(ids,))
+
+
+def test_a_users_spec_subclass_does_not_take_over_reading(tmp_path):
+  class MySpec(lojax.LoraSpec):
+    pass
+
+  spec = MySpec(r=4, target_modules=["c_attn"])
+  model, params, ids, lora = wrapped(spec)
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  back = load_peft(tmp_path, params, mapping=GPT2_MAPPING, apply_fn=model.apply,
+                   example_args=(ids,))
+  assert type(back.meta.adapters[0].spec) is lojax.LoraSpec

@@ -200,3 +200,11 @@ def test_unmerge_gives_back_the_quantized_base(gpt_model, method):
       f["lora_B"])
   err = np.abs(np.asarray(quant.dequantize(got)) - ref).max() / np.abs(ref).max()
   assert err < (0.02 if method == "int8" else 0.2), err
+
+
+def test_unmerge_of_a_quantized_base_under_jit_says_to_call_it_outside(gpt_model):
+  _, params, _ = gpt_model
+  lora = lojax.wrap(params, lojax.LoraSpec(r=4, target_modules=["c_attn"]),
+                    key=jax.random.key(0), quantize="nf4")
+  with pytest.raises(ValueError, match="call lojax.unmerge outside jax.jit"):
+    jax.jit(lojax.unmerge)(lora, lojax.merge(lora))

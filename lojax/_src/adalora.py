@@ -42,7 +42,7 @@ from lojax._src import lora as lora_lib
 from lojax._src import model
 from lojax._src import quant
 from lojax._src import spec as spec_lib
-from lojax._src.model import Factors, LoraParams
+from lojax._src.model import Factors
 
 STEP_KEY = "adalora_step"
 E = "lora_E"
@@ -130,7 +130,7 @@ class AdaLoraSpec(spec_lib.LoraSpec):
     """PEFT's ADALORA entries: the schedule, and ``rank_pattern`` as kept-rank masks."""
     masks = {f"{tn}.{E}": [True] * r + [False] * (self.init_r - r)
              for tn, r in ranks.items() if r != self.init_r}
-    return {"peft_type": self.peft_type, "rank_pattern": masks or None,
+    return {"peft_type": self.peft_type, "use_dora": False, "rank_pattern": masks or None,
             **{f: getattr(self, f) for f in _own_fields()}}
 
   @classmethod

@@ -298,7 +298,6 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
       "layers_to_transform": None,
       "layers_pattern": None,
       "alpha_pattern": {tn: t.alpha for t, tn in exported if t.alpha != spec.lora_alpha},
-      "use_dora": spec.use_dora,
       "loftq_config": dict(spec.loftq_config),
       **spec.peft_fields({tn: t.r for t, tn in exported}),
   }
@@ -471,7 +470,7 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
                   mapping: PeftMapping) -> _FileTensors:
   """Sorts the tensors into LoRA parts, biases and modules_to_save; lists every misfit."""
   problems: list[str] = []
-  lora_parts, other = _split_lora(tensors, problems)
+  lora_parts, other = _split_lora(tensors, index, problems)
   found = _lora_by_path(lora_parts, index.kernels, problems)
   biases, saved, saved_modules = _sort_others(other, config.get("modules_to_save") or [], index,
                                               mapping, problems)
@@ -484,8 +483,12 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
   return _FileTensors(found, biases, saved, saved_modules)
 
 
-def _split_lora(tensors, problems: list[str]):
-  """``({torch module: {LoRA part: tensor}}, {name without prefix: tensor})``."""
+def _split_lora(tensors, index: _TorchIndex, problems: list[str]):
+  """``({torch module: {LoRA part: tensor}}, {name without prefix: tensor})``.
+
+  ``<module>.lora_<part>`` is a LoRA part unless ``<module>`` is a module of the params that
+  holds no kernel (then it is, e.g., a leaf of a saved module named ``lora_...``).
+  """
   lora_parts: dict[str, dict[str, np.ndarray]] = {}
   other: dict[str, np.ndarray] = {}
   for key, value in tensors.items():
@@ -493,7 +496,8 @@ def _split_lora(tensors, problems: list[str]):
       problems.append(f"  {key}: does not start with {PREFIX!r}")
       continue
     rest = key[len(PREFIX):]
-    if m := _LORA_KEY.fullmatch(rest):
+    m = _LORA_KEY.fullmatch(rest)
+    if m and (m.group(1) in index.kernels or m.group(1) not in index.modules):
       lora_parts.setdefault(m.group(1), {})[m.group(2)] = value
     else:
       other[rest] = value

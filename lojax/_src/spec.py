@@ -296,9 +296,9 @@ class LoraSpec:
       ranks: ``{torch module name: rank}`` of the exported targets.
 
     >>> LoraSpec(r=4, target_modules=["q"]).peft_fields({"q": 4, "k": 2})
-    {'peft_type': 'LORA', 'rank_pattern': {'k': 2}}
+    {'peft_type': 'LORA', 'use_dora': False, 'rank_pattern': {'k': 2}}
     """
-    return {"peft_type": self.peft_type,
+    return {"peft_type": self.peft_type, "use_dora": self.use_dora,
             "rank_pattern": {tn: r for tn, r in ranks.items() if r != self.r}}
 
   @classmethod
@@ -369,7 +369,10 @@ class LoraSpec:
 # --------------------------------------------------------------------------
 
 def spec_classes() -> dict[str, type]:
-  """LoraSpec and every subclass of it (e.g. AdaLoraSpec) by class name.
+  """lojax's spec classes (LoraSpec and its subclasses in lojax, e.g. AdaLoraSpec) by name.
+
+  These are the classes checkpoints store and PEFT files are read with; a user's own
+  subclass of LoraSpec is not one of them.
 
   >>> sorted(spec_classes())[-1]
   'LoraSpec'
@@ -377,7 +380,8 @@ def spec_classes() -> dict[str, type]:
   out, todo = {}, [LoraSpec]
   while todo:
     cls = todo.pop()
-    out[cls.__name__] = cls
+    if cls.__module__.startswith("lojax._src.") and "peft_type" in vars(cls):
+      out[cls.__name__] = cls
     todo.extend(cls.__subclasses__())
   return out
 
