@@ -138,7 +138,8 @@ def _adapter_json(meta: AdapterMeta) -> dict:
 def _adapter_from_json(d: Mapping) -> AdapterMeta:
   cls = spec_lib.spec_classes().get(d["spec_class"])
   if cls is None:
-    raise ValueError(f"unknown spec class {d['spec_class']!r} (known: {sorted(spec_lib.spec_classes())})")
+    known = sorted(spec_lib.spec_classes())
+    raise ValueError(f"unknown spec class {d['spec_class']!r} (known: {known})")
   return AdapterMeta(d["name"], cls.from_dict(d["spec"]),
                      tuple(_target_from_json(t) for t in d["targets"]),
                      tuple(d["modules_to_save"]), tuple(d["bias_paths"]), tuple(d["heads"]))

@@ -241,12 +241,22 @@ def _run_closed(run, closed, args, ctx):
   return run(closed.jaxpr, closed.consts, args, ctx)
 
 
-def _pack(vals):
-  """Flattens tagged values into arrays plus a rebuild function."""
+def _with_factors(x: Tagged, value, triples) -> Tagged:
+  """``x`` with a new value and its terms' ``(a, b, m)`` replaced."""
+  terms = tuple(dataclasses.replace(t, a=a, b=b, m=m) for t, (a, b, m) in zip(x.terms, triples))
+  return x.replace(value=value, terms=terms)
+
+
+def _pack(vals, prepare=lambda x: [(t.a, t.b, t.m) for t in x.terms], unpack=_with_factors):
+  """Flattens tagged values into arrays plus a rebuild function.
+
+  ``prepare(x)`` gives each term's ``(a, b, m)`` as they are flattened;
+  ``unpack(x, value, triples)`` makes the tagged value back from the arrays.
+  """
   flat, specs = [], []
   for x in vals:
     if isinstance(x, Tagged):
-      leaves, tdef = jax.tree_util.tree_flatten([(t.a, t.b, t.m) for t in x.terms])
+      leaves, tdef = jax.tree_util.tree_flatten(prepare(x))
       specs.append((x, tdef, len(leaves)))
       flat.append(x.value)
       flat.extend(leaves)
@@ -262,10 +272,8 @@ def _pack(vals):
         i += 1
       else:
         x, tdef, n = s
-        value = arrs[i]
-        pairs = jax.tree_util.tree_unflatten(tdef, list(arrs[i + 1:i + 1 + n]))
-        terms = tuple(dataclasses.replace(t, a=a, b=b, m=m) for t, (a, b, m) in zip(x.terms, pairs))
-        out.append(x.replace(value=value, terms=terms))
+        triples = jax.tree_util.tree_unflatten(tdef, list(arrs[i + 1:i + 1 + n]))
+        out.append(unpack(x, arrs[i], triples))
         i += 1 + n
     return out
 
@@ -326,42 +334,21 @@ def _pack_scanned(xs):
   (both factors for a stacked layer axis) is moved to the front so the scan
   slices it too, leaving the factors of each slice in value layout.
   """
-  flat, specs = [], []
-  for x in xs:
-    if not isinstance(x, Tagged):
-      specs.append(None)
-      flat.append(x)
-      continue
-    pairs = []
-    owners = x.owners(0) if x.terms else []
+
+  def leading(x: Tagged):
+    triples = []
     for t in x.terms:
       a, b, m = t.a, t.b, t.m
-      for f, ax in owners:
+      for f, ax in x.owners(0):
         if f == 0:
           a = jnp.moveaxis(a, ax, 0)
         else:
           b = jnp.moveaxis(b, ax, 0)
           m = None if m is None else jnp.moveaxis(m, ax, 0)
-      pairs.append((a, b, m))
-    leaves, tdef = jax.tree_util.tree_flatten(pairs)
-    specs.append((x, tdef, len(leaves)))
-    flat.append(x.value)
-    flat.extend(leaves)
+      triples.append((a, b, m))
+    return triples
 
-  def rebuild(arrs):
-    out, i = [], 0
-    for s in specs:
-      if s is None:
-        out.append(arrs[i])
-        i += 1
-        continue
-      x, tdef, n = s
-      pairs = jax.tree_util.tree_unflatten(tdef, list(arrs[i + 1:i + 1 + n]))
-      out.append(_scan_slice(x, arrs[i], pairs))
-      i += 1 + n
-    return out
-
-  return flat, rebuild
+  return _pack(xs, leading, _scan_slice)
 
 
 def _scan_slice(x: Tagged, value, pairs):
