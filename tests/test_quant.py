@@ -208,3 +208,44 @@ def test_unmerge_of_a_quantized_base_under_jit_says_to_call_it_outside(gpt_model
                     key=jax.random.key(0), quantize="nf4")
   with pytest.raises(ValueError, match="call lojax.unmerge outside jax.jit"):
     jax.jit(lojax.unmerge)(lora, lojax.merge(lora))
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_training_on_a_quantized_base_equals_the_dequantized_float_model(method):
+  """Loss and adapter gradients against the dense model written out on the dequantized kernels."""
+  k = jax.random.split(jax.random.key(3), 4)
+  params = {"up": {"kernel": jax.random.normal(k[0], (64, 128)) * 0.1},
+            "down": {"kernel": jax.random.normal(k[1], (128, 64)) * 0.1}}
+  x = jax.random.normal(k[2], (16, 64))
+  y = jax.random.normal(k[3], (16, 64))
+
+  def f(p, x):
+    return jax.nn.gelu(x @ p["up"]["kernel"]) @ p["down"]["kernel"]
+
+  spec = lojax.LoraSpec(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0), quantize=method)
+  apply = lojax.lorafy(f)
+  loss = lambda t: jnp.mean((apply(lora.with_trainable(t), x) - y) ** 2)
+  got_loss, got = jax.jit(jax.value_and_grad(loss))(lora.trainable)
+
+  w = {n: np.asarray(quant.dequantize(lora.base[n]["kernel"]), np.float64) for n in params}
+  ad = lora.adapters["default"]["lora"]
+
+  def ref_loss(t):   # float64, dense: (W_deq + s A B), written out
+    wu = w["up"] + 2.0 * t["up"]["lora_A"] @ t["up"]["lora_B"]
+    wd = w["down"] + 2.0 * t["down"]["lora_A"] @ t["down"]["lora_B"]
+    out = jax.nn.gelu(np.asarray(x, np.float64) @ wu) @ wd
+    return jnp.mean((out - np.asarray(y, np.float64)) ** 2)
+
+  with jax.enable_x64(True):
+    t64 = jax.tree.map(lambda z: jnp.asarray(z, jnp.float64), ad)
+    want_loss, want = jax.value_and_grad(ref_loss)(t64)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for n in params:
+    for part in ("lora_A", "lora_B"):
+      np.testing.assert_allclose(got["default"]["lora"][n][part], want[n][part], rtol=2e-4,
+                                 atol=1e-6, err_msg=f"{n} {part}")
+  # The quantized base is what the model uses: the float kernels would give another loss.
+  float_loss = float(jnp.mean((lojax.lorafy(f)(lojax.LoraParams(params, lora.adapters, lora.meta),
+                                               x) - y) ** 2))
+  assert abs(float_loss - float(got_loss)) > 1e-6
