@@ -167,3 +167,29 @@ def test_dora_adapters_cannot_be_combined():
   params, x, lora = dense_setup(init=False)
   with pytest.raises(ValueError, match=r"'default' rescales 'l' by a learned magnitude \(dora\)"):
     lojax.add_weighted_adapter(lora, ["default"], [1.0], "combined", combination_type="cat")
+
+
+def test_stacked_dora_against_float64_numpy():
+  """A kernel stacked over 3 layers used by a lax.scan: per layer W' = m * V / ||V||, V = W + sAB."""
+  k = jax.random.split(jax.random.key(4), 2)
+  params = {"w": {"kernel": jax.random.normal(k[0], (3, 6, 6)) * 0.3}}
+  x = jax.random.normal(k[1], (4, 6))
+
+  def f(p, x):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"]["kernel"])[0]
+
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, use_dora=True, target_modules=["w"],
+                        init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=f, example_args=(x,))
+  t = jax.tree.map(lambda z: z, lora.trainable)
+  ad = t["default"]["lora"]["w"]
+  assert ad["lora_A"].shape == (3, 6, 2) and ad["lora_magnitude"].shape == (3, 6)
+  ad["lora_magnitude"] = ad["lora_magnitude"] * jnp.linspace(0.5, 1.5, 18).reshape(3, 6)
+  lora = lora.with_trainable(t)
+  h = np64(x)
+  for layer in range(3):
+    v = np64(params["w"]["kernel"][layer]) + 2.0 * np64(ad["lora_A"][layer]) @ np64(
+        ad["lora_B"][layer])
+    h = np.tanh(h @ (np64(ad["lora_magnitude"][layer]) * v / np.linalg.norm(v, axis=0)))
+  for fn in (lojax.lorafy(f), jax.jit(lojax.lorafy(f))):
+    np.testing.assert_allclose(fn(lora, x), h, rtol=1e-5, atol=1e-5)
