@@ -1,5 +1,7 @@
 """AdaLoRA: schedule, masking, allocation, regulariser, resize, validation."""
 
+import fractions
+import math
 import warnings
 
 import jax
@@ -50,13 +52,16 @@ def train(spec, steps, seed=0, lr=1e-2, opt_state=None, lora=None, record=None):
 
 
 def reference_budget(t, init_bgt, target_bgt, tinit, tfinal, T, deltaT):
-  """PEFT's schedule, written out independently."""
+  """The cubic schedule of the AdaLoRA paper (Zhang et al., 2023, eq. 12), in exact rationals:
+  b(t) = b(T) + floor((b(0) - b(T)) * ((T - t_f - t) / (T - t_f - t_i))^3) during the decay,
+  b(0) before it and b(T) after it; PEFT counts the decay from step t_i + 1 and masks every
+  deltaT-th step of it."""
   if t <= tinit:
     return init_bgt, False
   if t > T - tfinal:
     return target_bgt, True
-  frac = 1 - (t - tinit) / (T - tfinal - tinit)
-  return int((init_bgt - target_bgt) * frac ** 3 + target_bgt), t % deltaT == 0
+  left = fractions.Fraction(T - tfinal - t, T - tfinal - tinit)
+  return target_bgt + math.floor((init_bgt - target_bgt) * left ** 3), t % deltaT == 0
 
 
 @pytest.mark.parametrize("tinit,tfinal,deltaT", [(0, 0, 1), (5, 8, 3), (3, 0, 4), (0, 6, 2)])
