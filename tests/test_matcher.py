@@ -115,6 +115,12 @@ def test_regex_must_fullmatch_the_module_path():
                      r"path\. Module paths that hold kernels, closest first: "
                      r"params/h_0/attn/c_attn"):
     t.resolve(target_modules="c_attn")
+  # A regex that matches only the start of a path selects nothing there (no re.match).
+  assert paths(t.resolve(target_modules=r".*attn")) == sorted(
+      f"params/h_{i}/attn/c_attn" for i in range(10))
+  with pytest.raises(ValueError, match=r"regex 'params/h_1' matched only module paths that are "
+                     r"not a matmul kernel: params/h_1 \(holds no leaf"):
+    t.resolve(target_modules=r"params/h_1")
 
 
 def test_all_bad_entries_are_reported_in_one_error():
