@@ -14,6 +14,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
+
+import lojax
 
 
 class Attention(nn.Module):
@@ -109,3 +112,37 @@ def init(model: GPT, batch: int = 2, seq: int = 8, seed: int = 0):
   ids = jax.random.randint(jax.random.key(seed + 1), (batch, seq), 0, model.vocab)
   params = model.init(jax.random.key(seed), ids)
   return params, ids
+
+
+def step_fns(model, ids):
+  """The jitted-step bodies compared here: LoRA (lean or plain path), merged delta, full, limit."""
+  apply = lojax.lorafy(model.apply)
+  tx = optax.adamw(1e-3)
+  labels = jnp.roll(ids, -1, axis=1)
+
+  def loss_of(logits):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def trainable_step(logits_of):
+    def step(lora, opt_state, ids):
+      loss, grads = jax.value_and_grad(
+          lambda t: loss_of(logits_of(lora.with_trainable(t), ids)))(lora.trainable)
+      updates, opt_state = tx.update(grads, opt_state, lora.trainable)
+      return optax.apply_updates(lora.trainable, updates), opt_state, loss
+    return step
+
+  def full_step(params, opt_state, ids):
+    loss, grads = jax.value_and_grad(lambda p: loss_of(model.apply(p, ids)))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def limit(params, perturb, ids):
+    return jax.value_and_grad(lambda q: loss_of(model.apply(params, ids, q)))(perturb)
+
+  return {
+      "lora": trainable_step(apply),
+      "plain": trainable_step(lojax.lorafy(model.apply, remat=False)),
+      # the naive path: W + s*A@B inside the step
+      "merged": trainable_step(lambda lo, x: model.apply(lojax.merge(lo), x)),
+      "full": full_step, "limit": limit, "tx": tx,
+  }

@@ -355,12 +355,25 @@ def check_checkpoint(adalora, meshes=((4, 2), (8, 1)), train_on=None):
     ckpt.close()
 
 
+def check_example(steps=6):
+  """examples/sharded_training.py, in this process (its 8 devices are this process's)."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+  import sharded_training
+  argv, sys.argv = sys.argv, ["sharded_training.py", "--steps", str(steps)]
+  try:
+    sharded_training.main()  # raises SystemExit(1) unless restored values are identical
+  finally:                   # and the loss went down
+    sys.argv = argv
+  print("CHECK example sharded_training ok", flush=True)
+
+
 GROUPS = {
     "dense": lambda: (check_equiv(scan=False, adalora=False), check_collectives(scan=False)),
     "scan": lambda: check_equiv(scan=True, adalora=False),
     "scan_collectives": lambda: check_collectives(scan=True, control=False),
     "adalora": lambda: (check_equiv(scan=False, adalora=True), check_checkpoint(adalora=True)),
     "explicit": lambda: check_equiv(scan=False, adalora=False, explicit=True),
+    "example": check_example,
 }
 
 

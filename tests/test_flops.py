@@ -11,7 +11,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 import gpt
@@ -24,42 +23,8 @@ def compiled_flops(f, *args) -> float:
   return float(cost["flops"])
 
 
-def step_fns(model, ids):
-  """The jitted-step bodies compared here: LoRA (lean or plain path), merged delta, full, limit."""
-  apply = lojax.lorafy(model.apply)
-  tx = optax.adamw(1e-3)
-  labels = jnp.roll(ids, -1, axis=1)
-
-  def loss_of(logits):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  def trainable_step(logits_of):
-    def step(lora, opt_state, ids):
-      loss, grads = jax.value_and_grad(
-          lambda t: loss_of(logits_of(lora.with_trainable(t), ids)))(lora.trainable)
-      updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-      return optax.apply_updates(lora.trainable, updates), opt_state, loss
-    return step
-
-  def full_step(params, opt_state, ids):
-    loss, grads = jax.value_and_grad(lambda p: loss_of(model.apply(p, ids)))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  def limit(params, perturb, ids):
-    return jax.value_and_grad(lambda q: loss_of(model.apply(params, ids, q)))(perturb)
-
-  return {
-      "lora": trainable_step(apply),
-      "plain": trainable_step(lojax.lorafy(model.apply, remat=False)),
-      # the naive path: W + s*A@B inside the step
-      "merged": trainable_step(lambda lo, x: model.apply(lojax.merge(lo), x)),
-      "full": full_step, "limit": limit, "tx": tx,
-  }
-
-
 def steps(model, lora, ids):
-  fns, params = step_fns(model, ids), lora.base
+  fns, params = gpt.step_fns(model, ids), lora.base
   opt_state = fns["tx"].init(lora.trainable)
   return {
       "lora": compiled_flops(fns["lora"], lora, opt_state, ids),
@@ -91,26 +56,3 @@ def test_lora_step_flops_at_the_frozen_limit(variant):
   assert f["lora"] <= 1.05 * allowance, f
   assert f["lora"] <= 0.8 * f["full"], f          # >= 20% below full fine-tuning
   assert f["merged"] >= 1.15 * f["lora"], f       # the naive path pays for the weight gradient
-
-
-def temp_bytes(f, *args) -> int:
-  return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
-def test_lora_step_temp_memory_below_full_fine_tuning():
-  # Tokens x width large against the params, as in training: the LoRA step must not keep
-  # more activations than full fine-tuning (whose temp even excludes the activations XLA
-  # parks in its param / optimizer-state output buffers). The plain factorized path keeps
-  # about one extra activation per adapted kernel (the kernel input, for dA) and both
-  # summands x@W and (x@A)@B of the MLP up-projection; lojax's custom VJP keeps neither.
-  model = gpt.GPT(vocab=512, d=128, heads=4, layers=2, max_len=128)
-  params, ids = gpt.init(model, batch=8, seq=128)
-  spec = lojax.LoraSpec(r=8, lora_alpha=16, target_modules="all-linear")
-  lora = lojax.wrap(params, spec, key=jax.random.key(0))
-  fns = step_fns(model, ids)
-  opt_state = fns["tx"].init(lora.trainable)
-  lean = temp_bytes(fns["lora"], lora, opt_state, ids)
-  plain = temp_bytes(fns["plain"], lora, opt_state, ids)
-  full = temp_bytes(fns["full"], params, fns["tx"].init(params), ids)
-  assert lean <= full, (lean, full, plain)
-  assert lean < plain, (lean, plain)

@@ -230,7 +230,8 @@ def run_checks(*groups):
 
 def test_sharded_training_on_8_fake_devices():
   """Same losses/adapters as one device, no hidden weight traffic, Orbax across meshes."""
-  procs = [run_checks("dense", "scan"), run_checks("adalora")]  # 2 processes for 2 cores
+  # 2 processes for 2 cores; the example (examples/sharded_training.py) runs in the second
+  procs = [run_checks("dense", "scan"), run_checks("adalora", "example")]
   outs = []
   for p in procs:
     out, err = p.communicate(timeout=600)
@@ -252,6 +253,8 @@ def test_sharded_training_on_8_fake_devices():
   restored = [c for c in checks if c.startswith("CHECK checkpoint")]
   assert {re.search(r"restored_on=(\(\d, \d\))", c)[1] for c in restored} == {"(4, 2)", "(8, 1)"}
   assert all("max_diff=0.0e+00" in c and "shardings_match=True" in c for c in restored)
+  assert "restored onto mesh {'data': 4, 'model': 2}: values identical" in out
+  assert "CHECK example sharded_training ok" in out
 
 
 def test_dora_magnitude_follows_the_output_axes():

@@ -1,0 +1,333 @@
+"""The README's code runs as written and does what the text around it says.
+
+Every fenced block in README.md is preceded by a marker, ``<!-- test: NAME -->``
+(an HTML comment, invisible on GitHub): NAME picks a setup here that provides
+the names the block uses, and a check that asserts what the README claims about
+the result. A block without a marker fails ``test_every_block_is_marked``, so a
+new block cannot go untested. ``<!-- test: shell -->`` marks shell commands,
+``<!-- test: output -->`` text that another test (named in the marker's
+comment) compares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import pathlib
+import re
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lojax
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md"]
+MARK = re.compile(r"<!-- test: ([\w-]+)(?: [^>]*)? -->\s*\n```(\w*)\n(.*?)\n```", re.S)
+FENCE = re.compile(r"^```", re.M)
+
+
+def blocks(path):
+  """(name, language, code) of every marked fenced block of ``path``, in order."""
+  return [m.groups() for m in MARK.finditer(path.read_text())]
+
+
+def test_every_block_is_marked():
+  for path in DOCS:
+    text = path.read_text()
+    opened = len(FENCE.findall(text)) // 2
+    assert len(blocks(path)) == opened, (
+        f"{path.name}: {opened} fenced blocks, {len(blocks(path))} with a `<!-- test: ... -->` "
+        "marker on the line before; mark the new block and give it a setup in tests/test_readme.py")
+
+
+# --------------------------------------------------------------------------
+# Setups: the names a block may use (the block imports the rest itself)
+# --------------------------------------------------------------------------
+
+sys.path.insert(0, str(ROOT / "examples"))
+import quickstart  # noqa: E402  (the model the README's numbers are quoted for)
+
+
+def quickstart_names():
+  model = quickstart.CharGPT()
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16)), jnp.int32)
+  y = jnp.roll(x, -1, axis=1)
+  params = model.init(jax.random.key(0), x)
+  spec = lojax.LoraSpec(r=8, lora_alpha=16, target_modules=["query", "value"])
+  return dict(model=model, x=x, y=y, params=params, spec=spec, key=jax.random.key(1))
+
+
+@functools.cache
+def _trained():
+  import optax
+  ns = {"jax": jax, "optax": optax, "lojax": lojax, **quickstart_names()}
+  exec(code_of("quickstart"), ns)
+  return ns
+
+
+def trained_names():
+  """The quickstart's names after its block ran: ``lora``, ``apply``, ``tx``, ``opt_state``."""
+  return dict(_trained())  # the blocks rebind names; the arrays themselves are immutable
+
+
+def adapters_names():
+  """Two named adapters, "default" and "code", both active."""
+  ns = trained_names()
+  lora = lojax.wrap(ns["lora"], ns["spec"], key=jax.random.key(2), adapter_name="code")
+  ns["lora"] = lojax.set_adapter(lora, ["default", "code"])
+  return ns
+
+
+def mixed_names():
+  ns = adapters_names()
+  exec(code_of("weighted"), ns)
+  ns["lora"] = ns["mix"]
+  return ns
+
+
+def dropout_names():
+  ns = quickstart_names()
+  spec = lojax.LoraSpec(r=8, target_modules=["query", "value"], lora_dropout=0.5,
+                        init_lora_weights=False)  # B != 0: the adapter path shows in outputs
+  ns["lora"] = lojax.wrap(ns["params"], spec, key=ns["key"])
+  ns["apply"] = lojax.lorafy(ns["model"].apply)
+  ns["dropout_key"] = jax.random.key(7)
+  return ns
+
+
+def nnx_names():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.query = nnx.Linear(6, 6, rngs=rngs)
+      self.value = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.value(jnp.tanh(self.query(x)))
+
+  def reference(state, x):  # the NNX model written out on its merged weights
+    h = jnp.tanh(x @ state["query"]["kernel"][...] + state["query"]["bias"][...])
+    return h @ state["value"]["kernel"][...] + state["value"]["bias"][...]
+
+  return dict(model=Net(nnx.Rngs(0)), key=jax.random.key(1), x=jnp.ones((2, 6)),
+              reference=reference,
+              spec=lojax.LoraSpec(r=2, target_modules=["query", "value"],
+                                  init_lora_weights=False))
+
+
+def gpt2_names():
+  sys.path.insert(0, str(ROOT / "tests"))
+  from gpt import GPT
+  model = GPT(vocab=50, d=16, heads=2, layers=2)
+  x = jnp.zeros((1, 8), jnp.int32)
+  params = model.init(jax.random.key(0), x)
+  spec = lojax.LoraSpec(r=2, target_modules=["c_attn"])
+  return dict(params=params, spec=spec, key=jax.random.key(1),
+              lora=lojax.wrap(params, spec, key=jax.random.key(1)))
+
+
+SETUPS = {
+    "quickstart": trained_names, "rank-pattern": quickstart_names,
+    "apply-fn": quickstart_names, "nnx": nnx_names, "plain": lambda: {"key": jax.random.key(1)}, "dropout": dropout_names,
+    "weighted": adapters_names, "mixed": mixed_names, "optax-masks": trained_names,
+    "adalora": quickstart_names, "quantize": quickstart_names, "checkpoint": trained_names,
+    "peft": gpt2_names,
+}
+
+
+def code_of(name):
+  [code] = [c for n, _, c in blocks(ROOT / "README.md") if n == name]
+  return code
+
+
+# --------------------------------------------------------------------------
+# Checks: what the README says about each block's result
+# --------------------------------------------------------------------------
+
+def check_quickstart(ns):
+  lora, x = ns["lora"], ns["x"]
+  assert np.isfinite(ns["loss"])
+  assert set(lora.trainable) == {"default"}
+  assert set(lora.trainable["default"]) == {"lora", "bias", "modules_to_save"}
+  assert sorted(lora.trainable["default"]["lora"]) == sorted(
+      f"params/h_{i}/attn/{n}" for i in range(3) for n in ("query", "value"))
+  # "merged: plain params for model.apply": the same outputs as the factorized apply
+  np.testing.assert_allclose(ns["model"].apply(ns["merged"], x), ns["apply"](lora, x),
+                             atol=1e-5, rtol=1e-5)
+  # the step trained the adapters: B moved from its zero init
+  b = lora.trainable["default"]["lora"]["params/h_0/attn/query"]["lora_B"]
+  assert float(jnp.abs(b).max()) > 0
+  # "## Parameter counts": the figure quoted there is this model's
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    lojax.print_trainable_parameters(lora)
+  assert out.getvalue().strip() == (
+      "trainable params: 7,680 || all params: 287,696 || trainable%: 2.6695")
+  assert "trainable params: 7,680 || all params: 287,696 || trainable%: 2.6695" in (
+      ROOT / "README.md").read_text()
+
+
+def check_rank_pattern(ns):
+  lora = lojax.wrap(ns["params"], ns["spec"], key=ns["key"])
+  targets = lora.meta.adapter("default").targets
+  ranks = {t.path: t.r for t in targets}
+  scales = {t.path: t.scaling for t in targets}
+  assert ranks == {**{f"params/h_{i}/attn/query": 4 for i in (0, 2)},
+                   "params/h_1/attn/query": 16,
+                   **{f"params/h_{i}/attn/value": 8 for i in range(3)}}
+  assert all(scales[f"params/h_{i}/attn/value"] == 32 / 8 for i in range(3))
+  assert scales["params/h_1/attn/query"] == 16 / 16
+
+
+def check_apply_fn(ns):
+  assert sorted(ns["lora"].trainable["default"]["lora"]) == sorted(
+      f"params/h_{i}/attn/{n}" for i in range(3) for n in ("query", "value"))
+
+
+def check_nnx(ns):
+  x, model, merged = ns["x"], ns["model"], ns["merged_model"]
+  np.testing.assert_allclose(merged(x), ns["y"], atol=1e-5)
+  assert not np.allclose(merged(x), model(x), atol=1e-3)  # B != 0 in this setup: a real delta
+  np.testing.assert_allclose(
+      ns["y"], ns["reference"](lojax.merge(ns["lora"]), x), atol=1e-5)
+
+
+def check_plain(ns):
+  merged = lojax.merge(ns["lora"])["w"]["kernel"]
+  np.testing.assert_allclose(ns["y"], jnp.tanh(jnp.ones((3, 6)) @ merged), atol=1e-6)
+  assert float(jnp.abs(merged - 1).max()) == 0  # B = 0 at init: the base function
+
+
+def check_dropout(ns):
+  apply, lora, x = ns["apply"], ns["lora"], ns["x"]
+  evaluation = ns["logits"]
+  np.testing.assert_allclose(evaluation, ns["model"].apply(lojax.merge(lora), x), atol=1e-4)
+  training = apply(lora, x, lora_rng=ns["dropout_key"])
+  assert not np.allclose(training, evaluation, atol=1e-3)
+  with pytest.raises(ValueError, match="lora_rng"):
+    apply(lora, x)
+
+
+def check_weighted(ns):
+  mix, lora = ns["mix"], ns["lora"]
+  assert "mix" in mix.meta.names and "mix" not in lojax.set_adapter(mix, "default").trainable
+  # "svd" with svd_rank=16 covers the rank (8 + 8): exact, 0.7 dW_default + 0.3 dW_code
+  def delta(l, name):
+    merged = lojax.merge(lojax.set_adapter(l, name))["params"]["h_0"]["attn"]["query"]["kernel"]
+    return merged - lora.base["params"]["h_0"]["attn"]["query"]["kernel"]
+  lora2 = lojax.wrap(lora, lojax.LoraSpec(r=8, target_modules=["query", "value"],
+                                          init_lora_weights=False),
+                     key=jax.random.key(3), adapter_name="other")
+  mix2 = lojax.add_weighted_adapter(lora2, ["default", "other"], [0.7, 0.3], "mix",
+                                    combination_type="svd", svd_rank=16)
+  np.testing.assert_allclose(delta(mix2, "mix"),
+                             0.7 * delta(lora2, "default") + 0.3 * delta(lora2, "other"),
+                             atol=1e-5)
+
+
+def check_mixed(ns):
+  lora, x, apply = ns["lora"], ns["x"], ns["apply"]
+  model = ns["model"]
+  for i, name in enumerate(["code", None, "mix", "default"]):
+    params = lojax.merge(lojax.set_adapter(lora, name)) if name else lora.base
+    np.testing.assert_allclose(ns["logits"][i], model.apply(params, x)[i], atol=1e-4)
+
+
+def check_optax_masks(ns):
+  import optax
+  lora = ns["lora"]
+  state = ns["tx"].init(lora)
+  grads = jax.tree.map(jnp.ones_like, lora)
+  updates, _ = ns["tx"].update(grads, state, lora)
+  flat = jax.tree_util.tree_leaves_with_path(updates)
+  base = [v for p, v in flat if "base" in jax.tree_util.keystr(p)]
+  assert base and all(float(jnp.abs(v).max()) == 0 for v in base)
+  labels = lojax.partition_labels(lora)
+  assert set(jax.tree.leaves(labels)) == {"trainable", "frozen"}
+  assert isinstance(ns["tx"], optax.GradientTransformation)
+
+
+def check_adalora(ns):
+  ranks = ns["lojax"].adalora_ranks(ns["opt_state"])
+  assert ranks and all(r == 12 for r in ranks.values())
+  assert ns["small"] is not None
+
+
+def check_quantize(ns):
+  kernel = ns["lora"].base["params"]["h_0"]["attn"]["query"]["kernel"]
+  assert type(kernel).__name__ == "QuantizedArray"
+  merged = lojax.merge(ns["lora"])["params"]["h_0"]["attn"]["query"]["kernel"]
+  assert isinstance(merged, jax.Array) and merged.dtype == jnp.float32
+
+
+def check_checkpoint(ns):
+  assert pathlib.Path("ckpt").is_dir()
+  restored = ns["lora"].trainable["default"]["lora"]["params/h_0/attn/query"]["lora_B"]
+  assert float(jnp.abs(restored).max()) > 0  # the trained B came back, not the zero init
+
+
+def check_peft(ns):
+  assert pathlib.Path("out/adapter_config.json").exists()
+  assert pathlib.Path("out/adapter_model.safetensors").exists()
+  a = ns["lora"].trainable["default"]["lora"]["params/h_0/attn/c_attn"]["lora_A"]
+  assert a.shape == (16, 2)
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_readme_block(name, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  import optax
+  from flax import nnx
+  # the imports a reader has from the quickstart block (and `nnx` for the NNX lines)
+  ns = {"jax": jax, "jnp": jnp, "optax": optax, "lojax": lojax, "nnx": nnx, **SETUPS[name]()}
+  if name == "checkpoint":
+    ns["step"] = 1
+  if name != "quickstart":  # the quickstart block ran in its (cached) setup
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # AdaLoRA's "ranks never changed" and the like
+      exec(code_of(name), ns)
+  globals()["check_" + name.replace("-", "_")](ns)
+
+
+def test_every_python_block_has_a_setup():
+  names = [n for n, lang, _ in blocks(ROOT / "README.md") if lang == "python"]
+  assert sorted(names) == sorted(SETUPS), "README python blocks and SETUPS differ"
+
+
+def test_error_example():
+  """The `## Errors` block: the message on the quickstart's model, first lines as shown."""
+  [shown] = [c for n, _, c in blocks(ROOT / "README.md") if n == "error"]
+  ns = quickstart_names()
+  with pytest.raises(ValueError) as err:
+    lojax.wrap(ns["params"], lojax.LoraSpec(target_modules=["q_proj", "v_proj"]), key=ns["key"])
+  got = str(err.value).splitlines()
+  want = shown.splitlines()[1:]
+  assert want[0] == "ValueError: " + got[0]
+  for line, actual in zip(want[1:], got[1:]):
+    prefix = line.rstrip("…").rstrip()
+    assert actual.startswith(prefix), (line, actual)
+
+
+def test_shell_blocks_name_what_exists():
+  """Each `pip install -e ".[extras]"` names extras pyproject.toml defines; each script exists;
+  the test command is the one CI runs."""
+  import tomllib
+  extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  shell = [c for n, _, c in blocks(ROOT / "README.md") if n == "shell"]
+  assert shell
+  for code in shell:
+    for group in re.findall(r'pip install -e "\.\[([\w,-]+)\]"', code):
+      assert set(group.split(",")) <= set(extras), group
+    for script in re.findall(r"python ((?:examples|benchmarks|tools)/\S+\.py)", code):
+      assert (ROOT / script).exists(), script
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert "python -m pytest -q -n 2" in ci
+  assert any("python -m pytest -q -n 2" in c for c in shell)
