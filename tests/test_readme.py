@@ -19,7 +19,6 @@ import re
 import sys
 import warnings
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,8 +233,7 @@ def check_weighted(ns):
 
 
 def check_mixed(ns):
-  lora, x, apply = ns["lora"], ns["x"], ns["apply"]
-  model = ns["model"]
+  lora, x, model = ns["lora"], ns["x"], ns["model"]
   for i, name in enumerate(["code", None, "mix", "default"]):
     params = lojax.merge(lojax.set_adapter(lora, name)) if name else lora.base
     np.testing.assert_allclose(ns["logits"][i], model.apply(params, x)[i], atol=1e-4)
