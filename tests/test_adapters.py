@@ -189,3 +189,44 @@ def test_merge_several_and_unmerge_in_reverse_order():
                              rtol=1e-5, atol=1e-6)
   back = lojax.unmerge(lora, step, adapter_names=["a"])
   np.testing.assert_allclose(back["l"]["kernel"], lora.base["l"]["kernel"], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_batch_with_dropout_runs_each_adapter_masked():
+  """With dropout each adapter runs over the whole batch with the other examples masked out;
+  each row still gets its own adapter's model, written out here in float64 NumPy."""
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(6, 5)).astype(np.float32)
+  x = rng.normal(size=(4, 6)).astype(np.float32)
+  f = lambda p, x: jnp.tanh(x @ p["l"]["kernel"])
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["l"], init_lora_weights=False,
+                        lora_dropout=0.5)
+  lora = lojax.wrap({"l": {"kernel": jnp.asarray(w)}}, spec, key=jax.random.key(0),
+                    adapter_name="a")
+  lora = lojax.set_adapter(lojax.wrap(lora, spec, key=jax.random.key(1), adapter_name="b"),
+                           ["a", "b"])
+  names = ["b", "__base__", "a", "b"]
+  ids = lojax.adapter_ids(lora, names)
+  out = lojax.lorafy(f)(lora, jnp.asarray(x), lora_adapter_ids=ids, lora_deterministic=True)
+  for i, n in enumerate(names):
+    k = w.astype(np.float64)
+    if n != "__base__":
+      fac = lora.adapters[n]["lora"]["l"]
+      k = k + 2.0 * np.asarray(fac["lora_A"], np.float64) @ np.asarray(fac["lora_B"], np.float64)
+    np.testing.assert_allclose(out[i], np.tanh(x[i] @ k), rtol=1e-5, atol=1e-5)
+  # Training mode: a base example stays the base model, whatever the masks.
+  train = lojax.lorafy(f)(lora, jnp.asarray(x), lora_adapter_ids=ids, lora_rng=jax.random.key(2))
+  np.testing.assert_allclose(train[1], np.tanh(x[1] @ w.astype(np.float64)), rtol=1e-6,
+                             atol=1e-6)
+  assert not np.allclose(train[0], out[0], atol=1e-4)  # the masks did act on adapted rows
+
+
+def test_mixed_batch_refuses_a_merged_kernel_use():
+  """A use lojax cannot factorize gets one merged kernel for the whole batch: refused."""
+  f = lambda p, x: x @ p["l"]["kernel"] + jnp.sum(p["l"]["kernel"] ** 2)
+  spec = lojax.LoraSpec(r=2, target_modules=["l"], init_lora_weights=False)
+  lora = lojax.wrap({"l": {"kernel": jnp.ones((6, 5))}}, spec, key=jax.random.key(0),
+                    adapter_name="a")
+  lora = lojax.set_adapter(lojax.wrap(lora, spec, key=jax.random.key(1), adapter_name="b"),
+                           ["a", "b"])
+  with pytest.raises(ValueError, match=r"'l/kernel' is used by `integer_pow`.*mixed-adapter"):
+    lojax.lorafy(f)(lora, jnp.ones((2, 6)), lora_adapter_ids=lojax.adapter_ids(lora, ["a", "b"]))

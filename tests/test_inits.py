@@ -221,5 +221,13 @@ def test_invalid_combinations_are_refused(gpt_model):
 
 
 def test_loftq_warns_when_scaling_is_not_one():
+  """As in PEFT the factors are not divided by the scaling: with s = 2 the model computes
+  the quantized base plus 2x the quantization error's best rank-r approximation."""
+  m = kernel((64, 32), seed=5)
   with pytest.warns(UserWarning, match=r"s = \[2\.0\].*Set `lora_alpha` equal to `r`"):
-    one_kernel(kernel((64, 32)), "loftq", r=4, alpha=8, loftq_config={"loftq_bits": 8})
+    _, lora, a, b = one_kernel(m, "loftq", r=4, alpha=8, loftq_config={"loftq_bits": 8})
+  wq, a_peft, b_peft = loftq_reference(m, 4, 1, "int8")
+  np.testing.assert_allclose(a @ b, (b_peft @ a_peft).T, atol=1e-4)  # not (L@R).T / 2
+  x = np.random.default_rng(6).normal(size=(3, 64))
+  out = lojax.lorafy(lambda p, x: x @ p["d"]["kernel"])(lora, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(out, x @ (wq.T + 2.0 * (b_peft @ a_peft).T), rtol=1e-4, atol=1e-4)

@@ -329,3 +329,26 @@ def test_shell_blocks_name_what_exists():
   ci = (ROOT / ".ci" / "run").read_text()
   assert "python -m pytest -q -n 2" in ci
   assert any("python -m pytest -q -n 2" in c for c in shell)
+
+
+def test_speed_figures_are_the_committed_benchmark_results():
+  """The `## Speed` section quotes benchmarks/results/cpu.json, rounded as written there."""
+  import json
+  rows = json.loads((ROOT / "benchmarks" / "results" / "cpu.json").read_text())["rows"]
+  text = (ROOT / "README.md").read_text()
+  speed = " ".join(text[text.index("## Speed"):text.index("## Status")].split())
+  mib = lambda row: f"{rows[row]['temp_bytes'] / 2**20:.0f} MiB"
+  ratio = lambda row, what: f"{rows[row][what + '_ratio_to_limit']:.2f}x"
+  qwix = rows["lojax LoRA (NNX)"]["step_s"] / rows["qwix LoRA (NNX)"]["step_s"]
+  expected = [
+      f"costs {ratio('lojax LoRA', 'flops')} the FLOPs and {ratio('lojax LoRA', 'step')} the time",
+      f"Full fine-tuning costs {ratio('full fine-tuning', 'flops')} the FLOPs and a merged-delta "
+      f"step {ratio('lojax LoRA, merged delta (naive)', 'flops')}",
+      f"takes {qwix:.2f}x the time of a qwix LoRA step",
+      f"temp memory is {mib('lojax LoRA')}, against {mib('frozen limit')} for the frozen limit "
+      f"and {mib('full fine-tuning')} for full fine-tuning",
+      f"a LoRA step takes {ratio('lojax LoRA (MiniLM)', 'step')} the limit's time, with "
+      f"{mib('lojax LoRA (MiniLM)')} temp against {mib('full fine-tuning (MiniLM)')}",
+  ]
+  missing = [e for e in expected if e not in speed]
+  assert not missing, missing

@@ -1,16 +1,32 @@
-"""How a function uses each kernel: traced once with abstract inputs.
+"""Which leaves are kernels, and how a function uses each: traced once with abstract inputs.
 
-:func:`kernel_infos` decides, for every leaf named ``kernel`` or ``embedding``,
-which axes are the kernel's *input* axes (those contracted with the
-activations, or indexed by an embedding lookup), which are *output* axes, and
-whether a leading axis is a stacked layer axis sliced by ``nn.scan`` /
-``lax.scan``. With ``apply_fn`` the answer is read from the traced program;
-without it, 2-D kernels follow Flax's ``[in, out]`` convention, 2-D embedding
-tables ``[vocab, features]``, and N-D kernels need ``spec.kernel_axes``.
+A *kernel* is a leaf that a matmul, convolution or lookup consumes as its
+weight. Candidates are found two ways:
+
+* by name: leaves named ``kernel``, ``embedding``, ``w`` or ``weight``
+  (:data:`KERNEL_NAMES`: Flax, gemma / tunix ``Einsum``, equinox) or one of
+  ``spec.kernel_names``; their module path is the dict that holds them;
+* by use, when ``apply_fn`` is given: any other float leaf with at least two
+  axes that the traced program uses as a matmul / conv / lookup weight (an
+  MoE layer's expert arrays, say). Such a leaf is its own module: its module
+  path is its leaf path. ``"all-linear"`` and the group flags choose among
+  named kernels only, as PEFT's ``all-linear`` chooses among ``Linear``
+  modules; name the others in ``target_modules``, as PEFT's
+  ``target_parameters`` does.
+
+:func:`kernel_infos` then decides which axes are the kernel's *input* axes
+(those contracted with the activations, or indexed by an embedding lookup),
+which are *output* axes, and whether a leading axis is a stacked layer axis
+sliced by ``nn.scan`` / ``lax.scan``. With ``apply_fn`` the answer is read
+from the traced program. Without it only the Flax names have a convention:
+a 2-D ``kernel`` is ``[in, out]``, a 2-D ``embedding`` ``[vocab, features]``;
+``w``, ``weight`` (``[out, in]`` in equinox, ``[in, out]`` elsewhere), other
+names and N-D kernels need ``apply_fn`` or ``spec.kernel_axes``.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable
 
@@ -22,6 +38,11 @@ from lojax._src import matcher
 from lojax._src import paths as P
 from lojax._src import rules
 from lojax._src import tagged as tg
+
+
+KERNEL_NAMES = ("kernel", "embedding", "w", "weight")
+"""Leaf names that mark a kernel whatever its use (``spec.kernel_names`` adds more)."""
+_CONVENTION = {"kernel": "dense", "embedding": "embed"}  # 2-D layouts known without tracing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +99,32 @@ def trace_uses(fn: Callable, tree: Any, candidates: dict[int, str], args, kwargs
   return uses
 
 
+def _is_float(x) -> bool:
+  return jax.numpy.issubdtype(getattr(x, "dtype", np.float32), jax.numpy.floating)
+
+
+def _candidates(paths, leaves, spec, traced: bool) -> dict[int, tuple[str, str, bool]]:
+  """``{leaf index: (module path, leaf name, named)}`` of every leaf that may be a kernel.
+
+  A named kernel's module is its parent, unless the parent holds several named
+  kernels; a leaf found by use (``traced``) is its own module. A leaf that is
+  its own module has leaf name ``""``.
+  """
+  names = set(KERNEL_NAMES) | set(getattr(spec, "kernel_names", None) or ())
+  named, found = {}, {}
+  for i, (path, x) in enumerate(zip(paths, leaves)):
+    module, leaf = P.split(path)
+    nd = np.ndim(x)
+    if leaf in names and (nd >= 2 or (nd == 1 and leaf in _CONVENTION)):
+      named[i] = (module, leaf)
+    elif traced and nd >= 2 and _is_float(x):
+      found[i] = (path, "", False)
+  per_module = collections.Counter(m for m, _ in named.values())
+  out = {i: (m, l, True) if per_module[m] == 1 else (paths[i], "", True)
+         for i, (m, l) in named.items()}
+  return {**out, **found}
+
+
 def _decide(leaf: str, shape: tuple[int, ...], uses: list[tuple]) -> KernelUse:
   if not uses:
     return KernelUse("unused", (), None, "the function never reads it")
@@ -128,14 +175,12 @@ def _decide(leaf: str, shape: tuple[int, ...], uses: list[tuple]) -> KernelUse:
 def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
   """KernelInfo (for the matcher) and KernelUse (for wrap) of every kernel leaf."""
   paths, leaves, _ = P.flatten(tree)
-  candidates = {i: p for i, p in enumerate(paths)
-                if P.split(p)[1] in P.KERNEL_LEAVES and np.ndim(leaves[i]) >= 1}
+  candidates = _candidates(paths, leaves, spec, apply_fn is not None)
   traced = None
   if apply_fn is not None:
-    traced = trace_uses(apply_fn, tree, candidates, args, kwargs or {})
+    traced = trace_uses(apply_fn, tree, {i: paths[i] for i in candidates}, args, kwargs or {})
   infos, layouts = [], {}
-  for i, path in candidates.items():
-    module, leaf = P.split(path)
+  for i, (module, leaf, named) in candidates.items():
     shape = tuple(np.shape(leaves[i]))
     explicit = matcher.lookup(spec.kernel_axes, module) if spec.kernel_axes else None
     if explicit is not None:
@@ -145,14 +190,21 @@ def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
         use = KernelUse("unknown", (), None,
                         f"`kernel_axes[{explicit[0]!r}]={list(explicit[1])}` does not fit shape {shape}")
     elif traced is not None:
-      use = _decide(leaf, shape, traced[path])
+      use = _decide(leaf, shape, traced[paths[i]])
+      if not named and use.kind in ("unknown", "unused"):
+        continue  # found by use only: a leaf no matmul, conv or lookup takes as weight
+    elif len(shape) == 2 and leaf in _CONVENTION:
+      use = KernelUse(_CONVENTION[leaf], (0,), None)
     elif len(shape) == 2:
-      use = KernelUse("embed" if leaf == "embedding" else "dense", (0,), None)
+      use = KernelUse("unknown", (), None,
+                      f"a 2-D `{leaf}` leaf has no layout convention (`weight` is [out, in] in "
+                      "equinox and torch, [in, out] in Flax): pass `apply_fn` so its use is "
+                      "traced, or `kernel_axes`")
     else:
       use = KernelUse("unknown", (), None,
                       f"a {len(shape)}-D kernel's input axes cannot be read from its path")
     layouts[module] = use
     kind = "unknown" if use.kind == "unused" else use.kind
     infos.append(matcher.KernelInfo(path=module, leaf=leaf, shape=shape, kind=kind,
-                                    stacked=use.stacked))
+                                    stacked=use.stacked, named=named))
   return infos, layouts

@@ -94,11 +94,15 @@ class KernelInfo:
 
   Attributes:
     path: Module path, e.g. ``"params/h_0/attn/c_attn"``.
-    leaf: Leaf name, ``"kernel"`` or ``"embedding"``.
+    leaf: Leaf name (``"kernel"``, ``"embedding"``, ``"w"``, ...), or ``""``
+      when the leaf is its own module (``path`` is then its leaf path).
     shape: Full leaf shape, including a leading layer axis if stacked.
     kind: ``"dense"``, ``"conv"``, ``"embed"`` or ``"unknown"`` (an N-D
       kernel whose use is not known).
     stacked: Size of the leading layer axis of scanned layers, else None.
+    named: Whether its name marks it as a kernel (``kernel``, ``w``, ...), as
+      opposed to a leaf found only by its use; ``"all-linear"`` and the group
+      flags choose among named kernels.
 
   >>> KernelInfo("params/h_0/attn/c_attn", "kernel", (64, 192), "dense").shape
   (64, 192)
@@ -109,6 +113,7 @@ class KernelInfo:
   shape: tuple[int, ...]
   kind: str
   stacked: int | None = None
+  named: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -309,7 +314,9 @@ def _explain(what: str, word: str, hits: list[str], kernel_paths: list[str],
     details.append(f"{m} (leaves: {', '.join(leaves)})" if leaves
                    else f"{m} (holds no leaf; kernels below it: {_fmt(below, 5)})")
   return (f"{what} matched only module paths that are not a matmul kernel: "
-          f"{'; '.join(details)}. Target a module that holds a `kernel` or `embedding` leaf.")
+          f"{'; '.join(details)}. Target a module that holds a kernel: a leaf named `kernel`, "
+          "`embedding`, `w`, `weight` or one of `kernel_names`, or (with `apply_fn`) any leaf "
+          "a matmul, conv or lookup takes as its weight; `lojax.kernel_paths` lists them.")
 
 
 def _requested(spec: LoraSpec, kernels: list[KernelInfo], heads: list[str],
@@ -318,7 +325,7 @@ def _requested(spec: LoraSpec, kernels: list[KernelInfo], heads: list[str],
   tm = spec.target_modules
   kernel_paths = [k.path for k in kernels]
   if tm is None or tm == ALL_LINEAR:
-    linear = [k for k in kernels if k.kind == "dense" and k.path not in heads]
+    linear = [k for k in kernels if k.kind == "dense" and k.named and k.path not in heads]
     if tm is None:
       return _select_groups(spec, linear, problems)
     if not linear:

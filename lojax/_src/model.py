@@ -75,7 +75,8 @@ def decode(x: Any) -> Any:
 class TargetMeta:
   """Static description of one adapted leaf."""
   path: str                      # module path, e.g. "params/h_0/attn/c_attn"
-  leaf: str                      # the leaf's name under it: "kernel", "embedding", "w", ...
+  leaf: str                      # the leaf's name under it ("kernel", "w", ...); "" when the
+                                 # leaf is its own module (path is then the leaf path)
   shape: tuple[int, ...]         # full leaf shape (leading layer axis included if stacked)
   kind: str                      # dense | conv | embed
   in_axes: tuple[int, ...]       # per-layer kernel axes on the input side
@@ -88,7 +89,7 @@ class TargetMeta:
 
   @property
   def leaf_path(self) -> str:
-    return f"{self.path}/{self.leaf}"
+    return f"{self.path}/{self.leaf}" if self.leaf else self.path
 
   @property
   def kernel_shape(self) -> tuple[int, ...]:

@@ -198,6 +198,11 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   from safetensors.numpy import save_file
   name = _single_adapter(lora, adapter_name)
   meta = lora.meta.adapter(name)
+  if bare := [t.path for t in meta.targets if not t.leaf]:
+    raise ValueError(
+        f"Cannot write {bare} to a PEFT file: each is a bare array found by its use, not the "
+        "weight of a module (PEFT's `target_parameters`, which lojax does not write yet). "
+        "Save with lojax.save_adapters, or lojax.save_merged for plain params.")
   ad = lora.adapters[name]
   out = _Tensors()
   exported = _put_factors(out, meta, ad["lora"], mapping)

@@ -89,6 +89,12 @@ def merged(ctx: rules.Context, x, prim: str):
   if not isinstance(x, Tagged):
     return x
   rules.record_other(ctx, x, prim)
+  if x.terms and ctx.example_ids is not None:
+    raise ValueError(
+        f"The adapted kernel '{x.path}' is used by `{prim}`, which lojax cannot factorize, in "
+        "a mixed-adapter batch (`lora_adapter_ids`): a merged kernel is one kernel for the "
+        "whole batch, so the examples cannot each get their own adapter. Run one call per "
+        "adapter (lojax.set_adapter), or leave this module out of the adapters' targets.")
   if x.terms and (x.path, prim) not in ctx.warned:
     ctx.warned.add((x.path, prim))
     warnings.warn(

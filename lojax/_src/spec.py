@@ -194,6 +194,8 @@ class LoraSpec:
     finetune_vision_layers: Group flag (vision tower).
     kernel_axes: lojax-specific: ``{key: input_axes}`` for N-D kernels whose
       module path the key matches (same key rule as ``rank_pattern``).
+    kernel_names: lojax-specific: leaf names that mark a kernel, besides
+      ``kernel``, ``embedding``, ``w`` and ``weight`` (e.g. ``["proj_weight"]``).
 
   The dict fields are stored as :class:`FrozenDict` and the sequences as
   tuples: a spec never changes. Derive a new one with ``dataclasses.replace``.
@@ -227,6 +229,7 @@ class LoraSpec:
   finetune_language_layers: None | bool = None
   finetune_vision_layers: None | bool = None
   kernel_axes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=FrozenDict)
+  kernel_names: None | Sequence[str] = None
 
   peft_type: ClassVar[str] = "LORA"   # the `peft_type` of the PEFT config this spec writes
 
@@ -418,8 +421,13 @@ def _check_names(spec: LoraSpec, set_, p: list[str]) -> None:
   if isinstance(lp, (str, list, tuple)) and not lp:  # PEFT: an empty layers_pattern is unset
     set_("layers_pattern", None)
   for name, str_ok in (("target_modules", True), ("exclude_modules", True),
-                       ("layers_pattern", False), ("modules_to_save", False)):
+                       ("layers_pattern", False), ("modules_to_save", False),
+                       ("kernel_names", False)):
     set_(name, _names(name, getattr(spec, name), p, str_ok=str_ok))
+  if isinstance(spec.kernel_names, tuple):
+    if bad := [n for n in spec.kernel_names if isinstance(n, str) and ("/" in n or n == "bias")]:
+      p.append(f"`kernel_names` entries are leaf names (one path component, not 'bias'); got "
+               f"{', '.join(map(repr, bad))}.")
   tm = spec.target_modules
   if isinstance(tm, (str, tuple)) and not tm:
     p.append(f"`target_modules={_jsonable(tm)!r}` selects nothing. Pass module names, a "
