@@ -185,3 +185,21 @@ def test_a_bare_array_target_is_refused_by_save_peft(tmp_path):
   with pytest.raises(ValueError, match=r"\['mlp/proj'\].*target_parameters"):
     lojax.save_peft(tmp_path / "out", lora)
   assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_head_rule_reads_the_traced_output_axis():
+  """A [vocab, d] head applied as ``h @ W.T`` produces vocab outputs: a head, left out of
+  "all-linear" (its last axis is d, which the rule read before tracing told it otherwise)."""
+  V = 11
+  params = {"embed": {"embedding": _rand(1, V, D)}, "mid": {"kernel": _rand(2, D, D)},
+            "proj_out": {"kernel": _rand(3, V, D)}}
+
+  def fn(p, ids):
+    h = jnp.tanh(p["embed"]["embedding"][ids] @ p["mid"]["kernel"])
+    return h @ p["proj_out"]["kernel"].T
+
+  ids = jnp.zeros((2, 4), jnp.int32)
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules="all-linear"),
+                    key=jax.random.key(0), apply_fn=fn, example_args=(ids,))
+  assert sorted(lora.adapters["default"]["lora"]) == ["mid"]
+  assert lora.meta.adapter("default").heads == ("proj_out",)

@@ -205,6 +205,9 @@ def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
                       f"a {len(shape)}-D kernel's input axes cannot be read from its path")
     layouts[module] = use
     kind = "unknown" if use.kind == "unused" else use.kind
+    per_layer = shape[1:] if use.stacked else shape
+    out_size = (int(np.prod([d for ax, d in enumerate(per_layer) if ax not in use.in_axes]))
+                if traced is not None and kind == "dense" else None)
     infos.append(matcher.KernelInfo(path=module, leaf=leaf, shape=shape, kind=kind,
-                                    stacked=use.stacked, named=named))
+                                    stacked=use.stacked, named=named, out_size=out_size))
   return infos, layouts

@@ -100,6 +100,8 @@ class KernelInfo:
     kind: ``"dense"``, ``"conv"``, ``"embed"`` or ``"unknown"`` (an N-D
       kernel whose use is not known).
     stacked: Size of the leading layer axis of scanned layers, else None.
+    out_size: The size of its output side (the product of its output axes,
+      per layer), when known from tracing; else None (the last axis is taken).
     named: Whether its name marks it as a kernel (``kernel``, ``w``, ...), as
       opposed to a leaf found only by its use; ``"all-linear"`` and the group
       flags choose among named kernels.
@@ -114,6 +116,7 @@ class KernelInfo:
   kind: str
   stacked: int | None = None
   named: bool = True
+  out_size: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -468,7 +471,8 @@ def _heads(kernels: list[KernelInfo], leaf_shapes: Mapping[str, tuple[int, ...]]
   tables = [s for p, s in leaf_shapes.items() if p.rpartition("/")[2] == "embedding" and len(s) == 2]
   vocab = max((s[0] for s in tables), default=None)
   return [k.path for k in kernels if k.path.rpartition("/")[2].lower() in HEAD_NAMES or (
-      k.kind == "dense" and k.stacked is None and len(k.shape) == 2 and k.shape[1] == vocab
+      k.kind == "dense" and k.stacked is None and len(k.shape) == 2 and vocab is not None
+      and (k.shape[1] if k.out_size is None else k.out_size) == vocab
       and layer_index(k.path) is None)]
 
 
