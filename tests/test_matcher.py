@@ -253,6 +253,12 @@ def test_layer_index_rules():
   assert layer_index("stage_0/blocks/2/attn", ["blocks"]) == 2
   assert layer_index("enc/layers_4/mlp/experts_1/wi", ["layers"]) == 4
   assert layer_index("enc/layer_4/mlp/experts_1/wi", ["layers"]) is None
+  # recurrentgemma writes the index inside one component: `blocks.3`
+  assert layer_index("params/blocks.3/mlp/ffw_up") == 3
+  assert layer_index("params/stage_1/blocks.3/mlp", ["blocks"]) == 3
+  # a group of the user's pattern is not the layer number
+  assert layer_index("params/h_3/attn", ["(h|blocks)"]) == 3
+  assert layer_index("params/blocks.2/attn", ["(h|blocks)"]) == 2
 
 
 def test_layers_to_transform_with_linen_names():

@@ -41,9 +41,9 @@ dense_h_to_4h, dense_4h_to_h, intermediate``. Attention wins if both hold.
 or ``img``; everything else is the *language* tower.
 
 Layers. A path's layer index comes from its first numbered component: all
-digits (``layers/3``) or ending in ``_<digits>`` (``h_3``, ``Block_2``). With
-``layers_pattern`` only ``<pattern>/<digits>`` or ``<pattern>_<digits>``
-count; use it when an outer module carries a number (``Encoder_0/Block_3``).
+digits (``layers/3``) or ending in ``_<digits>`` or ``.<digits>`` (``h_3``,
+``Block_2``, ``blocks.0``). With ``layers_pattern`` only ``<pattern>/<digits>``,
+``<pattern>_<digits>`` or ``<pattern>.<digits>`` count; use it when an outer module carries a number (``Encoder_0/Block_3``).
 A path without an index never matches ``layers_to_transform``. Stacked
 kernels (layers scanned into a leading axis) use positions along that axis,
 unless ``layers_pattern`` finds an index in the path (so linen auto-names such
@@ -85,7 +85,7 @@ _MLP_LAST = frozenset({"fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj"
                        "wi", "wi_0", "wi_1", "dense_h_to_4h", "dense_4h_to_h", "intermediate"})
 _VISION_PARTS = ("vision", "visual", "vit", "image_encoder", "img")
 _DIGITS = re.compile(r"[0-9]+")
-_SUFFIX_INDEX = re.compile(r".*_([0-9]+)")
+_SUFFIX_INDEX = re.compile(r".*[_.]([0-9]+)")  # h_3, Block_2, blocks.0 (one path component)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +222,8 @@ def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int |
     for pat in layers_pattern:
       if _DIGITS.fullmatch(nxt) and re.fullmatch(pat, part):
         return int(nxt)
-      if m := re.fullmatch(rf"(?:{pat})_([0-9]+)", part):
-        return int(m.group(1))
+      if m := re.fullmatch(rf"(?:{pat})[_.](?P<lojax_layer>[0-9]+)", part):
+        return int(m.group("lojax_layer"))  # by name: the pattern may hold groups of its own
   return None
 
 
