@@ -133,12 +133,20 @@ def gpt2_names():
               lora=lojax.wrap(params, spec, key=jax.random.key(1)))
 
 
+def equinox_names():
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(6, 3, 8, 2, key=jax.random.key(0))
+  spec = lojax.LoraSpec(r=2, target_modules="all-linear", init_lora_weights=False)
+  return {"eqx": eqx, "model": model, "spec": spec, "key": jax.random.key(1),
+          "x": jnp.ones((4, 6))}
+
+
 SETUPS = {
     "quickstart": trained_names, "rank-pattern": quickstart_names,
     "apply-fn": quickstart_names, "nnx": nnx_names, "plain": lambda: {"key": jax.random.key(1)}, "dropout": dropout_names,
     "weighted": adapters_names, "mixed": mixed_names, "optax-masks": trained_names,
     "adalora": quickstart_names, "quantize": quickstart_names, "checkpoint": trained_names,
-    "peft": gpt2_names,
+    "peft": gpt2_names, "equinox": equinox_names,
 }
 
 
@@ -270,6 +278,14 @@ def check_checkpoint(ns):
   assert pathlib.Path("ckpt").is_dir()
   restored = ns["lora"].trainable["default"]["lora"]["params/h_0/attn/query"]["lora_B"]
   assert float(jnp.abs(restored).max()) > 0  # the trained B came back, not the zero init
+
+
+def check_equinox(ns):
+  lora, x = ns["lora"], ns["x"]
+  assert sorted(lora.trainable["default"]["lora"]) == ["layers/0", "layers/1", "layers/2"]
+  merged = ns["eqx"].combine(lojax.merge(lora), ns["static"])
+  np.testing.assert_allclose(ns["apply"](lora, x), jax.vmap(merged)(x), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(jax.vmap(merged)(x), jax.vmap(ns["model"])(x), atol=1e-4)
 
 
 def check_peft(ns):
