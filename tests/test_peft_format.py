@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import sys
 
 import flax.linen as nn
@@ -294,3 +295,34 @@ def test_a_users_spec_subclass_does_not_take_over_reading(tmp_path):
   back = load_peft(tmp_path, params, mapping=GPT2_MAPPING, apply_fn=model.apply,
                    example_args=(ids,))
   assert type(back.meta.adapters[0].spec) is lojax.LoraSpec
+
+
+@pytest.mark.parametrize("copy", ["head_base_layer", "original_module_bias",
+                                  "modules_to_save_bias"])
+def test_base_weight_copies_in_a_peft_file(tmp_path, copy):
+  """PEFT writes copies of base weights beside some adapters (a targeted head's
+  `base_layer.weight`; with bias="all" a saved module's `original_module.bias` and
+  `modules_to_save.bias`). Equal to the params' own, they load; different, they are refused."""
+  spec = lojax.LoraSpec(r=2, target_modules=["c_attn", "lm_head"], modules_to_save=["ln_f"])
+  model, params, ids, lora = wrapped(spec)
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  t = load_file(tmp_path / "adapter_model.safetensors")
+  prefix = "base_model.model."
+  if copy == "head_base_layer":   # torch Linear weight [out, in]
+    name, value = "lm_head.base_layer.weight", np.asarray(params["params"]["lm_head"]["kernel"]).T
+  elif copy == "original_module_bias":
+    name, value = "transformer.ln_f.original_module.bias", np.asarray(
+        params["params"]["ln_f"]["bias"])
+  else:
+    name, value = "transformer.ln_f.modules_to_save.bias", t[prefix + "transformer.ln_f.bias"]
+  kw = dict(mapping=GPT2_MAPPING, apply_fn=model.apply, example_args=(ids,))
+  for changed in (False, True):
+    t[prefix + name] = np.ascontiguousarray(value + (0.5 if changed else 0.0), np.float32)
+    save_file(t, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    if not changed:
+      back = load_peft(tmp_path, params, **kw)
+      np.testing.assert_allclose(jax.jit(lojax.lorafy(model.apply))(back, ids),
+                                 jax.jit(lojax.lorafy(model.apply))(lora, ids), atol=1e-6)
+    else:
+      with pytest.raises(ValueError, match=re.escape(prefix + name) + ": (the file's copy|differs)"):
+        load_peft(tmp_path, params, **kw)

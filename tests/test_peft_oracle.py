@@ -128,9 +128,7 @@ CASES = (
          spec=dict(r=2, target_modules=r"params/h_\d/(attn/c_attn|mlp/c_fc)",
                    exclude_modules=r"params/h_0/mlp/.*")),
     Case("all_linear", **_same(r=1, target_modules="all-linear")),
-    Case("embedding_and_head", **_same(r=2, lora_alpha=4, target_modules=["wte", "lm_head"]),
-         xfail={"peft_to_lojax": "issue 15 item 2: PEFT saves lm_head.base_layer.weight and "
-                                 "transformer.wte.base_layer.weight, load_peft refuses them"}),
+    Case("embedding_and_head", **_same(r=2, lora_alpha=4, target_modules=["wte", "lm_head"])),
     Case("layers_to_transform",
          **_same(r=2, target_modules=["c_attn", "c_fc"], layers_to_transform=[1],
                  layers_pattern="h")),
@@ -156,9 +154,7 @@ CASES = (
     Case("modules_to_save",
          **_same(r=2, target_modules=["c_attn"], modules_to_save=["ln_f", "lm_head"])),
     Case("bias_all_modules_to_save",
-         **_same(r=2, target_modules=["c_attn"], bias="all", modules_to_save=["ln_f"]),
-         xfail={"peft_to_lojax": "issue 15 item 1: PEFT also writes ln_f.modules_to_save.bias "
-                                 "and ln_f.original_module.bias, load_peft refuses them"}),
+         **_same(r=2, target_modules=["c_attn"], bias="all", modules_to_save=["ln_f"])),
     Case("dora", **_same(r=2, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True)),
     Case("dora_rslora_pattern",
          peft=dict(r=3, lora_alpha=8, use_rslora=True, target_modules=["c_attn", "mlp.c_proj"],

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lojax._src import model
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
 from lojax._src.model import AdapterMeta, LoraMeta, LoraParams
@@ -521,6 +522,42 @@ def _lora_by_path(lora_parts, kernel_names, problems: list[str]):
   return found
 
 
+def _is_base_copy(rest: str, module_t: str, leaf_t: str, value, index: _TorchIndex,
+                  mapping: PeftMapping, problems: list[str]) -> bool:
+  """Whether tensor ``rest`` is a copy of a base weight PEFT writes beside the adapter.
+
+  PEFT writes ``<module>.base_layer.weight`` for a targeted embedding or head (its
+  ``save_embedding_layers``) and, with ``bias="all"``, ``<module>.original_module.bias``
+  for a saved module. lojax keeps the base it is given, so such a copy must equal the base
+  leaf (after the torch layout): then it is accepted, otherwise it is a problem.
+  """
+  if module_t.endswith(".base_layer") and leaf_t != "bias":
+    target = index.kernels.get(module_t[: -len(".base_layer")])
+    if target is None:
+      return False
+    path, layer = target
+    leaf_path = next((q for q in index.leaves if P.split(q)[0] == path
+                      and _LEAF_TO_TORCH.get(P.split(q)[1], P.split(q)[1]) == leaf_t), None)
+  elif module_t.endswith(".original_module") and module_t[: -len(".original_module")] in index.modules:
+    module = index.modules[module_t[: -len(".original_module")]]
+    leaf_path, layer = _flax_leaf(module, leaf_t, index.leaves), None
+    leaf_path = None if leaf_path is None else f"{module}/{leaf_path}"
+  else:
+    return False
+  if leaf_path is None:
+    problems.append(f"  {PREFIX}{rest}: a copy of a base weight that these params do not have")
+    return True
+  base = np.asarray(model.decode(index.leaves[leaf_path]))
+  base = base if layer is None else base[layer]
+  _, want = _saved_leaf(mapping, P.split(leaf_path)[0], leaf_path, base)
+  if np.shape(value) != np.shape(want) or not np.array_equal(
+      np.asarray(value, np.float32), np.asarray(want, np.float32)):
+    problems.append(f"  {PREFIX}{rest}: the file's copy of the base weight {leaf_path} differs "
+                    "from the params' (the adapter was trained on another base); lojax does "
+                    "not replace base weights")
+  return True
+
+
 def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
                  problems: list[str]):
   """The non-LoRA tensors as bias values and modules_to_save leaves (Flax layout)."""
@@ -529,6 +566,14 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
   saved_modules: set[str] = set()
   for rest, value in other.items():
     module_t, _, leaf_t = rest.rpartition(".")
+    if _is_base_copy(rest, module_t, leaf_t, value, index, mapping, problems):
+      continue
+    if module_t.endswith(".modules_to_save"):  # bias="all": the saved copy's leaf, twice
+      twin = f"{module_t[: -len('.modules_to_save')]}.{leaf_t}"
+      if twin not in other or not np.array_equal(np.asarray(other[twin]), np.asarray(value)):
+        problems.append(f"  {PREFIX}{rest}: differs from (or has no) {PREFIX}{twin}, the saved "
+                        "module's own copy")
+      continue
     if module_t.endswith(".base_layer") and leaf_t == "bias":  # bias of an adapted module
       module_t = module_t[: -len(".base_layer")]
       if module_t in index.kernels:
