@@ -326,3 +326,26 @@ def test_base_weight_copies_in_a_peft_file(tmp_path, copy):
     else:
       with pytest.raises(ValueError, match=re.escape(prefix + name) + ": (the file's copy|differs)"):
         load_peft(tmp_path, params, **kw)
+
+
+@pytest.mark.parametrize("damage", ["bias_not_trained", "int_factor"])
+def test_tensors_that_would_be_dropped_or_misread_are_refused(tmp_path, damage):
+  """A bias the config does not train (unless it equals the base), an integer factor."""
+  model, params, ids, lora = wrapped(lojax.LoraSpec(r=2, target_modules=["c_attn"]))
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  t = load_file(tmp_path / "adapter_model.safetensors")
+  kw = dict(mapping=GPT2_MAPPING, apply_fn=model.apply, example_args=(ids,))
+  name = "base_model.model.transformer.h.0.attn.c_attn."
+  if damage == "bias_not_trained":
+    base_bias = np.asarray(params["params"]["h_0"]["attn"]["c_attn"]["bias"])
+    t[name + "base_layer.bias"] = base_bias  # the base's own bias: a harmless copy
+    save_file(t, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    load_peft(tmp_path, params, **kw)
+    t[name + "base_layer.bias"] = base_bias + 1.0
+    want = r"h_0/attn/c_attn/bias: the file holds a trained bias.*config's `bias`"
+  else:
+    t[name + "lora_A.weight"] = t[name + "lora_A.weight"].astype(np.int32)
+    want = r"lora_A.weight: a int32 tensor; LoRA factors are floats"
+  save_file(t, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=want):
+    load_peft(tmp_path, params, **kw)

@@ -504,6 +504,9 @@ def _split_lora(tensors, index: _TorchIndex, problems: list[str]):
     rest = key[len(PREFIX):]
     m = _LORA_KEY.fullmatch(rest)
     if m and (m.group(1) in index.kernels or m.group(1) not in index.modules):
+      if not jnp.issubdtype(np.asarray(value).dtype, jnp.floating):
+        problems.append(f"  {key}: a {np.asarray(value).dtype} tensor; LoRA factors are floats")
+        continue
       lora_parts.setdefault(m.group(1), {})[m.group(2)] = value
     else:
       other[rest] = value
@@ -685,8 +688,18 @@ def _checked_entry(t, got, want, problems: list[str]) -> dict[str, jax.Array]:
 
 
 def _fill_biases(bias_paths, values, leaves, problems: list[str]) -> dict[str, jax.Array]:
-  """Bias deltas (file value - params) of the spec's bias leaves; zero where the file has none."""
+  """Bias deltas (file value - params) of the spec's bias leaves; zero where the file has none.
+
+  A bias the spec does not train must equal the params' (it is then a harmless copy).
+  """
   bias = {}
+  for p in sorted(set(values) - set(bias_paths)):
+    b = np.asarray(leaves[p]) if p in leaves else None
+    if b is None or not all(np.array_equal(v, b if i is None else b[i])
+                            for i, v in values[p].items()):
+      problems.append(f"  {p}: the file holds a trained bias for it, but the config's `bias` "
+                      "does not train it; set `bias` in adapter_config.json to the mode it was "
+                      "trained with ('lora_only' or 'all')")
   for p in bias_paths:
     value = values.get(p)
     b = np.asarray(leaves[p])
