@@ -349,3 +349,22 @@ def test_tensors_that_would_be_dropped_or_misread_are_refused(tmp_path, damage):
   save_file(t, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
   with pytest.raises(ValueError, match=want):
     load_peft(tmp_path, params, **kw)
+
+
+@pytest.mark.parametrize("option", [{"layer_replication": [[0, 2]]},
+                                    {"target_parameters": ["mlp.experts.gate_up_proj"]},
+                                    {"trainable_token_indices": [3, 4]},
+                                    {"lora_bias": True}, {"some_future_option": "on"}])
+def test_unsupported_peft_options_are_refused_by_name(tmp_path, option):
+  model, params, ids, lora = wrapped(lojax.LoraSpec(r=2, target_modules=["c_attn"]))
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  cfg = tmp_path / "adapter_config.json"
+  unset = {"layer_replication": None, "target_parameters": None, "lora_bias": False,
+           "use_qalora": False, "megatron_config": None, "eva_config": None}
+  cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **unset}))  # as PEFT writes them
+  kw = dict(mapping=GPT2_MAPPING, apply_fn=model.apply, example_args=(ids,))
+  load_peft(tmp_path, params, **kw)  # unset options are fine
+  cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **option}))
+  [key] = option
+  with pytest.raises(ValueError, match=rf"does not support: `{key}`="):
+    load_peft(tmp_path, params, **kw)

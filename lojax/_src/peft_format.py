@@ -387,6 +387,7 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   directory = os.fspath(directory)
   config, tensors = _read(directory)
   spec_class = _spec_class(config)
+  _refuse_unsupported(config, spec_class)
   base = params.base if isinstance(params, LoraParams) else params
   index = _torch_index(base, mapping, apply_fn=apply_fn, example_args=example_args,
                        example_kwargs=example_kwargs)
@@ -413,6 +414,19 @@ def _spec_class(config: Mapping[str, Any]) -> type:
     raise ValueError(f"`peft_type` {peft_type!r} in {CONFIG_NAME} is not supported; lojax "
                      f"reads {' and '.join(sorted(classes))} adapters.")
   return classes[peft_type]
+
+
+def _refuse_unsupported(config: Mapping[str, Any], spec_class: type) -> None:
+  """Raises, naming them, for config keys set to a value that lojax would have to ignore."""
+  unset = (None, False, 0, "", [], {})
+  bad = sorted(k for k, v in config.items()
+               if k not in spec_class.peft_keys() and not any(v == u and type(v) is type(u)
+                                                               for u in unset))
+  if bad:
+    shown = ", ".join(f"`{k}`={config[k]!r}" for k in bad)
+    raise ValueError(f"{CONFIG_NAME} sets PEFT options lojax does not support: {shown}. "
+                     "lojax would have to ignore them and compute another model. Nothing "
+                     "was loaded.")
 
 
 class _TorchIndex(NamedTuple):

@@ -321,6 +321,20 @@ class LoraSpec:
                init_lora_weights=init if init in (True, False, "gaussian") else True,
                use_dora=bool(config.get("use_dora", False)))
 
+  @classmethod
+  def peft_keys(cls) -> frozenset[str]:
+    """The ``adapter_config.json`` keys this spec class reads or may ignore.
+
+    ``load_peft`` refuses a config that sets any other key (a PEFT option
+    lojax does not support, such as ``layer_replication``), naming it. A
+    subclass's own fields are its own keys.
+
+    >>> "r" in LoraSpec.peft_keys(), "layer_replication" in LoraSpec.peft_keys()
+    (True, False)
+    """
+    shared = {f.name for f in dataclasses.fields(LoraSpec)}
+    return _PEFT_KEYS | {f.name for f in dataclasses.fields(cls) if f.name not in shared}
+
   def effective_modules_to_save(self) -> tuple[str, ...]:
     """``modules_to_save`` plus the head names implied by ``task_type``.
 
@@ -387,6 +401,17 @@ def spec_classes() -> dict[str, type]:
       out[cls.__name__] = cls
     todo.extend(cls.__subclasses__())
   return out
+
+
+# PEFT LoraConfig keys load_peft reads (the targets, ranks and layouts come from the tensors and
+# the mapping), and those with no effect on the adapter's numbers (bookkeeping, runtime options,
+# the options of features that are off).
+_PEFT_KEYS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+    "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "loftq_config", "use_dora", "megatron_core", "qalora_group_size", "runtime_config"})
 
 
 def _check_numbers(spec: LoraSpec, set_, p: list[str]) -> None:
