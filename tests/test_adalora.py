@@ -252,6 +252,13 @@ def test_a_module_can_end_at_rank_zero():
   small = lojax.adalora_resize(lora, state)
   assert [t.path for t in small.meta.adapters[0].targets] == ["a"]
   assert "b" not in small.adapters["default"]["lora"]
+  # "outputs and merged weights are unchanged": b's masked adapter contributed nothing
+  _, f, x, _ = two_branch_model()
+  np.testing.assert_allclose(lojax.lorafy(f)(small, x), lojax.lorafy(f)(lora, x), rtol=1e-6,
+                             atol=1e-6)
+  for p, q in zip(jax.tree.leaves(lojax.merge(small)), jax.tree.leaves(lojax.merge(lora))):
+    np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(lojax.lorafy(f)(small, x), f(params, x), atol=1e-4)  # a did change
 
 
 def test_plain_optimizer_is_detected():

@@ -206,6 +206,7 @@ def test_mixed_batch_with_dropout_runs_each_adapter_masked():
                            ["a", "b"])
   names = ["b", "__base__", "a", "b"]
   ids = lojax.adapter_ids(lora, names)
+  assert ids.tolist() == [1, -1, 0, 1]  # "__base__" is -1: raw ids work the same
   out = lojax.lorafy(f)(lora, jnp.asarray(x), lora_adapter_ids=ids, lora_deterministic=True)
   for i, n in enumerate(names):
     k = w.astype(np.float64)

@@ -138,8 +138,10 @@ def test_conv_any_window():
     with jax.enable_x64(True):
       ref = model.apply({"params": {"kernel": jnp.asarray(kernel),
                                     "bias": jnp.asarray(np64(params["params"]["bias"]))}}, np64(x))
-    for out in both(lojax.lorafy(model.apply), lora, x):
-      np.testing.assert_allclose(out, ref, **TOL)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # factorized: no merged-kernel fallback warning
+      for out in both(lojax.lorafy(model.apply), lora, x):
+        np.testing.assert_allclose(out, ref, **TOL)
 
 
 def test_embedding_lookup_and_attend():

@@ -223,11 +223,12 @@ def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path):
   for f in (tmp_path / "c" / "2" / "adapters").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  with pytest.raises(ValueError, match=r"step 2\).*(incomplete or corrupt|is corrupt)"):
+  with pytest.raises(ValueError, match=r"(?s)step 2\).*(incomplete or corrupt|is corrupt).*"
+                     r"available: \[1, 2\]"):
     restore_adapters(tmp_path / "c", params)
   # Damaged metadata.
   (tmp_path / "c" / "1" / "meta" / "metadata").write_text('{"format": "lojax.adap')
-  with pytest.raises(ValueError, match=r"step 1\).*incomplete or corrupt"):
+  with pytest.raises(ValueError, match=r"step 1\).*incomplete or corrupt.*available: \[1, 2\]"):
     restore_adapters(tmp_path / "c", params, step=1)
 
 
@@ -239,7 +240,8 @@ def test_flipped_bytes_are_detected(tmp_path):
   key = next(iter(meta["arrays"]))
   meta["arrays"][key]["crc32"] ^= 1  # as if the stored data had changed
   meta_file.write_text(json.dumps(meta))
-  with pytest.raises(ValueError, match=r"adapter data in .* is corrupt:\n.*does not match"):
+  with pytest.raises(ValueError, match=r"adapter data in .* is corrupt:\n.*does not match.*\n"
+                     r"Restore another step \(available: \[1\]\)"):
     restore_adapters(tmp_path, params)
 
 

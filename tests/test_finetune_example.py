@@ -117,3 +117,23 @@ def test_end_to_end_short_run(tmp_path, capsys, task, variant):
   assert (tmp_path / "training_curve.png").stat().st_size > 10_000
   assert json.loads((tmp_path / "metrics.json").read_text())["task"] == task
   assert not stale.exists() and (tmp_path / "checkpoint" / "3").is_dir()
+
+
+def test_parameter_counts_are_the_readme_output():
+  """The counts line of the README's example output, with the example's own default spec."""
+  import contextlib
+  import io
+  import pathlib
+  model = minilm.MiniLMClassifier(13)
+  ids = jnp.ones((1, 8), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), ids, jnp.ones_like(ids))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # counts need no values
+  lora = lojax.wrap(params, finetune_minilm.make_spec(finetune_minilm.parse_args([])),
+                    key=jax.random.key(1))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    lojax.print_trainable_parameters(lora)
+  line = out.getvalue().strip()
+  assert line == "trainable params: 336,781 || all params: 22,907,162 || trainable%: 1.4702"
+  readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  assert line in readme

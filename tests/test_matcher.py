@@ -415,3 +415,34 @@ def test_head_rule_ignores_block_kernels_and_position_tables():
   res = t.resolve(target_modules="all-linear")
   assert res.heads == ("params/out",)
   assert len(res.targets) == 4
+
+
+@pytest.mark.parametrize("path, group", [
+    ("blocks_0/wq", "attn"), ("blocks/1/c_attn", "attn"), ("h_0/out_proj", "attn"),
+    ("mlp/q_proj", "attn"),            # both groups hold: attention wins
+    ("ffn/attention/dense", "attn"),   # a component of each: attention wins
+    ("h_0/fc1", "mlp"), ("h_0/w3", "mlp"), ("t5/wi_1", "mlp"), ("neox/dense_4h_to_h", "mlp"),
+    ("bert/intermediate", "mlp"), ("h_0/proj", None)])
+def test_group_flags_read_these_names(path, group):
+  t = Tree().kernel(path, (D, D)).kernel("other/mlp/fc2", (D, D)).kernel("other/attn/wk", (D, D))
+  attn = paths(t.resolve(finetune_attention_modules=True, finetune_mlp_modules=False))
+  mlp = paths(t.resolve(finetune_mlp_modules=True, finetune_attention_modules=False))
+  assert (path in attn, path in mlp) == (group == "attn", group == "mlp")
+
+
+@pytest.mark.parametrize("tower", ["visual", "vit", "image_encoder", "img_enc", "vision"])
+def test_vision_tower_markers(tower):
+  t = Tree().kernel(f"{tower}/layers_0/attn/q", (D, D)).kernel("text/layers_0/attn/q", (D, D))
+  assert paths(t.resolve(finetune_vision_layers=True, finetune_language_layers=False)) == [
+      f"{tower}/layers_0/attn/q"]
+
+
+def test_a_stacked_vocab_sized_kernel_is_not_a_head():
+  t = (Tree().kernel("embed", (V, D), "embed", "embedding")
+       .kernel("blocks/out", (3, D, V), stacked=3).kernel("proj_out", (D, V)))
+  res = t.resolve(target_modules="all-linear")
+  assert res.heads == ("proj_out",)
+  assert paths(res) == ["blocks/out"]
+  # a head neither named like one nor vocabulary-sized is not recognised: adapted
+  t2 = Tree().kernel("embed", (V, D), "embed", "embedding").kernel("proj_out", (D, 7))
+  assert paths(t2.resolve(target_modules="all-linear")) == ["proj_out"]

@@ -368,3 +368,19 @@ def test_unsupported_peft_options_are_refused_by_name(tmp_path, option):
   [key] = option
   with pytest.raises(ValueError, match=rf"does not support: `{key}`="):
     load_peft(tmp_path, params, **kw)
+
+
+def test_peft_files_need_no_torch(tmp_path):
+  """save_peft / load_peft run without importing torch (safetensors' NumPy API only)."""
+  import subprocess
+  code = f"""
+import sys, jax, jax.numpy as jnp, lojax
+params = {{"params": {{"q": {{"kernel": jnp.ones((4, 3))}}}}}}
+lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["q"]), key=jax.random.key(0))
+lojax.save_peft({str(tmp_path)!r}, lora)
+lojax.load_peft({str(tmp_path)!r}, params)
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"

@@ -6,7 +6,8 @@ the names the block uses, and a check that asserts what the README claims about
 the result. A block without a marker fails ``test_every_block_is_marked``, so a
 new block cannot go untested. ``<!-- test: shell -->`` marks shell commands,
 ``<!-- test: output -->`` text that another test (named in the marker's
-comment) compares.
+comment) compares, ``<!-- test: diagram -->`` a drawing. The files under docs/ follow
+the same rule; a Python block there needs a setup here too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 import lojax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = re.compile(r"<!-- test: ([\w-]+)(?: [^>]*)? -->\s*\n```(\w*)\n(.*?)\n```", re.S)
 FENCE = re.compile(r"^```", re.M)
 
@@ -312,7 +313,7 @@ def test_readme_block(name, tmp_path, monkeypatch):
 
 
 def test_every_python_block_has_a_setup():
-  names = [n for n, lang, _ in blocks(ROOT / "README.md") if lang == "python"]
+  names = [n for path in DOCS for n, lang, _ in blocks(path) if lang == "python"]
   assert sorted(names) == sorted(SETUPS), "README python blocks and SETUPS differ"
 
 

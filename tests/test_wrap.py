@@ -25,6 +25,7 @@ def test_tree_structure_and_shapes(model_params):
   assert lp["params/h_0/attn/c_attn"]["lora_A"].shape == (32, 4)
   assert lp["params/h_0/attn/c_attn"]["lora_B"].shape == (4, 96)
   assert lora.base is params  # the base is not copied
+  assert lora.with_trainable(jax.tree.map(jnp.zeros_like, lora.trainable)).base is params
   # LoraParams is a pytree: jit passes it through unchanged.
   out = jax.jit(lambda l: l)(lora)
   assert out.meta == lora.meta
@@ -114,3 +115,33 @@ def test_all_linear_excludes_the_head(tied):
   assert paths == [f"params/h_{i}/{p}" for i in range(2)
                    for p in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")]
   assert lora.meta.adapters[0].heads == (() if tied else ("params/lm_head",))
+
+
+def test_task_type_does_not_change_the_math(model_params):
+  """CAUSAL_LM, SEQ_2_SEQ_LM, TOKEN_CLS... select the same targets with the same adapters."""
+  _, params, _ = model_params
+  spec = lojax.LoraSpec(r=2, target_modules="all-linear")
+  plain = lojax.wrap(params, spec, key=jax.random.key(0))
+  for task in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"):
+    typed = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules="all-linear", task_type=task),
+                       key=jax.random.key(0))
+    assert typed.meta.adapter("default").targets == plain.meta.adapter("default").targets
+    for a, b in zip(jax.tree.leaves(typed.trainable), jax.tree.leaves(plain.trainable)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_apply_fn_is_traced_once_abstractly_with_keyword_inputs():
+  """`example_kwargs` carries keyword inputs; the function runs once, on abstract values."""
+  calls = []
+
+  def fn(p, x, *, scale):
+    calls.append(type(x).__name__)
+    return jnp.einsum("bi,ijk->bjk", x, p["q"]["kernel"]) * scale
+
+  params = {"q": {"kernel": jnp.ones((4, 2, 3))}}
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["q"]), key=jax.random.key(0),
+                    apply_fn=fn, example_args=(jax.ShapeDtypeStruct((5, 4), jnp.float32),),
+                    example_kwargs={"scale": jnp.float32(2.0)})
+  assert len(calls) == 1 and calls[0] != "ArrayImpl"  # a tracer, not a computed array
+  [t] = lora.meta.adapter("default").targets
+  assert t.in_axes == (0,) and lora.adapters["default"]["lora"]["q"]["lora_B"].shape == (2, 2, 3)

@@ -244,7 +244,8 @@ def _diff_meta(saved: Sequence[AdapterMeta], active, template: LoraParams) -> li
   return problems
 
 
-def _check_arrays(kind: str, described: Mapping, restored: Mapping, where: str) -> None:
+def _check_arrays(kind: str, described: Mapping, restored: Mapping, where: str,
+                  steps: Sequence[int]) -> None:
   bad = []
   for k, want in described.items():
     x = restored.get(k)
@@ -255,7 +256,7 @@ def _check_arrays(kind: str, described: Mapping, restored: Mapping, where: str) 
                  "shape/dtype/checksum")
   if bad:
     raise ValueError(f"The {kind} in {where} is corrupt:\n" + "\n".join(bad) +
-                     "\nRestore another step, or save again.")
+                     f"\nRestore another step (available: {list(steps)}), or save again.")
 
 
 # --------------------------------------------------------------------------
@@ -386,7 +387,8 @@ class AdapterCheckpointer:
       structure = meta["structure"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise ValueError(f"The metadata in {where} is not a lojax adapter checkpoint or is "
-                       f"damaged ({type(e).__name__}: {e}).") from None
+                       f"damaged ({type(e).__name__}: {e}). Restore another step (available: "
+                       f"{self.all_steps()}), or save again.") from None
 
     base = params.base if isinstance(params, LoraParams) else params
     problems = _diff_base(fingerprint, base)
@@ -412,14 +414,14 @@ class AdapterCheckpointer:
       opt_tmpl = {k: abstract(d) for k, d in opt_desc.items()}
       items["opt_state"] = ocp.args.StandardRestore(opt_tmpl)
     out = self._read(step, items, where)
-    _check_arrays("adapter data", arrays, out["adapters"], where)
+    _check_arrays("adapter data", arrays, out["adapters"], where, self.all_steps())
     adapters = _fill(structure, out["adapters"])
     if shardings is not None:  # adapters are small: restore, then place them
       adapters = jax.device_put(adapters, getattr(shardings, "adapters", shardings))
     lora = LoraParams(base, adapters, LoraMeta(saved, active))
     if opt_state_template is None:
       return lora
-    _check_arrays("optimizer state", opt_desc, out["opt_state"], where)
+    _check_arrays("optimizer state", opt_desc, out["opt_state"], where, self.all_steps())
     treedef = jax.tree_util.tree_structure(opt_state_template)
     restored = [out["opt_state"][k] for k, _ in _flat_keys(opt_state_template)]
     opt_state = jax.tree_util.tree_unflatten(treedef, restored)
