@@ -193,3 +193,18 @@ def test_stacked_dora_against_float64_numpy():
     h = np.tanh(h @ (np64(ad["lora_magnitude"][layer]) * v / np.linalg.norm(v, axis=0)))
   for fn in (lojax.lorafy(f), jax.jit(lojax.lorafy(f))):
     np.testing.assert_allclose(fn(lora, x), h, rtol=1e-5, atol=1e-5)
+
+
+def test_a_use_lojax_cannot_factorize_gets_the_exact_dora_kernel():
+  """`sum(W**2)` is no matmul: it gets the merged DoRA kernel m * V / ||V|| (V = W + s*A@B),
+  written out in float64, with one warning."""
+  params, x, lora = dense_setup(init=False)
+  m = np.linspace(0.5, 2.0, 5)
+  lora = with_magnitude(lora, m)
+  g = lambda p, x: x @ p["l"]["kernel"] + jnp.sum(p["l"]["kernel"] ** 2)
+  ad = lora.adapters["default"]["lora"]["l"]
+  V = np64(params["l"]["kernel"]) + 2.0 * np64(ad["lora_A"]) @ np64(ad["lora_B"])
+  W = V * (m / np.linalg.norm(V, axis=0))
+  with pytest.warns(UserWarning, match=r"'l/kernel' is used by `integer_pow`"):
+    out = lojax.lorafy(g)(lora, x)
+  np.testing.assert_allclose(out, np64(x) @ W + np.sum(W ** 2), rtol=1e-5, atol=1e-4)

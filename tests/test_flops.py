@@ -56,3 +56,16 @@ def test_lora_step_flops_at_the_frozen_limit(variant):
   assert f["lora"] <= 1.05 * allowance, f
   assert f["lora"] <= 0.8 * f["full"], f          # >= 20% below full fine-tuning
   assert f["merged"] >= 1.15 * f["lora"], f       # the naive path pays for the weight gradient
+
+
+def test_dora_step_flops_do_not_form_the_merged_kernel():
+  """DoRA's norm comes from ||W||^2, A^T W and A^T A: the step stays within 10% of the limit
+  plus the adapters' own FLOPs (a formed W + s*A@B costs a full weight gradient: ~1.3x)."""
+  model = gpt.GPT(vocab=256, d=128, heads=4, layers=2, max_len=64)
+  params, ids = gpt.init(model, batch=4, seq=64)
+  spec = lojax.LoraSpec(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0))
+  fns = gpt.step_fns(model, ids)
+  dora = compiled_flops(fns["lora"], lora, fns["tx"].init(lora.trainable), ids)
+  limit = compiled_flops(fns["limit"], params, jnp.zeros(ids.shape + (model.d,)), ids)
+  assert dora <= 1.10 * (limit + adapter_flops(lora, ids.size)), (dora, limit)
