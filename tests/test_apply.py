@@ -317,3 +317,20 @@ def test_custom_jvp_and_vjp_functions_in_the_model():
   g2 = jax.grad(lambda t: f(lojax.merge(lora.with_trainable(t)), x))(lora.trainable)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_conv_gets_the_merged_kernel_with_a_warning():
+  """A grouped convolution is no factorizable use: the merged kernel, exact, and one warning."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 4))
+  model = nn.Conv(6, (3, 3), feature_group_count=2)
+  params = model.init(jax.random.key(1), x)
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["params"], kernel_axes={"params": (0, 1, 2)})
+  lora = random_adapters(lojax.wrap(params, spec, key=jax.random.key(2)))
+  with pytest.warns(UserWarning, match=r"'params/kernel' is used by `conv_general_dilated`"):
+    out = lojax.lorafy(model.apply)(lora, x)
+  a, b = factors(lora, "params")
+  kernel = np64(params["params"]["kernel"]) + 2.0 * np.einsum("hwir,ro->hwio", a, b)
+  with jax.enable_x64(True):
+    ref = model.apply({"params": {"kernel": jnp.asarray(kernel),
+                                  "bias": jnp.asarray(np64(params["params"]["bias"]))}}, np64(x))
+  np.testing.assert_allclose(out, ref, **TOL)

@@ -384,3 +384,29 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "[]"
+
+
+def test_round_trip_n_d_dense_general_kernels(tmp_path):
+  """DenseGeneral q [embed, heads, hd] and out [heads, hd, embed]: torch Linear shapes, the
+  flattened delta as in float64, and a bit-identical round trip."""
+  model = gpt.GPT(general=True)
+  params, ids = gpt.init(model)
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["query", "out"])
+  lora = randomized(lojax.wrap(params, spec, key=jax.random.key(0), apply_fn=model.apply,
+                               example_args=(ids,)))
+  mapping = PeftMapping(names=((r"params/(.+)", r"\1"),))
+  save_peft(tmp_path, lora, mapping=mapping)
+  t = load_file(tmp_path / "adapter_model.safetensors")
+  fac = lora.adapters["default"]["lora"]
+  for path, name in (("params/h_0/attn/query", "h_0.attn.query"), ("params/h_0/attn/out",
+                                                                      "h_0.attn.out")):
+    a = np.asarray(t[f"base_model.model.{name}.lora_A.weight"], np.float64)   # [r, in]
+    b = np.asarray(t[f"base_model.model.{name}.lora_B.weight"], np.float64)   # [out, r]
+    k = np.asarray(params["params"]["h_0"]["attn"][path.rsplit("/", 1)[1]]["kernel"])
+    in_axes = lora.meta.adapter("default").target(path).in_axes
+    d_in = int(np.prod([k.shape[i] for i in in_axes]))
+    assert a.shape == (2, d_in) and b.shape == (k.size // d_in, 2)
+    delta = np.asarray(fac[path]["lora_A"], np.float64).reshape(d_in, 2) @ np.asarray(
+        fac[path]["lora_B"], np.float64).reshape(2, -1)
+    np.testing.assert_allclose((b @ a).T, delta, rtol=1e-6, atol=1e-7)  # torch: W' = W + B@A
+  assert_round_trip(tmp_path / "rt", model, params, ids, lora, mapping)

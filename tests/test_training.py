@@ -629,3 +629,18 @@ def test_jitted_train_step_traces_once(proj):
                                             bias="all"), key=jax.random.key(7))
   step(fresh, tx.init(fresh.trainable), jax.random.key(9))
   assert len(traces) == 1
+
+
+def test_a_step_returning_the_whole_lora_writes_a_copy_of_the_base():
+  """Why the quickstart's step returns only the trained part (README, Quickstart)."""
+  params = {"d": {"kernel": jnp.ones((256, 256))}}
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["d"]), key=jax.random.key(0))
+  bump = lambda t: jax.tree.map(lambda x: x + 1, t)
+  whole = jax.jit(lambda lo: lo.with_trainable(bump(lo.trainable)))
+  part = jax.jit(lambda lo: bump(lo.trainable))
+  base_bytes = params["d"]["kernel"].nbytes
+  assert whole.lower(lora).compile().memory_analysis().output_size_in_bytes >= base_bytes
+  assert part.lower(lora).compile().memory_analysis().output_size_in_bytes < base_bytes // 10
+  out = whole(lora)
+  assert (out.base["d"]["kernel"].unsafe_buffer_pointer()
+          != params["d"]["kernel"].unsafe_buffer_pointer())  # a new buffer: the copy
