@@ -322,3 +322,25 @@ def test_init_draws_and_parameter_counts_are_pinned():
   count = lojax.count_parameters(lora)
   assert count.trainable == 2 * (8 * 3 + 3 + 3 * 8)          # P, E, Q of two kernels
   assert count.total == 2 * 8 * 8 + count.trainable
+
+
+def test_ranks_of_a_stacked_kernel_are_a_list_per_layer():
+  """Each layer of a scanned kernel is its own module for the budget (as in PEFT): with
+  layer 0's triplets scored above layer 1's, the final mask keeps both of layer 0's."""
+  w = 0.1 * jax.random.normal(jax.random.key(0), (2, 8, 8))
+  params = {"s": {"kernel": w}}
+
+  def f(p, x):
+    return jax.lax.scan(lambda h, k: (jnp.tanh(h @ k), None), x, p["s"]["kernel"])[0]
+
+  x = jnp.ones((3, 8))
+  spec = lojax.AdaLoraSpec(init_r=2, target_r=1, tfinal=1, total_step=5, target_modules=["s"])
+  lora = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=f, example_args=(x,))
+  assert lora.trainable["default"]["lora"]["s"]["lora_E"].shape == (2, 2)
+  trainable = jax.tree.map(lambda v: v + 1.0, lora.trainable)
+  tx, state = crafted_state(spec, lora, {"s": [[0.9, 0.8], [0.1, 0.2]]})
+  updates, state = tx.update(jax.tree.map(jnp.zeros_like, trainable), state, trainable)
+  new = optax.apply_updates(trainable, updates)
+  assert lojax.adalora_ranks(state) == {"s": [2, 0]}
+  e = np.asarray(new["default"]["lora"]["s"]["lora_E"])
+  assert [int(np.count_nonzero(row)) for row in e] == [2, 0]  # the kept entries, counted
