@@ -16,8 +16,6 @@ import jax
 
 from lojax._src import model
 
-KERNEL_LEAVES = ("kernel", "embedding")
-
 
 def _component(key: Any) -> str | None:
   if isinstance(key, jax.tree_util.DictKey):
