@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import re
+import warnings
 import sys
 
 import flax.linen as nn
@@ -160,7 +161,7 @@ def test_conv_layout_and_round_trip(tmp_path):
   params = model.init(jax.random.key(0), x)
   lora = randomized(lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["conv"]),
                                key=jax.random.key(0), apply_fn=model.apply, example_args=(x,)))
-  save_peft(tmp_path, lora)
+  save_peft(tmp_path, lora, mapping=PeftMapping())
   t = load_file(tmp_path / "adapter_model.safetensors")
   a, b = t["base_model.model.conv.lora_A.weight"], t["base_model.model.conv.lora_B.weight"]
   assert a.shape == (2, 3, 3, 3) and b.shape == (6, 2, 1, 1)  # torch [out, in, kh, kw]
@@ -410,3 +411,15 @@ def test_round_trip_n_d_dense_general_kernels(tmp_path):
         fac[path]["lora_B"], np.float64).reshape(2, -1)
     np.testing.assert_allclose((b @ a).T, delta, rtol=1e-6, atol=1e-7)  # torch: W' = W + B@A
   assert_round_trip(tmp_path / "rt", model, params, ids, lora, mapping)
+
+
+def test_save_peft_without_a_mapping_warns_with_the_names_it_writes(tmp_path):
+  model, params, ids, lora = wrapped(lojax.LoraSpec(r=2, target_modules=["c_attn"]))
+  with pytest.warns(UserWarning, match=r"without `mapping=`.*'h_0\.attn\.c_attn'.*"
+                                       r"GPT2_MAPPING"):
+    save_peft(tmp_path / "a", lora)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    save_peft(tmp_path / "b", lora, mapping=PeftMapping())  # "these are the torch names"
+  assert load_file(tmp_path / "a" / "adapter_model.safetensors").keys() == load_file(
+      tmp_path / "b" / "adapter_model.safetensors").keys()

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
@@ -173,7 +174,7 @@ def _saved_leaf(mapping, module: str, leaf_path: str, x: np.ndarray):
 
 
 def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
-              mapping: PeftMapping = DEFAULT_MAPPING, adapter_name: str | None = None,
+              mapping: PeftMapping | None = None, adapter_name: str | None = None,
               base_model_name_or_path: str | None = None) -> None:
   """Writes one adapter as a PEFT adapter directory (no torch needed).
 
@@ -182,7 +183,9 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
       ``adapter_model.safetensors`` are (over)written.
     lora: the :class:`LoraParams`.
     mapping: lojax module paths to torch module names (e.g.
-      :data:`GPT2_MAPPING`).
+      :data:`GPT2_MAPPING`). Without it the names are the lojax paths with
+      "/" written ".", which no transformers model has, and a warning says
+      so; pass ``PeftMapping()`` when those already are the torch names.
     adapter_name: the adapter to write (default: the only active one).
     base_model_name_or_path: recorded in the config (e.g. ``"gpt2"``).
 
@@ -194,10 +197,19 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   >>> from lojax._src.peft_format import save_peft
   >>> lora = lojax.wrap({"params": {"q": {"kernel": jnp.ones((4, 3))}}},
   ...                   lojax.LoraSpec(r=2, target_modules=["q"]), key=jax.random.key(0))
-  >>> save_peft(tempfile.mkdtemp(), lora)
+  >>> save_peft(tempfile.mkdtemp(), lora, mapping=lojax.PeftMapping())
   """
   from safetensors.numpy import save_file
   name = _single_adapter(lora, adapter_name)
+  if mapping is None:
+    mapping = DEFAULT_MAPPING
+    example = next((t.path for t in lora.meta.adapter(name).targets), "params/h_0/attn/q")
+    warnings.warn(
+        f"lojax.save_peft without `mapping=`: the tensors are named after lojax paths with '/' "
+        f"written '.' (e.g. {mapping.torch_name(example)!r}), which PEFT cannot apply to a "
+        "transformers model. Pass the model family's mapping (e.g. mapping=lojax.GPT2_MAPPING) "
+        "or your own lojax.PeftMapping; pass mapping=lojax.PeftMapping() if these already are "
+        "the torch module names.", stacklevel=2)
   meta = lora.meta.adapter(name)
   if bare := [t.path for t in meta.targets if not t.leaf]:
     raise ValueError(
@@ -380,7 +392,7 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   >>> params = {"params": {"q": {"kernel": jnp.ones((4, 3))}}}
   >>> lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["q"]),
   ...                   key=jax.random.key(0))
-  >>> d = tempfile.mkdtemp(); save_peft(d, lora)
+  >>> d = tempfile.mkdtemp(); save_peft(d, lora, mapping=lojax.PeftMapping())
   >>> load_peft(d, params).adapters["default"]["lora"]["params/q"]["lora_A"].shape
   (4, 2)
   """
