@@ -259,6 +259,11 @@ def test_layer_index_rules():
   # a group of the user's pattern is not the layer number
   assert layer_index("params/h_3/attn", ["(h|blocks)"]) == 3
   assert layer_index("params/blocks.2/attn", ["(h|blocks)"]) == 2
+  # a pattern spanning components, as PEFT's own tests write it
+  for pat in ("model/layers", "model.layers"):
+    assert layer_index("params/model/layers/3/self_attn/q_proj", [pat]) == 3
+    assert layer_index("params/vision/model/layers/1/attn", [pat]) == 1
+  assert layer_index("params/encoder/layers/3/attn", ["model/layers"]) is None
 
 
 def test_layers_to_transform_with_linen_names():

@@ -219,11 +219,15 @@ def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int |
         return int(m.group(1))
       continue
     nxt = parts[i + 1] if i + 1 < len(parts) else ""
+    # The pattern may span components ending at this one: "model/layers" (or PEFT's dotted
+    # "model.layers", whose "." the regex reads as any character) before "/3".
+    spans = ["/".join(parts[j:i + 1]) for j in range(i, -1, -1)]
     for pat in layers_pattern:
-      if _DIGITS.fullmatch(nxt) and re.fullmatch(pat, part):
+      if _DIGITS.fullmatch(nxt) and any(re.fullmatch(pat, s) for s in spans):
         return int(nxt)
-      if m := re.fullmatch(rf"(?:{pat})[_.](?P<lojax_layer>[0-9]+)", part):
-        return int(m.group("lojax_layer"))  # by name: the pattern may hold groups of its own
+      for span in spans:
+        if m := re.fullmatch(rf"(?:{pat})[_.](?P<lojax_layer>[0-9]+)", span):
+          return int(m.group("lojax_layer"))  # by name: the pattern may hold groups of its own
   return None
 
 
