@@ -201,21 +201,21 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   """
   from safetensors.numpy import save_file
   name = _single_adapter(lora, adapter_name)
-  if mapping is None:
-    mapping = DEFAULT_MAPPING
-    example = next((t.path for t in lora.meta.adapter(name).targets), "params/h_0/attn/q")
-    warnings.warn(
-        f"lojax.save_peft without `mapping=`: the tensors are named after lojax paths with '/' "
-        f"written '.' (e.g. {mapping.torch_name(example)!r}), which PEFT cannot apply to a "
-        "transformers model. Pass the model family's mapping (e.g. mapping=lojax.GPT2_MAPPING) "
-        "or your own lojax.PeftMapping; pass mapping=lojax.PeftMapping() if these already are "
-        "the torch module names.", stacklevel=2)
   meta = lora.meta.adapter(name)
   if bare := [t.path for t in meta.targets if not t.leaf]:
     raise ValueError(
         f"Cannot write {bare} to a PEFT file: each is a bare array found by its use, not the "
         "weight of a module (PEFT's `target_parameters`, which lojax does not write yet). "
         "Save with lojax.save_adapters, or lojax.save_merged for plain params.")
+  if mapping is None:
+    mapping = DEFAULT_MAPPING
+    example = next((t.path for t in meta.targets), "params/h_0/attn/q")
+    warnings.warn(
+        f"lojax.save_peft without `mapping=`: the tensors are named after lojax paths with '/' "
+        f"written '.' (e.g. {mapping.torch_name(example)!r}), which PEFT cannot apply to a "
+        "transformers model. Pass the model family's mapping (e.g. mapping=lojax.GPT2_MAPPING) "
+        "or your own lojax.PeftMapping; pass mapping=lojax.PeftMapping() if these already are "
+        "the torch module names.", stacklevel=2)
   ad = lora.adapters[name]
   out = _Tensors()
   exported = _put_factors(out, meta, ad["lora"], mapping)
