@@ -144,7 +144,8 @@ def equinox_names():
 
 SETUPS = {
     "quickstart": trained_names, "rank-pattern": quickstart_names,
-    "apply-fn": quickstart_names, "nnx": nnx_names, "plain": lambda: {"key": jax.random.key(1)}, "dropout": dropout_names,
+    "apply-fn": quickstart_names, "nnx": nnx_names, "plain": lambda: {"key": jax.random.key(1)},
+    "dropout": dropout_names,
     "weighted": adapters_names, "mixed": mixed_names, "optax-masks": trained_names,
     "adalora": quickstart_names, "quantize": quickstart_names, "checkpoint": trained_names,
     "peft": gpt2_names, "equinox": equinox_names,

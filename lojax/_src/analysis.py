@@ -110,7 +110,7 @@ def _candidates(paths, leaves, spec, traced: bool) -> dict[int, tuple[str, str, 
   kernels; a leaf found by use (``traced``) is its own module. A leaf that is
   its own module has leaf name ``""``.
   """
-  names = set(KERNEL_NAMES) | set(getattr(spec, "kernel_names", None) or ())
+  names = set(KERNEL_NAMES) | set(spec.kernel_names or ())
   named, found = {}, {}
   for i, (path, x) in enumerate(zip(paths, leaves)):
     module, leaf = P.split(path)

@@ -43,7 +43,9 @@ or ``img``; everything else is the *language* tower.
 Layers. A path's layer index comes from its first numbered component: all
 digits (``layers/3``) or ending in ``_<digits>`` or ``.<digits>`` (``h_3``,
 ``Block_2``, ``blocks.0``). With ``layers_pattern`` only ``<pattern>/<digits>``,
-``<pattern>_<digits>`` or ``<pattern>.<digits>`` count; use it when an outer module carries a number (``Encoder_0/Block_3``).
+``<pattern>_<digits>`` or ``<pattern>.<digits>`` count, the pattern possibly
+spanning components (``model/layers``); use it when an outer module carries a
+number (``Encoder_0/Block_3``).
 A path without an index never matches ``layers_to_transform``. Stacked
 kernels (layers scanned into a leading axis) use positions along that axis,
 unless ``layers_pattern`` finds an index in the path (so linen auto-names such

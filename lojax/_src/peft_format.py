@@ -560,25 +560,21 @@ def _is_base_copy(rest: str, module_t: str, leaf_t: str, value, index: _TorchInd
   for a saved module. lojax keeps the base it is given, so such a copy must equal the base
   leaf (after the torch layout): then it is accepted, otherwise it is a problem.
   """
-  if module_t.endswith(".base_layer") and leaf_t != "bias":
-    target = index.kernels.get(module_t[: -len(".base_layer")])
-    if target is None:
-      return False
-    path, layer = target
-    leaf_path = next((q for q in index.leaves if P.split(q)[0] == path
-                      and _LEAF_TO_TORCH.get(P.split(q)[1], P.split(q)[1]) == leaf_t), None)
-  elif module_t.endswith(".original_module") and module_t[: -len(".original_module")] in index.modules:
-    module = index.modules[module_t[: -len(".original_module")]]
-    leaf_path, layer = _flax_leaf(module, leaf_t, index.leaves), None
-    leaf_path = None if leaf_path is None else f"{module}/{leaf_path}"
+  owner, suffix = module_t.rpartition(".")[::2]
+  if suffix == "base_layer" and leaf_t != "bias" and owner in index.kernels:
+    module, layer = index.kernels[owner]
+  elif suffix == "original_module" and owner in index.modules:
+    module, layer = index.modules[owner], None
   else:
     return False
-  if leaf_path is None:
+  leaf = _flax_leaf(module, leaf_t, index.leaves)
+  if leaf is None:
     problems.append(f"  {PREFIX}{rest}: a copy of a base weight that these params do not have")
     return True
+  leaf_path = f"{module}/{leaf}"
   base = np.asarray(model.decode(index.leaves[leaf_path]))
   base = base if layer is None else base[layer]
-  _, want = _saved_leaf(mapping, P.split(leaf_path)[0], leaf_path, base)
+  _, want = _saved_leaf(mapping, module, leaf_path, base)
   if np.shape(value) != np.shape(want) or not np.array_equal(
       np.asarray(value, np.float32), np.asarray(want, np.float32)):
     problems.append(f"  {PREFIX}{rest}: the file's copy of the base weight {leaf_path} differs "
