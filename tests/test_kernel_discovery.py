@@ -6,6 +6,8 @@ tunix (``Einsum`` modules holding ``w``) and hand-written MoE-style code (bare a
 store their weights. References are float64 NumPy with the delta written out.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +107,7 @@ def test_a_bare_array_used_as_a_matmul_weight_is_its_own_module():
   params, fn, x = bare_array_model()
   found = lojax.kernel_paths(params, apply_fn=fn, example_args=(x,))
   assert found["mlp/proj"] == {"leaf": "", "shape": (D, F), "kind": "dense", "in_axes": (0,),
-                               "stacked": None}
+                               "expert_axes": (), "stacked": None}
   # `scale` is the weight of `gate @ scale` (contracted with the gate): found by use too.
   assert "mlp/scale" in found and "mlp/router" in found
   # "all-linear" chooses among named kernels, as PEFT's all-linear among Linear modules.
@@ -203,3 +205,24 @@ def test_head_rule_reads_the_traced_output_axis():
                     key=jax.random.key(0), apply_fn=fn, example_args=(ids,))
   assert sorted(lora.adapters["default"]["lora"]) == ["mid"]
   assert lora.meta.adapter("default").heads == ("proj_out",)
+
+
+def test_an_out_in_kernel_taken_by_convention_warns_at_lorafy():
+  """A 2-D ``kernel`` wrapped without ``apply_fn`` is taken as [in, out]; a function that only
+  contracts its other axis (``x @ W.T``, transformers' GPT-2 Conv1D) gets a warning. With
+  ``apply_fn`` the layout is traced and nothing is said."""
+  params = {"c_attn": {"kernel": jax.random.normal(jax.random.key(0), (12, 4))}}
+  f = lambda p, x: x @ p["c_attn"]["kernel"].T  # noqa: E731
+  x = jnp.ones((2, 4))
+  spec = lojax.LoraSpec(r=2, target_modules=["c_attn"])
+  guessed = lojax.wrap(params, spec, key=jax.random.key(1))
+  with pytest.warns(UserWarning, match=r"'c_attn/kernel' \[12, 4\] was wrapped as an \[in, out\]"):
+    jax.jit(lojax.lorafy(f))(guessed, x)
+  traced = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=f, example_args=(x,))
+  assert traced.meta.adapter("default").target("c_attn").in_axes == (1,)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(lojax.lorafy(f))(traced, x)
+    # a kernel used both ways (a tied encoder/decoder) is not a wrong guess
+    both = lambda p, x: (x @ p["c_attn"]["kernel"].T) @ p["c_attn"]["kernel"]  # noqa: E731
+    jax.jit(lojax.lorafy(both))(guessed, x)

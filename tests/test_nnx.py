@@ -1,5 +1,7 @@
 """lojax on Flax NNX models: wrap an ``nnx.split`` state, apply via ``nnx.merge``."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +209,42 @@ def test_nd_kernels_with_apply_fn(general):
   apply = lojax.lorafy(fn)
   for out in (apply(lora, x), jax.jit(apply)(lora, x)):
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
+
+
+class RematModel(nnx.Module):
+  """Blocks under ``nnx.remat``: the checkpointed function returns the block's state."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+    self.blocks = nnx.List([Block(rngs) for _ in range(2)])
+    self.head = nnx.Linear(D, V, rngs=rngs)
+
+  def __call__(self, ids):
+    x = self.embed(ids)
+    for block in self.blocks:
+      x = nnx.remat(lambda b, x: b(x))(block, x)
+    return self.head(x)
+
+
+def test_nnx_remat_keeps_kernels_factorized():
+  """A kernel the checkpointed body hands back is no use of it: no merged-kernel warning;
+  outputs and factor gradients are the merged model's."""
+  model = RematModel(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  fn = lambda s, ids: nnx.merge(graphdef, s)(ids)  # noqa: E731
+  ids = jnp.arange(12).reshape(2, 6) % V
+  spec = lojax.LoraSpec(r=2, target_modules=["query", "value", "fc"], init_lora_weights=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    lora = lojax.wrap(state, spec, key=jax.random.key(1), apply_fn=fn, example_args=(ids,))
+    got = jax.jit(lojax.lorafy(fn))(lora, ids)
+    grads = jax.jit(jax.grad(lambda t: jnp.sum(lojax.lorafy(fn)(lora.with_trainable(t), ids)
+                                               ** 2)))(lora.trainable)
+  np.testing.assert_allclose(got, fn(lojax.merge(lora), ids), rtol=RTOL, atol=ATOL)
+  # the gradient of one factor against the merged model's, by the chain rule
+  w_grad = jax.grad(lambda s: jnp.sum(fn(s, ids) ** 2))(lojax.merge(lora))
+  t = lora.meta.adapter("default").target("blocks/0/query")
+  entry = lora.trainable["default"]["lora"]["blocks/0/query"]
+  want_a = t.scaling * w_grad["blocks"][0]["query"]["kernel"] @ entry["lora_B"].T
+  np.testing.assert_allclose(grads["default"]["lora"]["blocks/0/query"]["lora_A"], want_a,
+                             rtol=1e-4, atol=1e-5)

@@ -155,6 +155,12 @@ class AdaLora(lora_lib.Lora):
 
   name = "adalora"
 
+  def check_target(self, t):
+    if t.expert_axes:
+      return [f"  {t.path}: AdaLoRA does not adapt expert kernels (axes {list(t.expert_axes)} index "
+              "experts; PEFT's `target_parameters` has no AdaLoRA either): use a plain LoraSpec"]
+    return []
+
   def layout(self, t):
     lead = (model.LAYER,) if t.stacked else ()
     return {lora_lib.A: t.a_roles(), E: lead + (model.RANK,), lora_lib.B: t.b_roles()}

@@ -43,6 +43,7 @@ from lojax._src import tagged as tg
 KERNEL_NAMES = ("kernel", "embedding", "w", "weight")
 """Leaf names that mark a kernel whatever its use (``spec.kernel_names`` adds more)."""
 _CONVENTION = {"kernel": "dense", "embedding": "embed"}  # 2-D layouts known without tracing
+_CONSUMERS = ("dot_general", "ragged_dot", "conv", "gather")   # the uses that make a kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class KernelUse:
   in_axes: tuple[int, ...]       # per-layer kernel axes on the input side
   stacked: int | None            # size of the leading layer axis, if stacked
   reason: str = ""               # why kind is unknown
+  expert_axes: tuple[int, ...] = ()  # per-layer axes that index experts
 
 
 def _is_dynamic(x) -> bool:
@@ -80,7 +82,7 @@ def trace_uses(fn: Callable, tree: Any, candidates: dict[int, str], args, kwargs
   uses: dict[str, list[tuple]] = {p: [] for p in candidates.values()}
 
   def record(t: tg.Tagged, op: str, **info):
-    uses[t.path].append((op, t.kaxes, t.stack, info))
+    uses[t.path].append((op, t.kaxes, t.stack, dict(info, indexed=t.indexed)))
 
   def flat_fn(tree_leaves, dyn_vals):
     a, kw = rebuild(dyn_vals)
@@ -137,39 +139,57 @@ def _decide(leaf: str, shape: tuple[int, ...], uses: list[tuple]) -> KernelUse:
   off = len(stack)
   stacked = shape[0] if stack else None
   nd = len(shape) - off
-  parts: list[tuple[str, set[int] | None]] = []
+  # Per use: (op, its input-side axes or None, its expert axes or None). Expert axes are
+  # those a matmul batches over (einsum "etd,edf->etf"), ragged_dot's group axis, and
+  # axes indexed away before the use (``w[e]`` in a loop over experts).
+  parts: list[tuple[str, set[int] | None, set[int] | None]] = []
   for op, kaxes, _, info in uses:
     if kaxes is None or any(k < 0 for k in kaxes):
-      parts.append((op, None))
+      parts.append((op, None, None))
       continue
     logical = [k - off for k in kaxes]
-    if op == "dot_general":
-      parts.append((op, {logical[j] for j in info["contract"] + info["batch"]}))
+    indexed = {k - off for k in info.get("indexed", ()) if k >= off and shape[k] > 1}
+    if op in ("dot_general", "ragged_dot"):
+      experts = {logical[j] for j in info["batch"] + info.get("group", ())} | indexed
+      parts.append((op, {logical[j] for j in info["contract"]}, experts))
     elif op == "conv":
-      parts.append((op, set(range(nd)) - {logical[info["out_axis"]]}))
+      parts.append((op, set(logical) - {logical[info["out_axis"]]}, indexed))
     elif op == "gather":
-      parts.append((op, {logical[j] for j in info["index_axes"]}))
+      parts.append((op, {logical[j] for j in info["index_axes"]}, indexed))
     else:
-      parts.append((info.get("prim", op), None))
-  kinds = {op for op, _ in parts}
+      parts.append((info.get("prim", op), None, None))
+  kinds = {op for op, _, _ in parts}
+  expert_sets = {frozenset(e) for _, s, e in parts if s is not None}
+  if len(expert_sets) > 1:
+    sets = sorted(sorted(e) for e in expert_sets)
+    return KernelUse("unknown", (), stacked,
+                     f"its uses index or batch over different axes ({sets}): lojax cannot "
+                     "tell which axes index experts")
+  experts = set(expert_sets.pop()) if expert_sets else set()
   if leaf == "embedding" and nd == 2:
     in_axes = {0}
   else:
-    chosen = ([s for op, s in parts if op == "gather" and s] + [s for op, s in parts if op == "conv" and s]
-              + [s for op, s in parts if op == "dot_general" and s])
+    chosen = ([s for op, s, _ in parts if op == "gather" and s]
+              + [s for op, s, _ in parts if op == "conv" and s]
+              + [s for op, s, _ in parts if op in ("dot_general", "ragged_dot") and s])
     if not chosen:
       ops = sorted(kinds)
       return KernelUse("unknown", (), stacked, f"it is only used by {ops}, not by a matmul, conv or lookup")
     in_axes = chosen[0]
-  out_axes = set(range(nd)) - in_axes
-  for op, s in parts:
-    if op == "dot_general" and s is not None and not (s <= in_axes or s <= out_axes):
+  out_axes = set(range(nd)) - in_axes - experts
+  for op, s, _ in parts:
+    if op in ("dot_general", "ragged_dot") and s is not None and not (
+        s <= in_axes or s <= out_axes):
       return KernelUse("unknown", (), stacked,
                        f"its uses contract different axis sets ({sorted(in_axes)} and {sorted(s)})")
   if not in_axes or not out_axes:
     return KernelUse("unknown", (), stacked, "all of its axes are contracted")
   kind = "embed" if (leaf == "embedding" or "gather" in kinds) else "conv" if "conv" in kinds else "dense"
-  return KernelUse(kind, tuple(sorted(in_axes)), stacked)
+  if experts and kind != "dense":
+    return KernelUse("unknown", (), stacked,
+                     f"it is indexed along axes {sorted(experts)} before a {kind}: lojax adapts "
+                     "expert axes of matmul kernels only")
+  return KernelUse(kind, tuple(sorted(in_axes)), stacked, expert_axes=tuple(sorted(experts)))
 
 
 def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
@@ -191,7 +211,8 @@ def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
                         f"`kernel_axes[{explicit[0]!r}]={list(explicit[1])}` does not fit shape {shape}")
     elif traced is not None:
       use = _decide(leaf, shape, traced[paths[i]])
-      if not named and use.kind in ("unknown", "unused"):
+      if not named and (use.kind == "unused" or not any(
+          u[0] in _CONSUMERS for u in traced[paths[i]])):
         continue  # found by use only: a leaf no matmul, conv or lookup takes as weight
     elif len(shape) == 2 and leaf in _CONVENTION:
       use = KernelUse(_CONVENTION[leaf], (0,), None)
@@ -206,7 +227,8 @@ def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
     layouts[module] = use
     kind = "unknown" if use.kind == "unused" else use.kind
     per_layer = shape[1:] if use.stacked else shape
-    out_size = (int(np.prod([d for ax, d in enumerate(per_layer) if ax not in use.in_axes]))
+    out_size = (int(np.prod([d for ax, d in enumerate(per_layer)
+                             if ax not in use.in_axes and ax not in use.expert_axes]))
                 if traced is not None and kind == "dense" else None)
     infos.append(matcher.KernelInfo(path=module, leaf=leaf, shape=shape, kind=kind,
                                     stacked=use.stacked, named=named, out_size=out_size))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +192,27 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
     ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)),
                         remat=remat)
     outs = interpret.run_closed(closed, invals + list(dyn), ctx)
+    _warn_transposed(terms, ctx.contracted)
     outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped
+
+
+def _warn_transposed(terms, contracted: Mapping[str, set]) -> None:
+  """Warns about dense targets ``fn`` only ever contracts on their output side.
+
+  Their layout was taken by convention (``[in, out]``, without ``apply_fn``), but
+  ``fn`` stores them ``[out, in]``: the delta is still exact, yet A and B have
+  swapped roles against PEFT (A's init, PEFT files).
+  """
+  for ts in terms.values():
+    t = ts[0][0]
+    if t.kind == "dense" and contracted.get(t.leaf_path) == {"O"}:
+      warnings.warn(
+          f"lojax: '{t.leaf_path}' {list(t.shape)} was wrapped as an [in, out] kernel (input "
+          f"axes {list(t.in_axes)}), but this function contracts its other axes: it stores "
+          "the kernel [out, in], as torch and transformers' GPT-2 Conv1D do. The delta is "
+          "still applied exactly, but A and B have swapped roles against PEFT (A's init, PEFT "
+          "files). Wrap with `apply_fn=` (and `example_args=`) so lojax traces the layout, or "
+          "give `kernel_axes`.", stacklevel=3)

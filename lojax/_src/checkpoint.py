@@ -40,7 +40,7 @@ from lojax._src.model import AdapterMeta, LoraMeta, LoraParams, TargetMeta
 FORMAT = "lojax.adapters"
 VERSION = 1
 _TARGET_FIELDS = ("path", "leaf", "shape", "kind", "in_axes", "stacked", "layers", "r", "alpha",
-                  "scaling", "dropout")
+                  "scaling", "dropout", "expert_axes")
 _SAFE = re.compile(r"[A-Za-z0-9_]")
 
 
@@ -121,7 +121,8 @@ def _target_from_json(d: Mapping) -> TargetMeta:
   tup = lambda v: None if v is None else tuple(v)  # noqa: E731
   return TargetMeta(path=d["path"], leaf=d["leaf"], shape=tuple(d["shape"]), kind=d["kind"],
                     in_axes=tuple(d["in_axes"]), stacked=d["stacked"], layers=tup(d["layers"]),
-                    r=d["r"], alpha=d["alpha"], scaling=d["scaling"], dropout=d["dropout"])
+                    r=d["r"], alpha=d["alpha"], scaling=d["scaling"], dropout=d["dropout"],
+                    expert_axes=tuple(d.get("expert_axes", ())))
 
 
 def _adapter_json(meta: AdapterMeta) -> dict:

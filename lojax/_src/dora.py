@@ -47,6 +47,12 @@ class Dora(lora.Lora):
 
   name = "dora"
 
+  def check_target(self, t):
+    if t.expert_axes:
+      return [f"  {t.path}: DoRA does not adapt expert kernels (axes {list(t.expert_axes)} index "
+              "experts; PEFT's `target_parameters` has no DoRA either): use a plain LoraSpec"]
+    return []
+
   def layout(self, t):
     return dict(super().layout(t), **{KEY: t.b_roles()[:1] + t.out_axes if t.stacked
                                       else t.out_axes})

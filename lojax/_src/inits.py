@@ -79,12 +79,10 @@ def init_factors(init, key, target, dtype, kernel=None):
     return jnp.asarray(rng.standard_normal(shape) * std, dtype)
 
   a_shape, b_shape = target.a_shape(), target.b_shape()
-  lead = 1 if target.stacked else 0
-  fan_in = math.prod(a_shape[lead:-1])
+  fan_in = target.fan_in   # per expert
   if init == "orthogonal":
-    n_out = math.prod(b_shape[lead + 1:])
-    pairs = [orthogonal_factors(rng, fan_in, n_out, target.r)
-             for _ in range(target.n_layers or 1)]
+    pairs = [orthogonal_factors(rng, fan_in, target.fan_out, target.r)
+             for _ in range((target.n_layers or 1) * target.n_experts)]
     a = np.stack([p[0] for p in pairs]).reshape(a_shape)
     b = np.stack([p[1] for p in pairs]).reshape(b_shape)
     return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
@@ -249,7 +247,10 @@ def check(spec, t, leaf, quantize: str | None) -> list[str]:
   if init == "orthogonal" and t.r % 2:
     bad.append(f"  {t.path}: `init_lora_weights='orthogonal'` needs an even rank, this target "
                f"has r={t.r} (check `rank_pattern`)")
-  if rewrites_base(init) and t.r > min(t.fan_in, t.fan_out):
+  if rewrites_base(init) and t.expert_axes:
+    bad.append(f"  {t.path}: `init_lora_weights={init!r}` does not support expert kernels yet "
+               f"(axes {list(t.expert_axes)} index experts)")
+  elif rewrites_base(init) and t.r > min(t.fan_in, t.fan_out):
     bad.append(f"  {t.path}: `init_lora_weights={init!r}` needs r <= min(fan_in, fan_out) = "
                f"{min(t.fan_in, t.fan_out)}, got r={t.r}")
   if (init == "loftq" or quantize is not None) and t.kind != "dense":

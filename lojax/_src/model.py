@@ -14,8 +14,10 @@ nothing from lojax. The pipeline it serves::
   "bias": {leaf path: delta}, "modules_to_save": {leaf path: array}, ...}}``;
   its static :class:`LoraMeta` says which adapters exist and which are active.
 * :class:`TargetMeta` describes one adapted leaf: where it is, its shape, which
-  of its axes are input axes, whether a leading axis stacks layers. The leaf
-  may have any name (``kernel``, ``embedding``, ``w``, ``weight``, ...).
+  of its axes are input axes, which are expert axes (a MoE layer's ``[E, in,
+  out]`` experts: each expert has its own factors), whether a leading axis
+  stacks layers. The leaf may have any name (``kernel``, ``embedding``, ``w``,
+  ``weight``, ...).
 * A :class:`Variant` (plain LoRA, DoRA, AdaLoRA: one module each) says what
   parameters a target holds and how they become the factors ``A``, ``B`` of
   the compute path, a merged kernel, PEFT tensors. Everything else asks the
@@ -38,7 +40,8 @@ DEFAULT_ADAPTER = "default"
 LORA, BIAS, SAVED = "lora", "bias", "modules_to_save"   # the groups of one adapter's dict
 
 # The roles of a parameter's axes (see Variant.layout): a stacked layer axis,
-# the rank axis, or an int: that axis of the (per-layer) kernel.
+# the rank axis, or an int: that axis of the (per-layer) kernel (an input,
+# output or expert axis of it).
 LAYER, RANK = "layer", "rank"
 
 
@@ -86,6 +89,8 @@ class TargetMeta:
   alpha: float
   scaling: float
   dropout: float
+  expert_axes: tuple[int, ...] = ()  # per-layer kernel axes that index experts: each expert
+                                     # has its own A and B (both factors carry these axes)
 
   @property
   def leaf_path(self) -> str:
@@ -98,7 +103,13 @@ class TargetMeta:
 
   @property
   def out_axes(self) -> tuple[int, ...]:
-    return tuple(a for a in range(len(self.kernel_shape)) if a not in self.in_axes)
+    return tuple(a for a in range(len(self.kernel_shape))
+                 if a not in self.in_axes and a not in self.expert_axes)
+
+  @property
+  def n_experts(self) -> int:
+    """The number of experts (1 without expert axes)."""
+    return math.prod(self.kernel_shape[a] for a in self.expert_axes)
 
   @property
   def n_layers(self) -> int | None:
@@ -116,15 +127,16 @@ class TargetMeta:
     return math.prod(self.kernel_shape[a] for a in self.out_axes)
 
   def a_roles(self) -> tuple:
-    """Axis roles of factor A: ``[L?, in..., r]``."""
-    return self._lead() + self.in_axes + (RANK,)
+    """Axis roles of factor A: ``[L?, experts..., in..., r]``."""
+    return self.lead_roles() + self.in_axes + (RANK,)
 
   def b_roles(self) -> tuple:
-    """Axis roles of factor B: ``[L?, r, out...]``."""
-    return self._lead() + (RANK,) + self.out_axes
+    """Axis roles of factor B: ``[L?, experts..., r, out...]``."""
+    return self.lead_roles() + (RANK,) + self.out_axes
 
-  def _lead(self) -> tuple:
-    return (LAYER,) if self.stacked else ()
+  def lead_roles(self) -> tuple:
+    """The axes both factors carry, leading: a stacked layer axis, then the expert axes."""
+    return ((LAYER,) if self.stacked else ()) + self.expert_axes
 
   def shape_of(self, roles: tuple) -> tuple[int, ...]:
     """The shape of a parameter whose axes have ``roles``."""
@@ -138,8 +150,9 @@ class TargetMeta:
     return self.shape_of(self.b_roles())
 
   def sides(self) -> tuple[str, ...]:
-    """Per leaf axis: "L" (stacked layers), "I" (input side) or "O" (output side)."""
-    per = tuple("I" if a in self.in_axes else "O" for a in range(len(self.kernel_shape)))
+    """Per leaf axis: "L" (stacked layers), "E" (experts), "I" (input side) or "O" (output)."""
+    per = tuple("I" if a in self.in_axes else "E" if a in self.expert_axes else "O"
+                for a in range(len(self.kernel_shape)))
     return (("L",) if self.stacked else ()) + per
 
   def expand_layers(self, x):
@@ -154,7 +167,7 @@ class TargetMeta:
 class Factors:
   """One target's delta for the compute path, in the kernel's own layout.
 
-  ``a`` is ``[L?, in..., r]``, ``b`` ``[L?, r, out...]`` with the scaling
+  ``a`` is ``[L?, E..., in..., r]``, ``b`` ``[L?, E..., r, out...]`` with the scaling
   folded in, so the delta is ``a @ b``; ``m`` (DoRA) is a magnitude laid out
   like ``b`` with a rank axis of size 1: the adapted kernel is then
   ``m / ||W + a@b|| * (W + a@b)``, the norm over the input axes.
@@ -186,6 +199,10 @@ class Variant:
            quantize: str | None) -> tuple[dict, Any]:
     """``(entry, new base leaf or None)`` for one target at wrap time."""
     raise NotImplementedError
+
+  def check_target(self, t: TargetMeta) -> list[str]:
+    """Why this variant cannot adapt ``t``: one indented line per problem (wrap time)."""
+    return []
 
   def adapter_state(self, spec: Any) -> dict:
     """Adapter-level bookkeeping arrays (not parameters; not counted)."""

@@ -202,6 +202,11 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   from safetensors.numpy import save_file
   name = _single_adapter(lora, adapter_name)
   meta = lora.meta.adapter(name)
+  if experts := [t.path for t in meta.targets if t.expert_axes]:
+    raise ValueError(
+        f"Cannot write {experts} to a PEFT file yet: their expert axes give each expert its "
+        "own factors, which PEFT stores as `target_parameters` (not written by lojax yet). "
+        "Save with lojax.save_adapters, or lojax.save_merged for plain params.")
   if bare := [t.path for t in meta.targets if not t.leaf]:
     raise ValueError(
         f"Cannot write {bare} to a PEFT file: each is a bare array found by its use, not the "

@@ -4,8 +4,8 @@
 rule tables (``ad.primitive_jvps[lax.dot_general_p]``). A primitive falls in
 one of four groups:
 
-* consumers (``dot_general``, ``conv_general_dilated``, ``gather``): the
-  factorized rules of :mod:`lojax._src.rules`;
+* consumers (``dot_general``, ``conv_general_dilated``, ``gather``,
+  ``ragged_dot_general``): the factorized rules of :mod:`lojax._src.rules`;
 * layout ops (``transpose``, ``reshape``, ``squeeze``, ``broadcast_in_dim``,
   ``slice``, ``dynamic_slice``, ``split``, ``unstack``): applied to the
   factors (:mod:`lojax._src.tagged`), so ``jnp.split``, ``jnp.squeeze``,
@@ -74,6 +74,20 @@ sharding_constraint_p = _find("lax.sharding_constraint_p", "jex.sharding_constra
 optimization_barrier_p = _find("lax.optimization_barrier_p")
 split_p = _find("lax.split_p")
 unstack_p = _find("lax.unstack_p")
+
+
+def _traced_primitive(fn, *shapes) -> jcore.Primitive | None:
+  """The primitive a public function binds (for those JAX does not export), or None."""
+  try:
+    eqns = jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes)).eqns
+  except Exception:  # noqa: BLE001 -- a JAX without it
+    return None
+  return eqns[-1].primitive if eqns else None
+
+
+ragged_dot_general_p = _traced_primitive(
+    lambda x, w, g: lax.ragged_dot(x, w, g),
+    ((2, 2), jnp.float32), ((1, 2, 2), jnp.float32), ((1,), jnp.int32))
 # ---- end of the shim -----------------------------------------------------
 
 
@@ -300,12 +314,19 @@ def _remat(eqn, invals, ctx, run):
   flat, rebuild = _pack(invals)
   inner = p["jaxpr"]
 
+  unpack = []
+
   @functools.partial(jax.checkpoint, prevent_cse=p.get("prevent_cse", True),
                      policy=p.get("policy"))
   def body(*arrs):
-    return _merged_outs(ctx, run(inner, (), rebuild(list(arrs)), ctx), "checkpoint")
+    # A kernel the body hands back (nnx.remat returns the module's state) leaves as its
+    # value and factors, still factorized.
+    outs, out_rebuild = _pack(run(inner, (), rebuild(list(arrs)), ctx))
+    unpack.append(out_rebuild)
+    return outs
 
-  return body(*flat)
+  outs = body(*flat)
+  return unpack[-1](list(outs))
 
 
 def _scan(eqn, invals, ctx, run):
@@ -418,6 +439,7 @@ def _table() -> Mapping[jcore.Primitive, Handler]:
       (lax.dot_general_p, _consumer(rules.dot_general)),
       (lax.conv_general_dilated_p, _consumer(rules.conv)),
       (lax.gather_p, _consumer(rules.gather)),
+      (ragged_dot_general_p, _consumer(rules.ragged_dot)),
       # layout ops
       (lax.transpose_p, _transpose),
       (lax.squeeze_p, _squeeze),

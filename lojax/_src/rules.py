@@ -37,6 +37,7 @@ class Context:
     self.counter = 0
     self.warned: set[tuple[str, str]] = set()
     self.site = None                 # the equation a rule is applied to (set by the interpreter)
+    self.contracted: dict[str, set[str]] = {}   # leaf path -> sides its matmuls contract
 
   def next_key(self):
     self.counter += 1
@@ -46,6 +47,7 @@ class Context:
     ctx = Context(rng, self.record, self.example_ids, self.remat)
     ctx.counter = self.counter
     ctx.warned = self.warned
+    ctx.contracted = self.contracted
     return ctx
 
 
@@ -146,11 +148,13 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
     return base
   sides = k.sides
   csides = {sides[a] for a in kc}
-  if not kc or len(csides) != 1 or "L" in csides:
+  if not kc or len(csides) != 1 or csides & set(tg.SHARED):
     return None
   first = 0 if csides == {"I"} else 1
   side = "I" if first == 0 else "O"
-  fast = not kb and "L" not in sides and set(kc) == {j for j, s in enumerate(sides) if s == side}
+  ctx.contracted.setdefault(k.path, set()).add(side)
+  fast = (not kb and not tg.n_shared(sides)
+          and set(kc) == {j for j, s in enumerate(sides) if s == side})
   if any(t.m is not None for t in k.terms) and not (fast and first == 0):
     return None  # DoRA outside the plain x @ W form: exact merged fallback
   if fast:
@@ -345,7 +349,7 @@ def conv(ctx: Context, lhs, rhs, **params):
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
     return None
   sides = rhs.sides
-  if "L" in sides or sides[rhs_spec[0]] != "O" or sides.count("O") != 1:
+  if tg.n_shared(sides) or sides[rhs_spec[0]] != "O" or sides.count("O") != 1:
     return None
   out = base
   feat = out_spec[1]
@@ -388,7 +392,7 @@ def gather(ctx: Context, operand, indices, *, dimension_numbers, slice_sizes, **
   sides = operand.sides
   i_axes = [j for j, s in enumerate(sides) if s == "I"]
   o_axes = [j for j, s in enumerate(sides) if s == "O"]
-  if ("L" in sides or dn.operand_batching_dims or len(o_axes) != 1
+  if (tg.n_shared(sides) or dn.operand_batching_dims or len(o_axes) != 1
       or sorted(dn.start_index_map) != i_axes or sorted(dn.collapsed_slice_dims) != i_axes
       or any(slice_sizes[j] != 1 for j in i_axes)
       or slice_sizes[o_axes[0]] != operand.shape[o_axes[0]]):
@@ -410,6 +414,58 @@ def gather(ctx: Context, operand, indices, *, dimension_numbers, slice_sizes, **
     t = _select(ctx, t, term)
     d = jnp.tensordot(t, term.b.astype(t.dtype), axes=[[off], [0]])
     d = jnp.moveaxis(d, -1, off)
+    out = out + d.astype(out.dtype)
+  return out
+
+
+# --------------------------------------------------------------------------
+# ragged_dot (grouped matmul: MoE experts)
+# --------------------------------------------------------------------------
+
+def ragged_dot(ctx: Context, lhs, rhs, group_sizes, *, ragged_dot_dimension_numbers,
+               precision=None, preferred_element_type=None, group_offset=None, **params):
+  """``lax.ragged_dot``'s grouped matmul: rows of ``lhs`` in group ``g`` meet expert ``g``.
+
+  With the kernel's group axis an expert axis, expert ``g``'s delta is
+  ``(x_g @ A_g) @ B_g``: two grouped matmuls over the same groups, the first
+  with the ``[E, in, r]`` factor, the second with ``[E, r, out]``.
+  """
+  if isinstance(lhs, tg.Tagged) or isinstance(group_sizes, tg.Tagged) or not isinstance(
+      rhs, tg.Tagged):
+    return None
+  rdn = ragged_dot_dimension_numbers
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type,
+            group_offset=group_offset, **params)
+  base = lax.ragged_dot_general(lhs, rhs.value, group_sizes, rdn, **kw)
+  (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
+  groups, ragged = tuple(rdn.rhs_group_dimensions), tuple(rdn.lhs_ragged_dimensions)
+  if ctx.record is not None:
+    ctx.record(rhs, "ragged_dot", contract=tuple(rc), batch=tuple(rb), group=groups)
+  if not rhs.terms:
+    return base
+  sides = rhs.sides
+  i_axes = [j for j, s in enumerate(sides) if s == "I"]
+  lhs_free = [j for j in range(lhs.ndim) if j not in lc and j not in lb]
+  if (lb or rb or group_offset is not None or len(groups) != 1 or len(ragged) != 1
+      or [j for j, s in enumerate(sides) if s in tg.SHARED] != list(groups)
+      or sides[groups[0]] != "E" or sorted(rc) != i_axes or ragged[0] not in lhs_free
+      or any(t.m is not None for t in rhs.terms)):
+    return None
+  pair = dict(zip(rc, lc))
+  dims1 = lax.RaggedDotDimensionNumbers(
+      dot_dimension_numbers=(([pair[j] for j in i_axes], list(range(1, 1 + len(i_axes)))),
+                             ([], [])),
+      lhs_ragged_dimensions=list(ragged), rhs_group_dimensions=[0])
+  free_pos = lhs_free.index(ragged[0])           # the ragged axis inside ``x @ A``
+  out = base
+  for term in rhs.terms:
+    x = _dropout(ctx, _select(ctx, lhs, term), term.dropout)
+    t = lax.ragged_dot_general(x, term.a.astype(rhs.dtype), group_sizes, dims1, **kw)
+    dims2 = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([t.ndim - 1], [1]), ([], [])),
+        lhs_ragged_dimensions=[free_pos], rhs_group_dimensions=[0])
+    d = lax.ragged_dot_general(t.astype(rhs.dtype), term.b.astype(rhs.dtype), group_sizes,
+                               dims2, **kw)
     out = out + d.astype(out.dtype)
   return out
 

@@ -6,11 +6,13 @@ transposes, reshapes, casts or slices — and each delta is the low-rank product
 of two factors laid out like the value:
 
 * every value axis has a *side*: ``"I"`` (input side: lives in factor A),
-  ``"O"`` (output side: lives in factor B) or ``"L"`` (a stacked layer axis:
-  leading axis of both factors);
-* ``a`` has shape ``[L?] + [I-side dims in value order] + [r]``;
-* ``b`` has shape ``[L?] + [r] + [O-side dims in value order]`` (the adapter
-  scaling is already folded into ``b``).
+  ``"O"`` (output side: lives in factor B), or a *shared* side that lives in
+  both factors: ``"L"`` (a stacked layer axis) or ``"E"`` (an expert axis:
+  each expert has its own factors);
+* ``a`` has shape ``[shared dims in value order] + [I-side dims in value
+  order] + [r]``;
+* ``b`` has shape ``[shared dims] + [r] + [O-side dims in value order]`` (the
+  adapter scaling is already folded into ``b``).
 
 Layout ops (transpose, reshape, slice, ...) are applied to the factors, never
 to a materialised delta, so the delta reaches its consumer (dot_general, conv,
@@ -29,6 +31,12 @@ import jax
 import jax.numpy as jnp
 
 _LETTERS = string.ascii_letters
+SHARED = ("L", "E")   # sides that both factors carry, leading, in value order
+
+
+def n_shared(sides) -> int:
+  """How many of ``sides`` are shared (leading axes of both factors)."""
+  return sum(s in SHARED for s in sides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +58,7 @@ class Tagged:
   terms: tuple[Term, ...]
   kaxes: tuple[int, ...] | None         # value axis -> original leaf axis
   stack: tuple[int, ...] = ()           # leaf axes sliced away by scans
+  indexed: tuple[int, ...] = ()         # leaf axes squeezed away (``w[e]``: an expert index)
 
   @property
   def shape(self):
@@ -66,14 +75,15 @@ class Tagged:
   def owners(self, axis: int) -> list[tuple[int, int]]:
     """(factor index 0=a / 1=b, axis in that factor) for value ``axis``."""
     sides = self.sides
-    has_l = "L" in sides
+    ns = n_shared(sides)
     side = sides[axis]
-    if side == "L":
-      return [(0, 0), (1, 0)]
+    if side in SHARED:
+      pos = sum(1 for j in range(axis) if sides[j] in SHARED)
+      return [(0, pos), (1, pos)]
     pos = sum(1 for j in range(axis) if sides[j] == side)
     if side == "I":
-      return [(0, pos + int(has_l))]
-    return [(1, pos + 1 + int(has_l))]
+      return [(0, pos + ns)]
+    return [(1, pos + 1 + ns)]
 
 
 def _map_terms(t: Tagged, fa, fb) -> tuple[Term, ...]:
@@ -92,13 +102,16 @@ def transpose(t: Tagged, value, permutation: Sequence[int]) -> Tagged:
   if t.sides is None:
     return t.replace(value=value, kaxes=kaxes)
   sides = tuple(t.sides[p] for p in permutation)
-  has_l = int("L" in t.sides)
-  i_old = [j for j in range(len(t.sides)) if t.sides[j] == "I"]
-  o_old = [j for j in range(len(t.sides)) if t.sides[j] == "O"]
-  i_new = [p for p in permutation if t.sides[p] == "I"]
-  o_new = [p for p in permutation if t.sides[p] == "O"]
-  perm_a = list(range(has_l)) + [has_l + i_old.index(p) for p in i_new] + [has_l + len(i_old)]
-  perm_b = list(range(has_l + 1)) + [has_l + 1 + o_old.index(p) for p in o_new]
+
+  def axes(side, order):
+    return [j for j in order if (t.sides[j] in SHARED if side == "S" else t.sides[j] == side)]
+
+  old, new = range(len(t.sides)), list(permutation)
+  s_old, i_old, o_old = axes("S", old), axes("I", old), axes("O", old)
+  ns = len(s_old)
+  lead = [s_old.index(p) for p in axes("S", new)]
+  perm_a = lead + [ns + i_old.index(p) for p in axes("I", new)] + [ns + len(i_old)]
+  perm_b = lead + [ns] + [ns + 1 + o_old.index(p) for p in axes("O", new)]
   terms = _map_terms(t, lambda a: jnp.transpose(a, perm_a), lambda b: jnp.transpose(b, perm_b))
   return t.replace(value=value, sides=sides, terms=terms, kaxes=kaxes)
 
@@ -107,6 +120,9 @@ def squeeze(t: Tagged, value, dims: Sequence[int]) -> Tagged:
   dims = sorted(d % len(t.shape) for d in dims)
   keep = [j for j in range(len(t.shape)) if j not in dims]
   kaxes = None if t.kaxes is None else tuple(t.kaxes[j] for j in keep)
+  indexed = t.indexed + (() if t.kaxes is None else tuple(t.kaxes[j] for j in dims
+                                                          if t.kaxes[j] >= 0))
+  t = t.replace(indexed=indexed)
   if t.sides is None:
     return t.replace(value=value, kaxes=kaxes)
   drop_a, drop_b = [], []
@@ -138,9 +154,9 @@ def expand(t: Tagged, value, positions: Sequence[int]) -> Tagged:
   new_kaxes = None if t.kaxes is None else tuple(kaxes)
   if t.sides is None:
     return t.replace(value=value, kaxes=new_kaxes)
-  has_l = int("L" in t.sides)
+  ns = n_shared(t.sides)
   # New I-side size-1 axes go into ``a`` at their rank among I-side axes.
-  a_pos = [has_l + sum(1 for k in range(j) if sides[k] == "I") for j in positions]
+  a_pos = [ns + sum(1 for k in range(j) if sides[k] == "I") for j in positions]
   terms = _map_terms(t, lambda a: jnp.expand_dims(a, tuple(a_pos)), lambda b: b)
   return t.replace(value=value, sides=tuple(sides), terms=terms, kaxes=new_kaxes)
 
@@ -189,22 +205,22 @@ def reshape(t: Tagged, value, new_sizes: Sequence[int]) -> Tagged | None:
         kaxes = None
     if cur.sides is not None:
       s = {cur.sides[k] for k in bi}
-      if len(s) != 1 or ("L" in s and (len(bi) != 1 or len(bj) != 1)):
+      if len(s) != 1 or (s & set(SHARED) and (len(bi) != 1 or len(bj) != 1)):
         return None
       sides.extend([s.pop()] * len(bj))
   core_value = jnp.reshape(value, core_new)
   if cur.sides is None:
     out = cur.replace(value=core_value, kaxes=None if kaxes is None else tuple(kaxes))
   else:
-    has_l = int("L" in cur.sides)
+    ns = n_shared(cur.sides)
     new_a = [d for d, s in zip(core_new, sides) if s == "I"]
     new_b = [d for d, s in zip(core_new, sides) if s == "O"]
 
     def fa(a):
-      return jnp.reshape(a, a.shape[:has_l] + tuple(new_a) + a.shape[-1:])
+      return jnp.reshape(a, a.shape[:ns] + tuple(new_a) + a.shape[-1:])
 
     def fb(b):
-      return jnp.reshape(b, b.shape[:has_l + 1] + tuple(new_b))
+      return jnp.reshape(b, b.shape[:ns + 1] + tuple(new_b))
 
     out = cur.replace(value=core_value, sides=tuple(sides), terms=_map_terms(cur, fa, fb),
                       kaxes=None if kaxes is None else tuple(kaxes))
@@ -236,7 +252,7 @@ def slice_axes(t: Tagged, value, slicer) -> Tagged:
 
 def factor_symbols(sides: Sequence[str], value_syms: Sequence[str], r_sym: str):
   """Einsum symbols of factors a and b given the value's symbols."""
-  l_sym = [s for s, side in zip(value_syms, sides) if side == "L"]
+  l_sym = [s for s, side in zip(value_syms, sides) if side in SHARED]
   a_syms = l_sym + [s for s, side in zip(value_syms, sides) if side == "I"] + [r_sym]
   b_syms = l_sym + [r_sym] + [s for s, side in zip(value_syms, sides) if side == "O"]
   return "".join(a_syms), "".join(b_syms)
@@ -260,11 +276,13 @@ def dora_factor(t: Tagged, term: Term, w):
   """DoRA's ``m / ||w||`` in value layout (norm over the input-side axes)."""
   i_axes = tuple(j for j, s in enumerate(t.sides) if s == "I")
   norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=i_axes, keepdims=True))
-  has_l = int("L" in t.sides)
-  # m is [L?, 1, O-side...]: drop the rank axis and put size-1 axes at the I positions.
-  m = jnp.squeeze(term.m, axis=has_l).astype(jnp.float32)
-  shape = [1 if s == "I" else d for s, d in zip(t.sides, t.shape)]
-  return m.reshape(shape) / jax.lax.stop_gradient(norm)
+  # m is [shared..., 1, O-side...]: drop the rank axis, size-1 axes at the I positions.
+  m = jnp.squeeze(term.m, axis=n_shared(t.sides)).astype(jnp.float32)
+  order = ([j for j, s in enumerate(t.sides) if s in SHARED]
+           + [j for j, s in enumerate(t.sides) if s == "O"])     # m's axes, as value axes
+  m = jnp.transpose(m, sorted(range(len(order)), key=order.__getitem__))
+  m = jnp.expand_dims(m, tuple(i_axes))
+  return m / jax.lax.stop_gradient(norm)
 
 
 def materialize(t: Tagged):

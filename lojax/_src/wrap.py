@@ -81,13 +81,14 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   targets, resolution = _targets(base, spec, apply_fn, tuple(example_args), example_kwargs)
   paths, leaves, _ = P.flatten(base)
   by_path = dict(zip(paths, leaves))
-  problems = [p for t in targets for p in inits.check(spec, t, by_path[t.leaf_path], quantize)]
+  variant = spec.variant()
+  problems = [p for t in targets for p in variant.check_target(t)
+              + inits.check(spec, t, by_path[t.leaf_path], quantize)]
   if problems:
     raise ValueError("Cannot initialise these targets:\n" + "\n".join(problems) +
                      "\nExclude them from `target_modules` (e.g. with `exclude_modules`) or "
                      "change the init / quantization.")
   inits.warn_loftq_scaling(spec, targets)
-  variant = spec.variant()
   factors, rewritten = {}, {}
   for t in targets:  # one kernel at a time: its NumPy work copies are freed before the next
     factors[t.path], new = variant.init(spec, key, t, by_path[t.leaf_path], dtype, quantize)
@@ -148,7 +149,7 @@ def _targets(base, spec, apply_fn, example_args, example_kwargs):
     targets.append(TargetMeta(
         path=t.path, leaf=info[t.path].leaf, shape=info[t.path].shape, kind=use.kind,
         in_axes=use.in_axes, stacked=use.stacked, layers=t.layers, r=t.r, alpha=t.alpha,
-        scaling=t.scaling, dropout=spec.lora_dropout))
+        scaling=t.scaling, dropout=spec.lora_dropout, expert_axes=use.expert_axes))
   return targets, resolution
 
 
@@ -169,18 +170,21 @@ def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
   layouts come from tracing, as in :func:`wrap`.
 
   Returns:
-    ``{module path: {"leaf", "shape", "kind", "in_axes", "stacked"}}`` where
-    kind is dense, conv, embed, unknown (N-D kernel not traced) or unused.
+    ``{module path: {"leaf", "shape", "kind", "in_axes", "expert_axes", "stacked"}}``
+    where kind is dense, conv, embed, unknown (N-D kernel not traced) or
+    unused, and ``expert_axes`` are the axes that index a MoE layer's experts
+    (each expert gets its own factors).
 
   >>> import jax.numpy as jnp, lojax
   >>> lojax.kernel_paths({"enc": {"query": {"kernel": jnp.ones((4, 2))}}})
-  {'enc/query': {'leaf': 'kernel', 'shape': (4, 2), 'kind': 'dense', 'in_axes': (0,), 'stacked': None}}
+  {'enc/query': {'leaf': 'kernel', 'shape': (4, 2), 'kind': 'dense', 'in_axes': (0,), 'expert_axes': (), 'stacked': None}}
   """
   spec = spec_lib.LoraSpec(target_modules="all-linear")
   infos, layouts = analysis.kernel_infos(params, spec, apply_fn, tuple(example_args),
                                          example_kwargs)
   return {i.path: {"leaf": i.leaf, "shape": i.shape, "kind": layouts[i.path].kind,
-                   "in_axes": layouts[i.path].in_axes, "stacked": layouts[i.path].stacked}
+                   "in_axes": layouts[i.path].in_axes,
+                   "expert_axes": layouts[i.path].expert_axes, "stacked": layouts[i.path].stacked}
           for i in infos}
 
 
