@@ -251,3 +251,67 @@ def test_a_kernel_indexed_on_one_axis_and_batched_on_another_is_refused():
   with pytest.raises(ValueError, match=r"moe/wi.*(different|contract)"):
     lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=two_ways,
                example_args=(_x((E, T, D)),))
+
+
+def test_stacked_layers_of_experts_under_scan():
+  """``[L, E, in, out]`` experts scanned over layers: factors ``[L, E, in, r]``, ``[L, E, r,
+  out]``; the rank-r deltas of every (layer, expert) pair are their own."""
+  layers = 3
+  k = jax.random.split(jax.random.key(5), 2)
+  params = {"wi": jax.random.normal(k[0], (layers, E, D, F)) / math.sqrt(D),
+            "wo": jax.random.normal(k[1], (layers, E, F, D)) / math.sqrt(F)}
+
+  def fn(p, x):
+    def body(x, w):
+      h = jax.nn.relu(jnp.einsum("etd,edf->etf", x, w["wi"]))
+      return x + jnp.einsum("etf,efd->etd", h, w["wo"]), None
+    return jax.lax.scan(body, x, p)[0]
+
+  x = _x((E, T, D))
+  spec = lojax.LoraSpec(r=R, lora_alpha=R * S, target_modules=["wi", "wo"],
+                        init_lora_weights=False, layers_to_transform=[0, 2])
+  lora = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=fn, example_args=(x,))
+  t = lora.meta.adapter("default").target("wi")
+  assert (t.stacked, t.expert_axes, t.in_axes) == (layers, (0,), (1,))
+  entries = lora.trainable["default"]["lora"]
+  assert entries["wi"]["lora_A"].shape == (2, E, D, R)
+  assert entries["wi"]["lora_B"].shape == (2, E, R, F)
+  w = {n: np.asarray(params[n], np.float64).copy() for n in params}
+  for n in w:
+    a = np.asarray(entries[n]["lora_A"], np.float64)
+    b = np.asarray(entries[n]["lora_B"], np.float64)
+    for j, layer in enumerate([0, 2]):
+      for e in range(E):
+        w[n][layer, e] += S * a[j, e] @ b[j, e]
+  h = np.asarray(x, np.float64)
+  for layer in range(layers):
+    h = h + np.stack([np.maximum(h[e] @ w["wi"][layer, e], 0) @ w["wo"][layer, e]
+                      for e in range(E)])
+  got = np.asarray(jax.jit(lojax.lorafy(fn))(lora, x))
+  np.testing.assert_allclose(got, h, rtol=1e-4, atol=1e-4 * np.abs(h).max())
+  np.testing.assert_allclose(np.asarray(lojax.merge(lora)["wi"]), w["wi"], rtol=1e-5, atol=1e-5)
+
+
+def test_two_expert_axes_one_batched_one_indexed():
+  """``[G, E, in, out]``: batched over G, one expert of E at a time (``w[:, e]``): both
+  axes index experts, each (g, e) pair has its own factors."""
+  G = 2
+  w = jax.random.normal(jax.random.key(6), (G, E, D, F)) / math.sqrt(D)
+  params = {"experts": w}
+
+  def fn(p, x):  # x: [G, E, T, D]
+    return jnp.stack([jnp.einsum("gtd,gdf->gtf", x[:, e], p["experts"][:, e])
+                      for e in range(E)], axis=1)
+
+  x = jax.random.normal(jax.random.key(7), (G, E, T, D))
+  spec = lojax.LoraSpec(r=R, lora_alpha=R * S, target_modules=["experts"],
+                        init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=fn, example_args=(x,))
+  assert lora.meta.adapter("default").target("experts").expert_axes == (0, 1)
+  entry = lora.trainable["default"]["lora"]["experts"]
+  a, b = (np.asarray(entry[n], np.float64) for n in ("lora_A", "lora_B"))
+  assert a.shape == (G, E, D, R) and b.shape == (G, E, R, F)
+  want = np.einsum("getd,gedf->getf", np.asarray(x, np.float64),
+                   np.asarray(w, np.float64) + S * np.einsum("gedr,gerf->gedf", a, b))
+  got = np.asarray(jax.jit(lojax.lorafy(fn))(lora, x))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())

@@ -149,6 +149,28 @@ MUTANTS = (
            (('    key = path if layer is None else f"{path}[{layer}]"\n    if callable(',
              '    key = path if layer is None else f"{path}[{layer + 1}]"\n    if callable('),),
            ("tests/test_peft_format.py", "tests/test_peft_oracle.py")),
+    Mutant("moe_batch_is_input", "a batched einsum's expert axis is not an expert axis",
+           "lojax/_src/analysis.py",
+           (('experts = {logical[j] for j in info["batch"] + info.get("group", ())} | indexed',
+             'experts = indexed'),),
+           ("tests/test_moe.py",)),
+    Mutant("moe_ragged_shared_b", "ragged_dot: every expert's rows meet expert 0's B",
+           "lojax/_src/rules.py",
+           (("d = lax.ragged_dot_general(t.astype(rhs.dtype), term.b.astype(rhs.dtype), ",
+             "d = lax.ragged_dot_general(t.astype(rhs.dtype), jnp.broadcast_to(term.b[:1], "
+             "term.b.shape).astype(rhs.dtype), "),),
+           ("tests/test_moe.py",)),
+    Mutant("shared_axis_owner", "every shared axis is taken as the factors' first axis",
+           "lojax/_src/tagged.py",
+           (("      return [(0, pos), (1, pos)]", "      return [(0, 0), (1, 0)]"),),
+           ("tests/test_moe.py",)),
+    Mutant("remat_merges_outputs", "nnx.remat: kernels handed back by the body are merged",
+           "lojax/_src/primitives.py",
+           (("    outs, out_rebuild = _pack(run(inner, (), rebuild(list(arrs)), ctx))\n"
+             "    unpack.append(out_rebuild)\n    return outs",
+             "    outs = _merged_outs(ctx, run(inner, (), rebuild(list(arrs)), ctx), 'checkpoint')\n"
+             "    unpack.append(lambda o: o)\n    return outs"),),
+           ("tests/test_nnx.py",)),
 )
 
 _IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", ".hypothesis",
