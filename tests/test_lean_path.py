@@ -85,6 +85,24 @@ def test_training_step_takes_the_lean_path_for_every_dense_use(small, monkeypatc
   assert spy.calls == []
 
 
+def test_inside_a_checkpoint_the_plain_factorized_form_is_used(small, monkeypatch):
+  """Under ``jax.checkpoint`` (nn.remat, nnx.remat) every residual is recomputed anyway:
+  the lean op's own recomputation would only add work, so it is not taken there."""
+  model, params, ids, lora = small
+  spy = _Spy(monkeypatch)
+  blocked = lambda p, ids: jax.checkpoint(model.apply)(p, ids)  # noqa: E731
+  loss = _loss_fn(lojax.lorafy(blocked), lora, ids)
+  lean_flops = jax.jit(jax.grad(loss)).lower(lora.trainable).compile().cost_analysis()
+  assert spy.calls == []
+  plain = _loss_fn(lojax.lorafy(blocked, remat=False), lora, ids)
+  plain_flops = jax.jit(jax.grad(plain)).lower(lora.trainable).compile().cost_analysis()
+  flops = lambda c: float((c[0] if isinstance(c, (list, tuple)) else c)["flops"])  # noqa: E731
+  assert flops(lean_flops) == flops(plain_flops)
+  np.testing.assert_allclose(jax.grad(loss)(lora.trainable)["default"]["lora"]["params/h_0/mlp/c_fc"][
+      "lora_A"], jax.grad(_loss_fn(lojax.lorafy(model.apply), lora, ids))(lora.trainable)[
+      "default"]["lora"]["params/h_0/mlp/c_fc"]["lora_A"], rtol=1e-5, atol=1e-6)
+
+
 def test_recomputation_returns_the_kernel_input_exactly(small, monkeypatch):
   model, params, ids, lora = small
   spy = _Spy(monkeypatch)

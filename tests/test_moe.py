@@ -235,6 +235,9 @@ def test_expert_kernels_refuse_what_they_do_not_support(tmp_path):
   for kw, word in [(dict(use_dora=True), "DoRA"), (dict(init_lora_weights="pissa"), "pissa")]:
     with pytest.raises(ValueError, match=f"(?s){word}.*expert"):
       _wrap(batched, x, **kw)
+  ada = lojax.AdaLoraSpec(init_r=4, target_r=2, target_modules=["moe/wi"], total_step=10)
+  with pytest.raises(ValueError, match="(?s)AdaLoRA.*expert"):
+    lojax.wrap(_params(), ada, key=jax.random.key(1), apply_fn=batched, example_args=(x,))
   with pytest.raises(ValueError, match="expert axes"):
     lojax.save_peft(tmp_path / "peft", _wrap(batched, x), mapping=lojax.PeftMapping())
 

@@ -142,13 +142,56 @@ def equinox_names():
           "x": jnp.ones((4, 6))}
 
 
+def tunix_names():
+  pytest.importorskip("tunix")
+  from flax import nnx
+  from tunix.models.llama3 import model as llama
+  cfg = llama.ModelConfig(num_layers=1, vocab_size=64, embed_dim=32, hidden_dim=64, num_heads=2,
+                          head_dim=16, num_kv_heads=1, rope_theta=10_000, norm_eps=1e-6)
+  t = 8
+  return {"nnx": nnx, "model": llama.Llama3(cfg, rngs=nnx.Rngs(0)),
+          "spec": lojax.LoraSpec(r=2, target_modules="all-linear"), "key": jax.random.key(1),
+          "ids": jnp.zeros((1, t), jnp.int32), "positions": jnp.arange(t)[None],
+          "mask": jnp.tril(jnp.ones((1, t, t), bool))}
+
+
+def recurrentgemma_names():
+  rg = pytest.importorskip("recurrentgemma.jax")
+  from recurrentgemma import common
+  cfg = rg.GriffinConfig(vocab_size=64, width=32, mlp_expanded_width=64, num_heads=2,
+                         block_types=(common.TemporalBlockType.RECURRENT,
+                                      common.TemporalBlockType.ATTENTION),
+                         embeddings_scale_by_sqrt_dim=True, attention_window_size=8,
+                         logits_soft_cap=30.0)
+  griffin = rg.Griffin(cfg)
+  ids, positions = jnp.zeros((1, 8), jnp.int32), jnp.arange(8)[None]
+  return {"griffin": griffin, "params": griffin.init(jax.random.key(0), ids, positions),
+          "spec": lojax.LoraSpec(r=2, target_modules="all-linear"), "key": jax.random.key(1),
+          "ids": ids, "positions": positions}
+
+
+def moe_names():
+  k = jax.random.split(jax.random.key(0), 3)
+  e, d, f = 4, 8, 16
+
+  def moe_layer(p, x):   # x: [E, tokens, d], already dispatched
+    h = jax.nn.relu(jnp.einsum("etd,edf->etf", x, p["moe"]["wi"]))
+    return jnp.einsum("etf,efd->etd", h, p["moe"]["wo"])
+
+  return {"params": {"moe": {"wi": jax.random.normal(k[0], (e, d, f)),
+                             "wo": jax.random.normal(k[1], (e, f, d))}},
+          "moe_layer": moe_layer, "x": jax.random.normal(k[2], (e, 5, d)),
+          "key": jax.random.key(1)}
+
+
 SETUPS = {
     "quickstart": trained_names, "rank-pattern": quickstart_names,
     "apply-fn": quickstart_names, "nnx": nnx_names, "plain": lambda: {"key": jax.random.key(1)},
     "dropout": dropout_names,
     "weighted": adapters_names, "mixed": mixed_names, "optax-masks": trained_names,
     "adalora": quickstart_names, "quantize": quickstart_names, "checkpoint": trained_names,
-    "peft": gpt2_names, "equinox": equinox_names,
+    "peft": gpt2_names, "equinox": equinox_names, "tunix": tunix_names,
+    "recurrentgemma": recurrentgemma_names, "moe": moe_names,
 }
 
 
@@ -288,6 +331,26 @@ def check_equinox(ns):
   merged = ns["eqx"].combine(lojax.merge(lora), ns["static"])
   np.testing.assert_allclose(ns["apply"](lora, x), jax.vmap(merged)(x), rtol=1e-5, atol=1e-5)
   assert not np.allclose(jax.vmap(merged)(x), jax.vmap(ns["model"])(x), atol=1e-4)
+
+
+def check_tunix(ns):
+  paths = sorted(ns["lora"].trainable["default"]["lora"])
+  assert paths == sorted(f"layers/0/{m}" for m in ("attn/q_proj", "attn/k_proj", "attn/v_proj",
+                                                   "attn/o_proj", "mlp/gate_proj",
+                                                   "mlp/up_proj", "mlp/down_proj")), paths
+
+
+def check_recurrentgemma(ns):
+  paths = ns["lora"].trainable["default"]["lora"]
+  assert "params/blocks.0/recurrent_block/rg_lru/a_gate" in paths
+  assert "params/blocks.1/attention_block/proj_q" in paths
+
+
+def check_moe(ns):
+  lora = ns["lora"]
+  assert lora.meta.adapter("default").target("moe/wi").expert_axes == (0,)
+  assert lora.trainable["default"]["lora"]["moe/wi"]["lora_A"].shape == (4, 8, 4)
+  assert lora.trainable["default"]["lora"]["moe/wi"]["lora_B"].shape == (4, 4, 16)
 
 
 def check_peft(ns):

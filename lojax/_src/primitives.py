@@ -319,9 +319,16 @@ def _remat(eqn, invals, ctx, run):
   @functools.partial(jax.checkpoint, prevent_cse=p.get("prevent_cse", True),
                      policy=p.get("policy"))
   def body(*arrs):
+    # Inside a checkpoint every residual is recomputed anyway: the lean dense op's own
+    # recomputation would only add work, so the plain factorized form is used here.
+    lean, ctx.remat = ctx.remat, False
+    try:
+      outs = run(inner, (), rebuild(list(arrs)), ctx)
+    finally:
+      ctx.remat = lean
     # A kernel the body hands back (nnx.remat returns the module's state) leaves as its
     # value and factors, still factorized.
-    outs, out_rebuild = _pack(run(inner, (), rebuild(list(arrs)), ctx))
+    outs, out_rebuild = _pack(outs)
     unpack.append(out_rebuild)
     return outs
 
