@@ -60,6 +60,22 @@ _CHEAP = frozenset({
 _MAX_EQNS = 64          # longest chain recomputed
 _ANCHOR_SLACK = 1.25    # anchors may hold at most this many bytes per byte of x
 
+# What recomputing a chain costs, in FLOPs per element of its output as XLA:CPU ends up
+# counting them (the backward's recomputation lands in several fusions, so each op is paid
+# a few times): layout ops are free, other elementwise ops about 6 (a LayerNorm measured
+# ~80 per element of x, a tanh GELU ~43), and erf, which XLA expands into a polynomial,
+# about 250 (an exact GELU measured 266).
+_FREE = frozenset({lax.broadcast_in_dim_p, lax.reshape_p, lax.transpose_p, lax.squeeze_p,
+                   lax.convert_element_type_p, lax.reduce_precision_p, lax.copy_p})
+_OP_COST = 6
+_EXPANDED = {lax.erf_p: 250, lax.erfc_p: 250}
+RECOMPUTE_PER_COLUMN = 0.4
+"""A chain is recomputed when it costs at most this many FLOPs per element of ``x`` per
+output column ``D`` of the matmul it feeds, i.e. at most ~10% of that matmul's frozen step
+work (``~4·D`` FLOPs per element of ``x``); otherwise ``x`` is kept, as on the plain path.
+A LayerNorm is recomputed before matmuls of 60 columns and more, a tanh GELU from ~120, an
+exact GELU from ~700."""
+
 
 class JaxprInfo:
   """Producers and use counts of one jaxpr's variables."""
@@ -98,14 +114,17 @@ def _nbytes(aval) -> int:
   return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
 
 
-def chain(site: Site, var, bind: Callable, is_opaque: Callable[[Any], bool]):
+def chain(site: Site, var, bind: Callable, is_opaque: Callable[[Any], bool],
+          budget: float = float("inf")):
   """A :class:`Recompute` of ``var`` (a jaxpr variable) from its anchors, or None.
 
   Walks back from ``var`` through elementwise/layout equations whose outputs
   have no other use, stopping at values used more than once, at other
   primitives and at the jaxpr's inputs (the anchors). None when there is no
-  such chain, when an anchor is ``is_opaque`` (an adapted kernel) or when the
-  anchors would take more memory than ``var`` itself.
+  such chain, when an anchor is ``is_opaque`` (an adapted kernel), when the
+  anchors would take more memory than ``var`` itself, or when recomputing
+  costs more than ``budget`` FLOPs per element of ``var`` (see
+  :data:`RECOMPUTE_PER_COLUMN`).
   """
   info = site.info
   if isinstance(var, jcore.Literal) or var not in info.producer:
@@ -130,6 +149,8 @@ def chain(site: Site, var, bind: Callable, is_opaque: Callable[[Any], bool]):
     return None
   if sum(_nbytes(v.aval) for v in anchors) > _ANCHOR_SLACK * _nbytes(var.aval):
     return None
+  if cost(eqns) > budget * math.prod(var.aval.shape):
+    return None
   inner = [v for v in anchors if v in info.producer]   # values computed in this jaxpr
   remat = len(inner) == 1 and info.uses[var] == 1
 
@@ -141,6 +162,13 @@ def chain(site: Site, var, bind: Callable, is_opaque: Callable[[Any], bool]):
     return env[var]
 
   return Recompute(g, tuple(jnp.asarray(site.env[v]) for v in anchors), remat)
+
+
+def cost(eqns) -> float:
+  """The FLOPs of recomputing ``eqns`` (elementwise / layout equations), as XLA counts them."""
+  return sum(0 if e.primitive in _FREE else
+             _EXPANDED.get(e.primitive, _OP_COST) * math.prod(e.outvars[0].aval.shape)
+             for e in eqns)
 
 
 def _after(vals, dy):

@@ -318,7 +318,8 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
   site = ctx.site
   if site is not None:
     found = fused.chain(site, site.eqn.invars[1 if k_first else 0], _bind_eqn,
-                        lambda v: isinstance(v, tg.Tagged))
+                        lambda v: isinstance(v, tg.Tagged),
+                        budget=fused.RECOMPUTE_PER_COLUMN * lay.d)
     if found is not None:
       g = found.g
       recompute = dataclasses.replace(found, g=lambda vals: lay.to_2d(g(vals)))
