@@ -1,0 +1,69 @@
+"""lojax on transformers' Flax models (BERT, GPT-2, Llama), unchanged: the checks of
+tests/test_model_libraries.py (zero delta at init, training, lorafy == merged, FLOPs within
+5% of the frozen limit, no merged-kernel fallback).
+
+transformers dropped Flax in 5.0 and the PEFT oracle needs 5.x, so CI (one environment)
+skips these. Run them in an environment of their own:
+
+  python -m venv --system-site-packages .venv-hf
+  .venv-hf/bin/pip install --no-deps "transformers==4.57.6"
+  .venv-hf/bin/pip install "tokenizers==0.22.2" "huggingface_hub<1.0"
+  .venv-hf/bin/python -m pytest -q tests/test_transformers_flax.py
+"""
+
+import jax
+import pytest
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "FlaxBertForMaskedLM"):
+  pytest.skip("transformers >= 5 has no Flax models: see this file's docstring",
+              allow_module_level=True)
+
+from test_model_libraries import check_model  # noqa: E402
+
+V, B, T = 256, 2, 16
+
+
+def _ids():
+  return jax.random.randint(jax.random.key(1), (B, T), 0, V)
+
+
+def _fn(model):
+  return lambda p, ids: model(ids, params=p).logits
+
+
+def test_bert_masked_lm():
+  """Exact (erf) GELU: the lean path keeps the MLP activation instead of recomputing it."""
+  model = transformers.FlaxBertForMaskedLM(transformers.BertConfig(
+      vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=128, max_position_embeddings=32), seed=0)
+  per_layer = ["attention/self/query", "attention/self/key", "attention/self/value",
+               "attention/output/dense", "intermediate/dense", "output/dense"]
+  expect = ([f"bert/encoder/layer/{i}/{m}" for i in range(2) for m in per_layer]
+            + ["cls/predictions/transform/dense"])   # the decoder is tied to the embedding
+  check_model(model.params, _fn(model), _ids(), "bert/embeddings/word_embeddings/embedding",
+              expect_targets=expect)
+
+
+def test_gpt2_lm_head():
+  """Conv1D kernels are stored [out, in] and applied as x @ W.T: traced, so A is on the input
+  side as in PEFT."""
+  model = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=32), seed=0)
+  expect = [f"transformer/h/{i}/{m}" for i in range(2)
+            for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")]
+  lora = check_model(model.params, _fn(model), _ids(), "transformer/wte/embedding",
+                     expect_targets=expect)
+  t = lora.meta.adapter("default").target("transformer/h/0/attn/c_attn")
+  assert t.shape == (192, 64) and t.in_axes == (1,)
+
+
+def test_llama_causal_lm():
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=32), seed=0)
+  expect = [f"model/layers/{i}/{m}" for i in range(2)
+            for m in ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj",
+                      "self_attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")]
+  check_model(model.params, _fn(model), _ids(), "model/embed_tokens/embedding",
+              expect_targets=expect)
