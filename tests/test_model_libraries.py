@@ -240,3 +240,87 @@ def test_recurrentgemma_griffin():
                                           layers_to_transform=[1]),
                    key=jax.random.key(0), apply_fn=fn, example_args=(ids,))
   assert {t.path.split("/")[1] for t in one.meta.adapter("default").targets} == {"blocks.1"}
+
+
+# --------------------------------------------------------------------------
+# Decoding with each library's own cache, through lorafy
+# --------------------------------------------------------------------------
+
+def _greedy(apply, params, prompt, cache, steps):
+  """Greedy decoding in a ``lax.scan``: ``apply(params, ids, pos, cache) -> (logits, cache)``."""
+  b, p = prompt.shape
+  logits, cache = apply(params, prompt, jnp.broadcast_to(jnp.arange(p), (b, p)), cache, True)
+  tok = jnp.argmax(logits[:, -1], -1)
+
+  def step(carry, i):
+    tok, cache = carry
+    logits, cache = apply(params, tok[:, None], jnp.full((b, 1), p + i), cache, False)
+    return (jnp.argmax(logits[:, -1], -1), cache), (tok, logits[:, -1])
+
+  _, (toks, logits) = jax.lax.scan(step, (tok, cache), jnp.arange(steps))
+  return toks.T, logits
+
+
+def _check_decoding(params, full, apply, prompt, cache, steps=8):
+  """Unmerged adapters (lorafy) and merged params decode the same greedy tokens."""
+  spec = lojax.LoraSpec(r=4, target_modules="all-linear", init_lora_weights=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    lora = lojax.wrap(params, spec, key=jax.random.key(2), apply_fn=full,
+                      example_args=(prompt,))
+    unmerged = jax.jit(lambda lo: _greedy(lojax.lorafy(apply), lo, prompt, cache, steps))(lora)
+  merged = jax.jit(lambda p: _greedy(apply, p, prompt, cache, steps))(lojax.merge(lora))
+  base = jax.jit(lambda p: _greedy(apply, p, prompt, cache, steps))(params)
+  np.testing.assert_array_equal(unmerged[0], merged[0])
+  np.testing.assert_allclose(unmerged[1], merged[1], rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(unmerged[1]) - np.asarray(base[1])).max() > 1e-3  # adapters act
+
+
+def test_tunix_llama3_decodes_with_its_kv_cache():
+  pytest.importorskip("tunix", reason="tunix: see .ci/run")
+  from flax import nnx
+  from tunix.models.llama3 import model as llama
+  cfg = llama.ModelConfig(num_layers=2, vocab_size=V, embed_dim=64, hidden_dim=128, num_heads=4,
+                          head_dim=16, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6)
+  graphdef, state = nnx.split(llama.Llama3(cfg, rngs=nnx.Rngs(0)))
+  size, prompt = 32, _ids()[:, :8]
+
+  def apply(s, ids, pos, cache, prefill):
+    t = ids.shape[1]
+    q = pos[:, :, None] if not prefill else jnp.arange(t)[None, :, None]
+    mask = jnp.broadcast_to(jnp.arange(size)[None, None, :] <= q, (B, t, size))
+    return nnx.merge(graphdef, s)(ids, pos, cache, mask)
+
+  def full(s, ids):
+    t = ids.shape[1]
+    return nnx.merge(graphdef, s)(ids, jnp.broadcast_to(jnp.arange(t), (B, t)), None,
+                                  jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)),
+                                                   (B, t, t)))[0]
+
+  shape = (B, size, 2, 16)
+  cache = {f"layer_{i}": {"k": jnp.zeros(shape), "v": jnp.zeros(shape),
+                          "end_index": jnp.zeros((B,), jnp.int32)} for i in range(2)}
+  _check_decoding(state, full, apply, prompt, cache)
+
+
+def test_recurrentgemma_decodes_with_its_cache():
+  rg = pytest.importorskip("recurrentgemma.jax", reason="recurrentgemma: see .ci/run")
+  from recurrentgemma import common
+  cfg = rg.GriffinConfig(vocab_size=V, width=64, mlp_expanded_width=128, num_heads=4,
+                         block_types=(common.TemporalBlockType.RECURRENT,
+                                      common.TemporalBlockType.ATTENTION),
+                         embeddings_scale_by_sqrt_dim=True, attention_window_size=16,
+                         logits_soft_cap=30.0)
+  griffin = rg.Griffin(cfg)
+  prompt = _ids()[:, :8]
+  pos = jnp.broadcast_to(jnp.arange(8), (B, 8))
+  params = griffin.init(jax.random.key(0), prompt, pos)
+
+  def apply(p, ids, pos, cache, prefill):   # the prompt builds the cache (cache=None)
+    return griffin.apply(p, ids, pos, None if prefill else cache, return_cache=True)
+
+  def full(p, ids):
+    return griffin.apply(p, ids, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))[0]
+
+  _check_decoding(params, full, apply, prompt, griffin.init_cache(B, jnp.float32))

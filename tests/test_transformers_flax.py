@@ -12,6 +12,7 @@ skips these. Run them in an environment of their own:
 """
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -67,3 +68,25 @@ def test_llama_causal_lm():
                       "self_attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")]
   check_model(model.params, _fn(model), _ids(), "model/embed_tokens/embedding",
               expect_targets=expect)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoding_with_init_cache(family):
+  """Greedy decoding with transformers' own cache (``init_cache``, ``past_key_values``) in a
+  ``lax.scan``: lorafy and the merged params give the same tokens."""
+  from test_model_libraries import _check_decoding
+  if family == "gpt2":
+    model = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=32), seed=0)
+  else:
+    model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=32), seed=0)
+  size, prompt = 32, _ids()[:, :8]
+  mask = jnp.ones((B, size), jnp.int32)
+
+  def apply(p, ids, pos, cache, prefill):
+    out = model(ids, attention_mask=mask, position_ids=pos, params=p, past_key_values=cache)
+    return out.logits, out.past_key_values
+
+  _check_decoding(model.params, _fn(model), apply, prompt, model.init_cache(B, size))
