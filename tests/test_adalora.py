@@ -321,7 +321,7 @@ def test_init_draws_and_parameter_counts_are_pinned():
     np.testing.assert_array_equal(v["lora_B"], np.float32(rng.standard_normal((3, 8)) * 0.02))
   count = lojax.count_parameters(lora)
   assert count.trainable == 2 * (8 * 3 + 3 + 3 * 8)          # P, E, Q of two kernels
-  assert count.total == 2 * 8 * 8 + count.trainable
+  assert count.total == 2 * 8 * 8 + count.trainable + 2   # + PEFT's ranknum per module
 
 
 def test_ranks_of_a_stacked_kernel_are_a_list_per_layer():

@@ -161,9 +161,7 @@ CASES = (
                    use_dora=True, rank_pattern={"h.1.mlp.c_proj": 1}),
          spec=dict(r=3, lora_alpha=8, use_rslora=True, target_modules=["c_attn", "mlp/c_proj"],
                    use_dora=True, rank_pattern={"h_1/mlp/c_proj": 1})),
-    Case("adalora", adalora=True, **_same(**ADALORA),
-         xfail={"counts": "issue 15 item 6: PEFT counts AdaLoRA's ranknum buffer (one per "
-                          "adapted module) in all params"}),
+    Case("adalora", adalora=True, **_same(**ADALORA)),
 )
 CASE = {c.name: c for c in CASES}
 

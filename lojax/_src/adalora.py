@@ -161,6 +161,10 @@ class AdaLora(lora_lib.Lora):
               "experts; PEFT's `target_parameters` has no AdaLoRA either): use a plain LoraSpec"]
     return []
 
+  def peft_buffers(self, t):
+    """PEFT's ``ranknum``: one frozen scalar per adapted torch module (layer)."""
+    return t.n_layers or 1
+
   def layout(self, t):
     lead = (model.LAYER,) if t.stacked else ()
     return {lora_lib.A: t.a_roles(), E: lead + (model.RANK,), lora_lib.B: t.b_roles()}

@@ -204,6 +204,11 @@ class Variant:
     """Why this variant cannot adapt ``t``: one indented line per problem (wrap time)."""
     return []
 
+  def peft_buffers(self, t: TargetMeta) -> int:
+    """Scalars PEFT's model holds for ``t`` besides its tensors (frozen ``nn.Parameter``s
+    that PEFT counts in all params, e.g. AdaLoRA's ``ranknum``, one per torch module)."""
+    return 0
+
   def adapter_state(self, spec: Any) -> dict:
     """Adapter-level bookkeeping arrays (not parameters; not counted)."""
     return {}
