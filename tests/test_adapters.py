@@ -231,3 +231,32 @@ def test_mixed_batch_refuses_a_merged_kernel_use():
                            ["a", "b"])
   with pytest.raises(ValueError, match=r"'l/kernel' is used by `integer_pow`.*mixed-adapter"):
     lojax.lorafy(f)(lora, jnp.ones((2, 6)), lora_adapter_ids=lojax.adapter_ids(lora, ["a", "b"]))
+
+
+def test_lora_only_bias_of_a_scanned_stack_trains_the_adapted_layers_only():
+  """bias="lora_only" with layers_to_transform on a scanned stack: the bias delta covers the
+  adapted layers ([1, d] here), as PEFT trains only the wrapped modules' biases; apply, merge
+  and add_weighted_adapter put it in its layer."""
+  import gpt
+  model = gpt.GPT(vocab=32, d=16, heads=2, layers=3, max_len=8, scan=True)
+  params, ids = gpt.init(model)
+  spec = lojax.LoraSpec(r=2, target_modules=["c_attn"], bias="lora_only",
+                        layers_to_transform=[1], layers_pattern="h", init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(0), apply_fn=model.apply,
+                    example_args=(ids,))
+  path = "params/h/attn/c_attn/bias"
+  delta = lora.trainable["default"]["bias"][path]
+  assert delta.shape == (1, 3 * 16)
+  lora = lora.with_trainable({"default": dict(lora.trainable["default"],
+                                              bias={path: delta + 0.5})})
+  merged = lojax.merge(lora)
+  base = np.asarray(params["params"]["h"]["attn"]["c_attn"]["bias"])
+  got = np.asarray(merged["params"]["h"]["attn"]["c_attn"]["bias"])
+  np.testing.assert_allclose(got[[0, 2]], base[[0, 2]])
+  np.testing.assert_allclose(got[1], base[1] + 0.5)
+  np.testing.assert_allclose(lojax.lorafy(model.apply)(lora, ids), model.apply(merged, ids),
+                             rtol=1e-5, atol=1e-5)
+  combined = lojax.add_weighted_adapter(lora, ["default"], [1.0], "twice",
+                                        combination_type="cat")
+  got = np.asarray(combined.adapters["twice"]["bias"][path])
+  assert got.shape == base.shape and not got[[0, 2]].any() and np.allclose(got[1], 0.5)

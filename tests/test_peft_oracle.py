@@ -148,9 +148,7 @@ CASES = (
          spec=dict(r=2, target_modules=["c_attn", "mlp/c_proj"], bias="lora_only")),
     Case("bias_lora_only_scan", scan=True,
          **_same(r=2, target_modules=["c_attn"], bias="lora_only", layers_to_transform=[1],
-                 layers_pattern="h"),
-         xfail=dict.fromkeys(("outputs", "grads", "counts", "peft_to_lojax", "lojax_to_peft",
-                              "lojax_file"), NEW_LORA_ONLY)),
+                 layers_pattern="h")),
     Case("modules_to_save",
          **_same(r=2, target_modules=["c_attn"], modules_to_save=["ln_f", "lm_head"])),
     Case("bias_all_modules_to_save",
@@ -347,7 +345,9 @@ def leaves(lora: lojax.LoraParams) -> list[Leaf]:
       kind = "bias" if leaf == "bias" else "weight"
       t = targets.get(path)
       stacked = path.startswith("params/h/")
-      layers = range(np.shape(value)[0]) if stacked else [None]
+      trained = meta.bias_layers(key) if group == "bias" else None   # lora_only: adapted only
+      layers = ((list(trained) if trained is not None else range(np.shape(value)[0]))
+                if stacked else [None])
 
       def name(layer):
         module = torch_module(path, layer)
@@ -377,7 +377,9 @@ def with_values(lora: lojax.LoraParams) -> lojax.LoraParams:
     value = leaf.from_peft({n: trained_value(n, v.shape)
                             for n, v in leaf.to_peft(old).items()})
     if leaf.group == "bias":    # lojax stores a trained bias as a delta to the base bias
-      value = value - _base_leaf(lora, leaf.key)
+      base = _base_leaf(lora, leaf.key)
+      trained = lora.meta.adapters[0].bias_layers(leaf.key)
+      value = value - (base if trained is None else np.asarray(base)[np.asarray(trained)])
     assert np.shape(value) == np.shape(old), (leaf, np.shape(value), np.shape(old))
     value = jnp.asarray(value, old.dtype)
     if leaf.param is None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lojax._src import model
+from lojax._src import paths as P
 from lojax._src import spec as spec_lib
 from lojax._src.model import AdapterMeta, LoraMeta, LoraParams
 
@@ -136,9 +137,11 @@ def add_weighted_adapter(lora: LoraParams, adapters: Sequence[str], weights: Seq
     new_targets.append(dataclasses.replace(parts[0][1], layers=None, r=r_new, alpha=float(r_new),
                                            scaling=1.0, dropout=0.0))
   bias: dict = {}
+  base_paths, base_leaves, _ = P.flatten(lora.base)
+  shapes = {p: np.shape(x) for p, x in zip(base_paths, base_leaves)}
   for m, w in zip(metas, weights):
-    for p, d in lora.adapters[m.name][model.BIAS].items():
-      bias[p] = bias.get(p, 0) + w * d
+    for p, d in lora.adapters[m.name][model.BIAS].items():   # whole leaves: bias="none" spec
+      bias[p] = bias.get(p, 0) + w * m.expand_bias(p, d, shapes[p])
   spec = spec_lib.LoraSpec(r=max(t.r for t in new_targets), lora_alpha=1.0,
                            target_modules=list(paths))
   meta = AdapterMeta(adapter_name, spec, tuple(new_targets), (), tuple(sorted(bias)), ())

@@ -46,9 +46,11 @@ def check_fit(lora: LoraParams, paths: list[str], leaves: list[Any]):
       for p, x in params.get(group, {}).items():
         if p not in shapes:
           problems.append(f"  [{name}] {group} {p}: not in the params")
-        elif tuple(np.shape(x)) != shapes[p]:
-          problems.append(f"  [{name}] {group} {p}: shape {tuple(np.shape(x))}, params have "
-                          f"{shapes[p]}")
+          continue
+        want = meta.bias_shape(p, shapes[p]) if group == model.BIAS else shapes[p]
+        if tuple(np.shape(x)) != want:
+          problems.append(f"  [{name}] {group} {p}: shape {tuple(np.shape(x))}, expected "
+                          f"{want} (params have {shapes[p]})")
   if problems:
     raise ValueError("The adapters do not fit these params:\n" + "\n".join(problems) +
                      "\nWrap the params this model uses (same paths and shapes), or load "
@@ -77,7 +79,8 @@ def view(lora: LoraParams):
       saved_by[p] = name
       leaves[index[p]] = x
     for p, d in params[model.BIAS].items():
-      leaves[index[p]] = leaves[index[p]] + d.astype(leaves[index[p]].dtype)
+      x = leaves[index[p]]
+      leaves[index[p]] = x + meta.expand_bias(p, d.astype(x.dtype), x.shape)
     for t in meta.targets:
       f = model.factors(meta, t, params[model.LORA][t.path])
       terms.setdefault(index[t.leaf_path], []).append((t, f.a, f.b, name, f.m))

@@ -46,7 +46,8 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
       touched.add(t.leaf_path)
     for p, d in ad[model.BIAS].items():
       i = index[p]
-      floats[i] = (floats[i] + sign * d.astype(floats[i].dtype)).astype(floats[i].dtype)
+      d = meta.expand_bias(p, d.astype(floats[i].dtype), floats[i].shape)
+      floats[i] = (floats[i] + sign * d).astype(floats[i].dtype)
       touched.add(p)
     for p, x in ad[model.SAVED].items():
       if p in saved_by:

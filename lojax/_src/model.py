@@ -276,6 +276,31 @@ class AdapterMeta:
   def replace(self, **changes) -> "AdapterMeta":
     return dataclasses.replace(self, **changes)
 
+  def bias_layers(self, path: str) -> tuple[int, ...] | None:
+    """The stacked layers a trained bias covers, or None for the whole leaf.
+
+    With ``bias="lora_only"`` the bias of an adapted stacked kernel is trained in
+    its adapted layers only (``layers_to_transform``), as PEFT trains the biases
+    of the torch modules it wraps: the delta is then ``[n_layers, ...]``.
+    """
+    if getattr(self.spec, "bias", None) != "lora_only":
+      return None
+    module = path.rpartition("/")[0]
+    t = next((t for t in self.targets if t.path == module and t.leaf), None)
+    return t.layers if t is not None and t.stacked and t.layers is not None else None
+
+  def bias_shape(self, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the bias delta of leaf ``path`` (of ``shape``)."""
+    layers = self.bias_layers(path)
+    return tuple(shape) if layers is None else (len(layers),) + tuple(shape[1:])
+
+  def expand_bias(self, path: str, delta: Any, shape: tuple[int, ...]) -> Any:
+    """The bias delta of leaf ``path`` scattered into the leaf's ``shape`` (zeros elsewhere)."""
+    layers = self.bias_layers(path)
+    if layers is None:
+      return delta
+    return jnp.zeros(shape, delta.dtype).at[jnp.asarray(layers)].set(delta)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraMeta:

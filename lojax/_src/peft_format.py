@@ -275,14 +275,19 @@ def _put_biases(out: _Tensors, base, meta, deltas, mapping: PeftMapping) -> None
   adapted = {t.path: t for t in meta.targets}
   for leaf_path, delta in deltas.items():
     module, leaf = P.split(leaf_path)
-    full = _np(np.asarray(base[leaf_path]) + np.asarray(delta).astype(np.asarray(
-        base[leaf_path]).dtype))
+    b = np.asarray(base[leaf_path])
+    full = _np(b + np.asarray(meta.expand_bias(leaf_path, jnp.asarray(delta),
+                                               b.shape)).astype(b.dtype))
     if module in adapted:  # PEFT wraps an adapted module: its bias is in `base_layer`
       t = adapted[module]
-      layers = [None] if not t.stacked else list(range(t.stacked))
-      for i, layer in enumerate(layers):
+      if not t.stacked:
+        layers = [None]
+      else:   # the wrapped layers only: PEFT leaves the others as they are
+        layers = list(t.layers) if t.layers is not None else list(range(t.stacked))
+      for layer in layers:
         tn = _name_or_raise(mapping, module, layer)
-        out.put(f"{PREFIX}{tn}.base_layer.{leaf}", full if layer is None else full[i], leaf_path)
+        out.put(f"{PREFIX}{tn}.base_layer.{leaf}", full if layer is None else full[layer],
+                leaf_path)
     else:
       out.put(f"{PREFIX}{_name_or_raise(mapping, module)}.{leaf}", full, leaf_path)
 
@@ -415,7 +420,8 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   meta = wrapped.meta.adapter(adapter_name)
   problems: list[str] = []
   targets, weights = _fill_factors(meta.targets, contents.lora, meta.variant, problems)
-  bias = _fill_biases(meta.bias_paths, contents.biases, index.leaves, problems)
+  bias = _fill_biases(meta.replace(targets=tuple(targets)), contents.biases, index.leaves,
+                      problems)   # the targets' layers as the file has them
   saved = _fill_saved(wrapped.adapters[adapter_name]["modules_to_save"], contents.saved, problems)
   if problems:
     raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
@@ -714,11 +720,13 @@ def _checked_entry(t, got, want, problems: list[str]) -> dict[str, jax.Array]:
   return entry
 
 
-def _fill_biases(bias_paths, values, leaves, problems: list[str]) -> dict[str, jax.Array]:
+def _fill_biases(meta, values, leaves, problems: list[str]) -> dict[str, jax.Array]:
   """Bias deltas (file value - params) of the spec's bias leaves; zero where the file has none.
 
-  A bias the spec does not train must equal the params' (it is then a harmless copy).
+  A bias the spec does not train must equal the params' (it is then a harmless copy). A
+  stacked bias trained in some layers only (``meta.bias_layers``) takes those layers.
   """
+  bias_paths = meta.bias_paths
   bias = {}
   for p in sorted(set(values) - set(bias_paths)):
     b = np.asarray(leaves[p]) if p in leaves else None
@@ -730,8 +738,15 @@ def _fill_biases(bias_paths, values, leaves, problems: list[str]) -> dict[str, j
   for p in bias_paths:
     value = values.get(p)
     b = np.asarray(leaves[p])
+    layers = meta.bias_layers(p)
+    if layers is not None:
+      b = b[np.asarray(layers)]
+      if value is not None and set(value) != set(layers):
+        problems.append(f"  {p}: file gives the bias of layers {sorted(value)}, the adapter "
+                        f"trains layers {list(layers)}")
+        continue
     if value is None:
-      bias[p] = jnp.zeros_like(leaves[p])
+      bias[p] = jnp.zeros(b.shape, b.dtype)
       continue
     full = np.stack([value[i] for i in sorted(value)]) if None not in value else value[None]
     if full.shape != b.shape:

@@ -94,13 +94,14 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
     factors[t.path], new = variant.init(spec, key, t, by_path[t.leaf_path], dtype, quantize)
     if new is not None:
       rewritten[t.leaf_path] = new
+  meta = AdapterMeta(adapter_name, spec, tuple(targets), resolution.modules_to_save,
+                     resolution.bias_paths, tuple(resolution.heads))
   adapter = {model.LORA: factors,
-             model.BIAS: {p: jnp.zeros_like(by_path[p]) for p in resolution.bias_paths},
+             model.BIAS: {p: jnp.zeros(meta.bias_shape(p, np.shape(by_path[p])),
+                                       by_path[p].dtype) for p in resolution.bias_paths},
              model.SAVED: {p: jnp.array(by_path[p], copy=True) for p in paths
                            if any(P.is_under(p, m) for m in resolution.modules_to_save)},
              **variant.adapter_state(spec)}
-  meta = AdapterMeta(adapter_name, spec, tuple(targets), resolution.modules_to_save,
-                     resolution.bias_paths, tuple(resolution.heads))
   base = _replace_leaves(base, rewritten)
   if existing is None:
     return LoraParams(base, {adapter_name: adapter}, LoraMeta((meta,), (adapter_name,)))
