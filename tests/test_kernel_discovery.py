@@ -110,10 +110,11 @@ def test_a_bare_array_used_as_a_matmul_weight_is_its_own_module():
                                "expert_axes": (), "stacked": None}
   # `scale` is the weight of `gate @ scale` (contracted with the gate): found by use too.
   assert "mlp/scale" in found and "mlp/router" in found
-  # "all-linear" chooses among named kernels, as PEFT's all-linear among Linear modules.
+  # "all-linear" takes a bare projection too (no expert axes: a PEFT Linear); an expert
+  # array is left to target_modules (test_moe.py), as PEFT's target_parameters.
   lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules="all-linear"),
                     key=jax.random.key(0), apply_fn=fn, example_args=(x,))
-  assert sorted(lora.adapters["default"]["lora"]) == ["mlp/router"]
+  assert sorted(lora.adapters["default"]["lora"]) == ["mlp/proj", "mlp/router", "mlp/scale"]
   # Named in target_modules (PEFT's target_parameters), it is adapted.
   spec = lojax.LoraSpec(r=2, lora_alpha=2, target_modules=["mlp/proj"], init_lora_weights=False)
   lora = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=fn, example_args=(x,))

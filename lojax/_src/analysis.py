@@ -8,10 +8,10 @@ weight. Candidates are found two ways:
   ``spec.kernel_names``; their module path is the dict that holds them;
 * by use, when ``apply_fn`` is given: any other float leaf with at least two
   axes that the traced program uses as a matmul / conv / lookup weight (an
-  MoE layer's expert arrays, say). Such a leaf is its own module: its module
-  path is its leaf path. ``"all-linear"`` and the group flags choose among
-  named kernels only, as PEFT's ``all-linear`` chooses among ``Linear``
-  modules; name the others in ``target_modules``, as PEFT's
+  MoE layer's expert arrays, gemma's bare MLP arrays). Such a leaf is its own
+  module: its module path is its leaf path. ``"all-linear"`` and the group
+  flags take those without expert axes (a projection, as a PEFT ``Linear``);
+  expert arrays are named in ``target_modules``, as PEFT's
   ``target_parameters`` does.
 
 :func:`kernel_infos` then decides which axes are the kernel's *input* axes
@@ -231,5 +231,6 @@ def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):
                              if ax not in use.in_axes and ax not in use.expert_axes]))
                 if traced is not None and kind == "dense" else None)
     infos.append(matcher.KernelInfo(path=module, leaf=leaf, shape=shape, kind=kind,
-                                    stacked=use.stacked, named=named, out_size=out_size))
+                                    stacked=use.stacked, named=named, out_size=out_size,
+                                    experts=bool(use.expert_axes)))
   return infos, layouts

@@ -105,8 +105,12 @@ class KernelInfo:
     out_size: The size of its output side (the product of its output axes,
       per layer), when known from tracing; else None (the last axis is taken).
     named: Whether its name marks it as a kernel (``kernel``, ``w``, ...), as
-      opposed to a leaf found only by its use; ``"all-linear"`` and the group
-      flags choose among named kernels.
+      opposed to a leaf found only by its use.
+    experts: Whether it has expert axes (a MoE layer's ``[E, in, out]``).
+      ``"all-linear"`` and the group flags choose among dense kernels that are
+      named or, found by use, have no expert axes (a bare projection array, as
+      gemma's MLP holds): PEFT's ``all-linear`` adapts ``Linear`` modules, not
+      the expert parameters ``target_parameters`` names.
 
   >>> KernelInfo("params/h_0/attn/c_attn", "kernel", (64, 192), "dense").shape
   (64, 192)
@@ -119,6 +123,7 @@ class KernelInfo:
   stacked: int | None = None
   named: bool = True
   out_size: int | None = None
+  experts: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -334,7 +339,8 @@ def _requested(spec: LoraSpec, kernels: list[KernelInfo], heads: list[str],
   tm = spec.target_modules
   kernel_paths = [k.path for k in kernels]
   if tm is None or tm == ALL_LINEAR:
-    linear = [k for k in kernels if k.kind == "dense" and k.named and k.path not in heads]
+    linear = [k for k in kernels if k.kind == "dense" and (k.named or not k.experts)
+              and k.path not in heads]
     if tm is None:
       return _select_groups(spec, linear, problems)
     if not linear:
