@@ -90,3 +90,53 @@ def test_decoding_with_init_cache(family):
     return out.logits, out.past_key_values
 
   _check_decoding(model.params, _fn(model), apply, prompt, model.init_cache(B, size))
+
+
+def test_vit_image_classification():
+  """Exact (erf) GELU encoder on images: at the FLOP limit (the lean path keeps the MLP
+  activation); zero delta at init, training, lorafy == merged."""
+  import warnings
+
+  import numpy as np
+  import optax
+  from test_model_libraries import _flops
+  import lojax
+  model = transformers.FlaxViTForImageClassification(transformers.ViTConfig(
+      image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+      num_attention_heads=4, intermediate_size=128, num_labels=10), seed=0)
+  pixels = jax.random.normal(jax.random.key(1), (4, 3, 32, 32))
+  labels = jnp.arange(4) % 10
+  fn = lambda p, x: model(x, params=p).logits  # noqa: E731
+  loss_of = lambda logits: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+      logits, labels).mean()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    lora = lojax.wrap(model.params, lojax.LoraSpec(r=4, lora_alpha=8, target_modules="all-linear"),
+                      key=jax.random.key(2), apply_fn=fn, example_args=(pixels,))
+    targets = lora.meta.adapter("default").targets
+    assert len(targets) == 2 * 6 and lora.meta.adapter("default").heads == ("classifier",)
+    np.testing.assert_allclose(jax.jit(lojax.lorafy(fn))(lora, pixels), fn(model.params, pixels),
+                               rtol=1e-6, atol=1e-6)
+    tx = optax.adam(1e-2)
+
+    def step(lora, opt_state):
+      loss, g = jax.value_and_grad(
+          lambda t: loss_of(lojax.lorafy(fn)(lora.with_trainable(t), pixels)))(lora.trainable)
+      updates, opt_state = tx.update(g, opt_state)
+      return optax.apply_updates(lora.trainable, updates), opt_state, loss
+
+    jstep, opt_state, losses = jax.jit(step), tx.init(lora.trainable), []
+    for _ in range(6):
+      trainable, opt_state, loss = jstep(lora, opt_state)
+      lora = lora.with_trainable(trainable)
+      losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05, losses
+    np.testing.assert_allclose(jax.jit(lojax.lorafy(fn))(lora, pixels),
+                               fn(lojax.merge(lora), pixels), rtol=2e-5, atol=2e-5)
+    tokens = 4 * (32 // 8) ** 2 + 4   # patches + the class token, per image
+    adapters = sum(6 * tokens * t.r * (t.fan_in + t.fan_out) for t in targets)
+    limit = lambda p, x: jax.value_and_grad(lambda x: loss_of(fn(p, x)))(x)  # noqa: E731
+    allowance = _flops(limit, model.params, pixels) + adapters
+    lora_flops = _flops(step, lora, opt_state)
+  assert lora_flops <= 1.05 * allowance, (lora_flops / allowance, lora_flops, allowance)
