@@ -170,6 +170,31 @@ def recurrentgemma_names():
           "ids": ids, "positions": positions}
 
 
+def transformers_names():
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxLlamaForCausalLM"):
+    pytest.skip("transformers >= 5 has no Flax models (tests/test_transformers_flax.py)")
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16), seed=0)
+  return {"model": model, "spec": lojax.LoraSpec(r=2, target_modules="all-linear"),
+          "key": jax.random.key(1), "ids": jnp.zeros((1, 8), jnp.int32)}
+
+
+def gemma_names():
+  gm = pytest.importorskip("gemma.gm", reason="gemma: tests/test_gemma.py")
+  from gemma.gm.nn import _modules
+  cfg = gm.nn.config.TransformerConfig(
+      num_embed=64, embed_dim=32, hidden_dim=64, num_heads=2, head_dim=16, num_kv_heads=1,
+      final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
+      attention_types=(_modules.AttentionType.GLOBAL,))
+  transformer = gm.nn.Transformer(config=cfg, dtype=jnp.float32)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return {"transformer": transformer, "params": transformer.init(jax.random.key(0), ids),
+          "spec": lojax.LoraSpec(r=2, target_modules="all-linear"), "key": jax.random.key(1),
+          "ids": ids}
+
+
 def moe_names():
   k = jax.random.split(jax.random.key(0), 3)
   e, d, f = 4, 8, 16
@@ -192,6 +217,7 @@ SETUPS = {
     "adalora": quickstart_names, "quantize": quickstart_names, "checkpoint": trained_names,
     "peft": gpt2_names, "equinox": equinox_names, "tunix": tunix_names,
     "recurrentgemma": recurrentgemma_names, "moe": moe_names,
+    "transformers": transformers_names, "gemma": gemma_names,
 }
 
 
@@ -344,6 +370,16 @@ def check_recurrentgemma(ns):
   paths = ns["lora"].trainable["default"]["lora"]
   assert "params/blocks.0/recurrent_block/rg_lru/a_gate" in paths
   assert "params/blocks.1/attention_block/proj_q" in paths
+
+
+def check_transformers(ns):
+  paths = sorted(ns["lora"].trainable["default"]["lora"])
+  assert len(paths) == 7 and "model/layers/0/mlp/down_proj" in paths, paths
+
+
+def check_gemma(ns):
+  paths = sorted(ns["lora"].trainable["default"]["lora"])
+  assert "params/layer_0/mlp/linear" in paths and "params/layer_0/attn/q_einsum" in paths
 
 
 def check_moe(ns):
