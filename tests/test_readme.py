@@ -176,9 +176,9 @@ def transformers_names():
     pytest.skip("transformers >= 5 has no Flax models (tests/test_transformers_flax.py)")
   model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16), seed=0)
+      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=32), seed=0)
   return {"model": model, "spec": lojax.LoraSpec(r=2, target_modules="all-linear"),
-          "key": jax.random.key(1), "ids": jnp.zeros((1, 8), jnp.int32)}
+          "key": jax.random.key(1), "ids": jnp.zeros((2, 16), jnp.int32)}
 
 
 def gemma_names():
