@@ -211,13 +211,8 @@ def test_nd_kernels_with_apply_fn(general):
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
 
 
-class RematModel(nnx.Module):
+class RematModel(Model):
   """Blocks under ``nnx.remat``: the checkpointed function returns the block's state."""
-
-  def __init__(self, rngs):
-    self.embed = nnx.Embed(V, D, rngs=rngs)
-    self.blocks = nnx.List([Block(rngs) for _ in range(2)])
-    self.head = nnx.Linear(D, V, rngs=rngs)
 
   def __call__(self, ids):
     x = self.embed(ids)
