@@ -98,8 +98,8 @@ MUTANTS = (
            ("tests/test_adalora.py",)),
     Mutant("unmerge_bias_added", "merge/unmerge: the bias delta is added in both directions",
            "lojax/_src/merge.py",
-           (("floats[i] = (floats[i] + sign * d.astype(floats[i].dtype))",
-             "floats[i] = (floats[i] + d.astype(floats[i].dtype))"),),
+           (("floats[i] = (floats[i] + sign * d).astype(floats[i].dtype)",
+             "floats[i] = (floats[i] + d).astype(floats[i].dtype)"),),
            ("tests/test_merge.py",)),
     Mutant("int8_scale_128", "int8 quantization scale absmax / 128 (codes clip at 127)",
            "lojax/_src/quant.py",
@@ -108,7 +108,7 @@ MUTANTS = (
            ("tests/test_quant.py",)),
     Mutant("dropped_bias_delta", "apply.view ignores the trained bias deltas",
            "lojax/_src/apply.py",
-           (("      leaves[index[p]] = leaves[index[p]] + d.astype(leaves[index[p]].dtype)\n",
+           (("      leaves[index[p]] = x + meta.expand_bias(p, d.astype(x.dtype), x.shape)\n",
              "      pass\n"),),
            ("tests/test_apply.py", "tests/test_training.py")),
     Mutant("ckpt_spec_not_compared", "restore does not compare the saved spec with the given one",
@@ -166,10 +166,8 @@ MUTANTS = (
            ("tests/test_moe.py",)),
     Mutant("remat_merges_outputs", "nnx.remat: kernels handed back by the body are merged",
            "lojax/_src/primitives.py",
-           (("    outs, out_rebuild = _pack(run(inner, (), rebuild(list(arrs)), ctx))\n"
-             "    unpack.append(out_rebuild)\n    return outs",
-             "    outs = _merged_outs(ctx, run(inner, (), rebuild(list(arrs)), ctx), 'checkpoint')\n"
-             "    unpack.append(lambda o: o)\n    return outs"),),
+           (("    outs, out_rebuild = _pack(outs)\n    unpack.append(out_rebuild)\n",
+             "    outs = _merged_outs(ctx, outs, 'checkpoint')\n    unpack.append(lambda o: o)\n"),),
            ("tests/test_nnx.py",)),
 )
 
