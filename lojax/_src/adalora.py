@@ -156,10 +156,7 @@ class AdaLora(lora_lib.Lora):
   name = "adalora"
 
   def check_target(self, t):
-    if t.expert_axes:
-      return [f"  {t.path}: AdaLoRA does not adapt expert kernels (axes {list(t.expert_axes)} index "
-              "experts; PEFT's `target_parameters` has no AdaLoRA either): use a plain LoraSpec"]
-    return []
+    return self._refuse_experts(t, "AdaLoRA")
 
   def peft_buffers(self, t):
     """PEFT's ``ranknum``: one frozen scalar per adapted torch module (layer)."""

@@ -48,10 +48,7 @@ class Dora(lora.Lora):
   name = "dora"
 
   def check_target(self, t):
-    if t.expert_axes:
-      return [f"  {t.path}: DoRA does not adapt expert kernels (axes {list(t.expert_axes)} index "
-              "experts; PEFT's `target_parameters` has no DoRA either): use a plain LoraSpec"]
-    return []
+    return self._refuse_experts(t, "DoRA")
 
   def layout(self, t):
     return dict(super().layout(t), **{KEY: t.b_roles()[:1] + t.out_axes if t.stacked

@@ -204,6 +204,14 @@ class Variant:
     """Why this variant cannot adapt ``t``: one indented line per problem (wrap time)."""
     return []
 
+  def _refuse_experts(self, t: TargetMeta, label: str) -> list[str]:
+    """A :meth:`check_target` for variants without per-expert math (PEFT has none either)."""
+    if not t.expert_axes:
+      return []
+    return [f"  {t.path}: {label} does not adapt expert kernels (axes {list(t.expert_axes)} "
+            f"index experts; PEFT's `target_parameters` has no {label} either): use a plain "
+            "LoraSpec"]
+
   def peft_buffers(self, t: TargetMeta) -> int:
     """Scalars PEFT's model holds for ``t`` besides its tensors (frozen ``nn.Parameter``s
     that PEFT counts in all params, e.g. AdaLoRA's ``ranknum``, one per torch module)."""
