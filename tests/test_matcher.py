@@ -451,3 +451,59 @@ def test_a_stacked_vocab_sized_kernel_is_not_a_head():
   # a head neither named like one nor vocabulary-sized is not recognised: adapted
   t2 = Tree().kernel("embed", (V, D), "embed", "embedding").kernel("proj_out", (D, 7))
   assert paths(t2.resolve(target_modules="all-linear")) == ["proj_out"]
+
+
+def nnx_llama(n=3):
+  """An NNX-style tree (list layers as bare digit components), HF Llama's names."""
+  t = Tree().kernel("model/embed_tokens", (V, D), "embed", "embedding")
+  for i in range(n):
+    for m in ("self_attn/q_proj", "self_attn/v_proj", "mlp/up_proj"):
+      t.kernel(f"model/layers/{i}/{m}", (D, D), bias=False)
+  return t
+
+
+def test_peft_dotted_names_in_list_fields_are_module_names():
+  # A PEFT module name's dots are path separators; a dot before a layer number is also linen's "_".
+  assert paths(gpt().resolve(target_modules=["h.1.attn.c_attn", "mlp.c_fc"],
+                             exclude_modules=["h.3.mlp"])) == sorted(
+      ["params/h_1/attn/c_attn"] + [f"params/h_{i}/mlp/c_fc" for i in range(10) if i != 3])
+  assert paths(nnx_llama().resolve(target_modules=["model.layers.2.self_attn.q_proj",
+                                                   "layers.0.mlp.up_proj"])) == [
+      "model/layers/0/mlp/up_proj", "model/layers/2/self_attn/q_proj"]
+  res = gpt().resolve(target_modules=["c_attn"], modules_to_save=["h.9.mlp"])
+  assert res.modules_to_save == ("params/h_9/mlp",)
+  # Separators only: no regex wildcard, and a name must end at a component boundary.
+  with pytest.raises(ValueError, match=r"'h.1.attn.c_at' matched no module path"):
+    gpt().resolve(target_modules=["h.1.attn.c_at"])
+  t = gpt().kernel("params/hx1/attnzc_attn", (D, D))
+  assert paths(t.resolve(target_modules=["h.1.attn.c_attn"])) == ["params/h_1/attn/c_attn"]
+
+
+def test_peft_dotted_names_as_pattern_keys_are_literal():
+  t = gpt().kernel("params/hx8yattn/c_attn", (D, D))  # "h.8.attn" as a regex would match it
+  res = t.resolve(target_modules=["c_attn"], rank_pattern={"h.8.attn.c_attn": 16, "c_attn": 4})
+  assert {p.path: p.r for p in res.targets if p.r == 16} == {"params/h_8/attn/c_attn": 16}
+  assert lookup({"h.8.attn": 1, "attn": 2}, "params/h_8/attn") == ("h.8.attn", 1)
+  assert lookup({"layers.2": 5}, "model/layers/2") == ("layers.2", 5)
+  assert lookup({"layers.2": 5}, "model/layers/12") is None
+
+
+def test_peft_dotted_layers_pattern_spans_components():
+  t = nnx_llama()
+  assert paths(t.resolve(target_modules=["q_proj"], layers_to_transform=[1],
+                         layers_pattern="model.layers")) == ["model/layers/1/self_attn/q_proj"]
+  with pytest.raises(ValueError, match="select no layer"):  # "." is no wildcard: model/xlayers
+    Tree().kernel("modelxlayers/1/q", (D, D)).resolve(
+        target_modules=["q"], layers_to_transform=[1], layers_pattern="model.layers")
+
+
+def test_peft_regex_target_modules_match_the_dotted_path():
+  # PEFT writes regexes over dotted names; one without "/" is also tried on the dotted path.
+  assert paths(gpt(3).resolve(target_modules=r".*\.h\.1\.attn\.c_(attn|proj)")) == [
+      "params/h_1/attn/c_attn", "params/h_1/attn/c_proj"]
+  assert paths(nnx_llama().resolve(target_modules=r".*\.(q|v)_proj",
+                                   exclude_modules=r".*layers\.0\..*")) == [
+      f"model/layers/{i}/self_attn/{m}" for i in (1, 2) for m in ("q_proj", "v_proj")]
+  # A regex with "/" is lojax's own: matched against the path only.
+  with pytest.raises(ValueError, match="matched no module path"):
+    gpt(3).resolve(target_modules=r"params/h\.1\.attn/c_attn")

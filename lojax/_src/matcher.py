@@ -13,6 +13,14 @@ those modules and everything below them are never targets. A kernel is
 excluded when its path or an enclosing module's path matches
 ``exclude_modules``. Both win over ``target_modules``.
 
+PEFT names. A list entry, pattern key or ``layers_pattern`` without "/" made
+of identifiers and layer numbers joined by dots (``"h.1.attn.c_attn"``) is a
+PEFT module name: each dot is a separator ("/" or "." in the path; before a
+number also linen's "_"), never a regex wildcard (``spec.peft_name_regex``).
+A str regex without "/" also matches when it fullmatches the path with its
+"/" written "." (``params.h_1.attn``), or with linen's ``h_1`` also written
+``h.1`` (``params.h.1.attn``).
+
 Output heads. ``"all-linear"`` adapts every dense (matmul) kernel except the
 output heads. A kernel is a head when (a) the last component of its path is
 one of ``lm_head, head, output_head, out_head, classifier, score, qa_outputs,
@@ -70,7 +78,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from lojax._src.spec import ALL_LINEAR, GROUP_FLAGS, LoraSpec, compile_pattern_key
+from lojax._src.spec import ALL_LINEAR, GROUP_FLAGS, LoraSpec, compile_pattern_key, peft_name_regex
 
 _V = TypeVar("_V")
 
@@ -88,6 +96,7 @@ _MLP_LAST = frozenset({"fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj"
 _VISION_PARTS = ("vision", "visual", "vit", "image_encoder", "img")
 _DIGITS = re.compile(r"[0-9]+")
 _SUFFIX_INDEX = re.compile(r".*[_.]([0-9]+)")  # h_3, Block_2, blocks.0 (one path component)
+_LINEN_INDEX = re.compile(r"_([0-9]+)(?=/|$)")  # h_3/attn -> h.3/attn in a PEFT-style name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +236,9 @@ def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int |
       continue
     nxt = parts[i + 1] if i + 1 < len(parts) else ""
     # The pattern may span components ending at this one: "model/layers" (or PEFT's dotted
-    # "model.layers", whose "." the regex reads as any character) before "/3".
+    # "model.layers") before "/3".
     spans = ["/".join(parts[j:i + 1]) for j in range(i, -1, -1)]
-    for pat in layers_pattern:
+    for pat in map(_layers_regex, layers_pattern):
       if _DIGITS.fullmatch(nxt) and any(re.fullmatch(pat, s) for s in spans):
         return int(nxt)
       for span in spans:
@@ -238,8 +247,29 @@ def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int |
   return None
 
 
+def _layers_regex(pattern: str) -> str:
+  """A ``layers_pattern`` entry as a regex over "/"-joined components (PEFT names: dots)."""
+  return peft_name_regex(pattern) or pattern
+
+
 def _list_match(entry: str) -> Callable[[str], bool]:
+  """The list rule: the path is ``entry`` or ends in ``"/" + entry`` (a PEFT name: its parts)."""
+  if rx := peft_name_regex(entry):
+    return re.compile(rf"(?:.*/)?(?:{rx})").fullmatch
   return lambda path: path == entry or path.endswith("/" + entry)
+
+
+def _regex_match(pattern: str) -> Callable[[str], bool]:
+  """The regex rule: ``pattern`` fullmatches the path or, without "/", its dotted form."""
+  rx = re.compile(pattern)
+  if "/" in pattern:
+    return rx.fullmatch
+  return lambda path: bool(rx.fullmatch(path) or any(rx.fullmatch(d) for d in _dotted(path)))
+
+
+def _dotted(path: str) -> tuple[str, str]:
+  """A path written as PEFT names it: "." between components, linen's ``h_3`` also as ``h.3``."""
+  return path.replace("/", "."), _LINEN_INDEX.sub(r".\1", path).replace("/", ".")
 
 
 def _under(path: str, roots: Iterable[str]) -> bool:
@@ -348,7 +378,7 @@ def _requested(spec: LoraSpec, kernels: list[KernelInfo], heads: list[str],
                       f"output head. Kernels: {_fmt(kernel_paths)}; heads: {_fmt(heads)}.")
     return linear
   if isinstance(tm, str):
-    rules = [(f"`target_modules` regex {tm!r}", tm, re.compile(tm).fullmatch)]
+    rules = [(f"`target_modules` regex {tm!r}", tm, _regex_match(tm))]
   else:
     rules = [(f"`target_modules` entry {e!r}", e, _list_match(e)) for e in tm]
   matched: dict[str, KernelInfo] = {}
@@ -467,7 +497,7 @@ def _excluded(spec: LoraSpec, kernels: list[KernelInfo], all_modules: list[str],
               problems: list[str]) -> set[str]:
   """Kernel paths that ``exclude_modules`` removes: the path or an enclosing module matches."""
   ex = spec.exclude_modules
-  rules = [] if ex is None else ([(ex, re.compile(ex).fullmatch)] if isinstance(ex, str)
+  rules = [] if ex is None else ([(ex, _regex_match(ex))] if isinstance(ex, str)
                                  else [(e, _list_match(e)) for e in ex])
   for word, rule in rules:
     if not any(rule(m) for m in all_modules):

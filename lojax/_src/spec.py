@@ -66,16 +66,47 @@ _TASK_MODULES = {
 }
 
 
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_PEFT_NAME = re.compile(rf"{_IDENT}(?:\.(?:{_IDENT}|[0-9]+))+")
+
+
+def peft_name_regex(name: str) -> str | None:
+  """The regex over module paths that a PEFT (torch) module name stands for.
+
+  A name without "/" made of identifiers and layer numbers joined by dots
+  (``"h.1.attn.c_attn"``, ``"model.layers"``) is a PEFT module name: each dot
+  is a path separator, written "/" or "." in the path, and a dot before a
+  number may also be linen's "_" (``h_1``). Anything else is not one (None).
+
+  >>> rx = peft_name_regex("h.1.attn.c_attn")
+  >>> [bool(re.fullmatch(rx, p)) for p in ("h/1/attn/c_attn", "h_1/attn/c_attn", "h.1/attn/c_attn",
+  ...                                      "hx1yattn/c_attn")]
+  [True, True, True, False]
+  >>> peft_name_regex("c_attn") is None, peft_name_regex(".*[.]q_proj") is None
+  (True, True)
+  """
+  if not isinstance(name, str) or not _PEFT_NAME.fullmatch(name):
+    return None
+  first, *rest = name.split(".")
+  return re.escape(first) + "".join(
+      ("[/._]" if part.isdigit() else "[/.]") + re.escape(part) for part in rest)
+
+
 def compile_pattern_key(key: str) -> re.Pattern[str]:
   """Compiles a ``rank_pattern`` / ``alpha_pattern`` / ``kernel_axes`` key.
 
   A leading ``^`` (anchor at the start of the path) is stripped; the caller
-  decides where the key may start. Raises ``re.error`` for a bad regex.
+  decides where the key may start. A PEFT module name (see
+  :func:`peft_name_regex`) is read as one, its dots as separators, not as
+  regex wildcards. Raises ``re.error`` for a bad regex.
 
   >>> compile_pattern_key("^h_0/attn").pattern
   'h_0/attn'
+  >>> compile_pattern_key("h.8.attn").pattern
+  'h[/._]8[/.]attn'
   """
-  return re.compile(key[1:] if key.startswith("^") else key)
+  body = key[1:] if key.startswith("^") else key
+  return re.compile(peft_name_regex(body) or body)
 
 
 class FrozenDict(Mapping):
