@@ -9,7 +9,8 @@ axes flattened to rows, output axes to columns; PEFT's W is M transposed):
   a=sqrt(5)), B = 0 — the delta is zero at init. Embedding tables swap the
   roles: A = 0, B ~ N(0, 1).
 * ``"gaussian"``: A ~ N(0, (1/r)^2), B = 0 (embeddings as for ``True``).
-* ``False``: A and B both random (the delta is not zero; for debugging).
+* ``False``: A and B both random (the delta is not zero; for debugging):
+  A as for ``True``, B ~ U(-1/sqrt(r), 1/sqrt(r)); embeddings: both N(0, 1).
 * ``"pissa"``: M = U S Vh (SVD); A = U_r sqrt(S_r/s), B = sqrt(S_r/s) Vh_r;
   the base kernel becomes the residual M - s A B, so the model's output at
   init is unchanged. ``"pissa_niter_<K>"``: the same with a randomized SVD
@@ -86,8 +87,8 @@ def init_factors(init, key, target, dtype, kernel=None):
     a = np.stack([p[0] for p in pairs]).reshape(a_shape)
     b = np.stack([p[1] for p in pairs]).reshape(b_shape)
     return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-  if target.kind == "embed" and init is not False:
-    return jnp.zeros(a_shape, dtype), normal(b_shape)
+  if target.kind == "embed":  # PEFT: A = 0 and B ~ N(0, 1); both N(0, 1) when init is False
+    return (normal(a_shape) if init is False else jnp.zeros(a_shape, dtype)), normal(b_shape)
   bound = 1.0 / math.sqrt(fan_in)
   if init is True:
     return uniform(a_shape, bound), jnp.zeros(b_shape, dtype)
