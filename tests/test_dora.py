@@ -208,3 +208,48 @@ def test_a_use_lojax_cannot_factorize_gets_the_exact_dora_kernel():
   with pytest.warns(UserWarning, match=r"'l/kernel' is used by `integer_pow`"):
     out = lojax.lorafy(g)(lora, x)
   np.testing.assert_allclose(out, np64(x) @ W + np.sum(W ** 2), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_dropout_placement_is_peft_s(conv):
+  # PEFT / DoRA paper: y = x@W + (m/n - 1)*(drop(x)@W) + (m/n)*s*(drop(x)@A)@B. Each row of x
+  # has one non-zero entry, so drop(x) is per row either 0 or x/keep: every output row must be
+  # one of the two float64 alternatives, and both must occur.
+  rng = np.random.default_rng(0)
+  n_rows, c, d, rate = 64, 6, 5, 0.5
+  x = np.zeros((n_rows, c))
+  x[np.arange(n_rows), rng.integers(0, c, n_rows)] = rng.normal(size=n_rows) + 3.0
+  w = rng.normal(size=(c, d))
+  if conv:  # a 1x1 convolution over NHWC with the rows as the batch: the same algebra
+    params = {"l": {"kernel": jnp.asarray(w.reshape(1, 1, c, d), jnp.float32)}}
+    fn = lambda p, x: jax.lax.conv_general_dilated(
+        x.reshape(n_rows, 1, 1, c), p["l"]["kernel"], (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(n_rows, d)
+  else:
+    params = {"l": {"kernel": jnp.asarray(w, jnp.float32)}}
+    fn = f
+  spec = lojax.LoraSpec(r=2, lora_alpha=4, use_dora=True, target_modules=["l"],
+                        init_lora_weights=False, lora_dropout=rate)
+  lora = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=fn,
+                    example_args=(jnp.asarray(x, jnp.float32),))
+  m = np.linspace(0.5, 2.0, d)
+  t = jax.tree.map(lambda z: z, lora.trainable)
+  t["default"]["lora"]["l"]["lora_magnitude"] = jnp.asarray(m.reshape(
+      t["default"]["lora"]["l"]["lora_magnitude"].shape), jnp.float32)
+  lora = lora.with_trainable(t)
+  ad = lora.adapters["default"]["lora"]["l"]
+  a, b = np64(ad["lora_A"]).reshape(c, -1), np64(ad["lora_B"]).reshape(-1, d)
+  mn = m / np.linalg.norm(w + 2.0 * a @ b, axis=0)
+  xd = x / (1 - rate)
+  kept = x @ w + (mn - 1) * (xd @ w) + mn * (2.0 * (xd @ a) @ b)
+  dropped = x @ w
+  out = np64(jax.jit(lojax.lorafy(fn))(lora, jnp.asarray(x, jnp.float32),
+                                       lora_rng=jax.random.key(3)))
+  is_kept = np.all(np.isclose(out, kept, rtol=1e-4, atol=1e-4), axis=1)
+  is_dropped = np.all(np.isclose(out, dropped, rtol=1e-4, atol=1e-4), axis=1)
+  assert np.all(is_kept | is_dropped), np.flatnonzero(~(is_kept | is_dropped))
+  assert 10 < is_kept.sum() < n_rows - 10
+  # Evaluating, dropout is off: the merged DoRA kernel's output.
+  np.testing.assert_allclose(lojax.lorafy(fn)(lora, jnp.asarray(x, jnp.float32),
+                                             lora_deterministic=True),
+                             x @ ((w + 2.0 * a @ b) * mn), rtol=1e-4, atol=1e-4)

@@ -6,7 +6,10 @@ per layer for stacked kernels) and ``m`` initialised to that norm, so the
 model is unchanged at init. In training lojax computes
 ``(m/n) * (x@W + s*(x@A)@B)`` without forming ``W + s*A@B``: ``n`` comes from
 ``||W||²``, ``AᵀW`` and ``AᵀA`` (no token factor) and is a constant for the
-gradient, as in the DoRA paper (section 4.3).
+gradient, as in the DoRA paper (section 4.3). With ``lora_dropout`` in
+training the step computes PEFT's (and the paper's) placement,
+``x@W + (m/n - 1)*(drop(x)@W) + (m/n)*s*(drop(x)@A)@B``: one extra frozen
+matmul on the dropped input, still no kernel-sized temporary.
 
 A DoRA target holds plain LoRA's factors plus ``lora_magnitude``
 ``[L?, out...]``; the compute path gets it as :attr:`Factors.m`.

@@ -278,7 +278,9 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
     return base + lay.from_2d(y).astype(base.dtype)
   out = base
   for term in k.terms:
-    x2 = lay.to_2d(_dropout(ctx, _select(ctx, x, term), term.dropout))
+    xs = _select(ctx, x, term)
+    xd = _dropout(ctx, xs, term.dropout)
+    x2 = lay.to_2d(xd)
     if first == 0:   # contract the input side: x @ A then @ B
       f1 = term.a.astype(dtype).reshape(c, -1)                     # [C, r]
       f2 = term.b.astype(dtype).reshape(f1.shape[1], d)            # [r, D]
@@ -288,7 +290,10 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
         mn = _dora_scale(lay.w2(k.value), f1, f2, term.m.reshape(d))
         free_ones = [1] * len(lay.free_shape)
         mn = mn.reshape(lay.kfree_shape + free_ones if k_first else lay.kfree_shape)
-        out = out + ((mn - 1) * base + mn * y).astype(out.dtype)
+        # PEFT and the DoRA paper: x@W + (m/n - 1)*(drop(x)@W) + (m/n)*s*(drop(x)@A)@B.
+        based = base if xd is xs else lay.from_2d(
+            jnp.matmul(x2, lay.w2(k.value).astype(dtype), **kw)).astype(base.dtype)
+        out = out + ((mn - 1) * based + mn * y).astype(out.dtype)
         continue
     else:            # transposed use: contract the output side: x @ Bᵀ then @ Aᵀ
       f1 = term.b.astype(dtype).reshape(-1, c)                     # [r, C]
@@ -356,7 +361,8 @@ def conv(ctx: Context, lhs, rhs, **params):
   feat = out_spec[1]
   for term in rhs.terms:
     a = jnp.moveaxis(term.a.astype(rhs.dtype), -1, rhs_spec[0])
-    xd = _dropout(ctx, _select(ctx, lhs, term, dn.lhs_spec[0]), term.dropout)
+    xs = _select(ctx, lhs, term, dn.lhs_spec[0])
+    xd = _dropout(ctx, xs, term.dropout)
     p = dict(params)
     t = lax.conv_general_dilated_p.bind(xd, a, **p)
     d = jnp.tensordot(t, term.b.astype(t.dtype), axes=[[feat], [0]])
@@ -368,7 +374,8 @@ def conv(ctx: Context, lhs, rhs, **params):
       shape = [1] * out.ndim
       shape[feat] = cout
       mn = mn.reshape(shape)
-      out = out + ((mn - 1) * base + mn * d).astype(out.dtype)
+      based = base if xd is xs else lax.conv_general_dilated_p.bind(xd, rhs.value, **params)
+      out = out + ((mn - 1) * based + mn * d).astype(out.dtype)
       continue
     out = out + d.astype(out.dtype)
   return out
