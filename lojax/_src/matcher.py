@@ -238,18 +238,13 @@ def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int |
     # The pattern may span components ending at this one: "model/layers" (or PEFT's dotted
     # "model.layers") before "/3".
     spans = ["/".join(parts[j:i + 1]) for j in range(i, -1, -1)]
-    for pat in map(_layers_regex, layers_pattern):
+    for pat in (peft_name_regex(p) or p for p in layers_pattern):
       if _DIGITS.fullmatch(nxt) and any(re.fullmatch(pat, s) for s in spans):
         return int(nxt)
       for span in spans:
         if m := re.fullmatch(rf"(?:{pat})[_.](?P<lojax_layer>[0-9]+)", span):
           return int(m.group("lojax_layer"))  # by name: the pattern may hold groups of its own
   return None
-
-
-def _layers_regex(pattern: str) -> str:
-  """A ``layers_pattern`` entry as a regex over "/"-joined components (PEFT names: dots)."""
-  return peft_name_regex(pattern) or pattern
 
 
 def _list_match(entry: str) -> Callable[[str], bool]:
