@@ -1,5 +1,6 @@
 """PEFT-format export/import: PEFT's names and shapes, exact round trips, errors."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -90,7 +91,8 @@ def test_gpt2_export_has_peft_names_shapes_and_config(tmp_path):
   assert len(shapes) == 18
   cfg = json.loads((tmp_path / "adapter_config.json").read_text())
   assert cfg["peft_type"] == "LORA" and cfg["inference_mode"] is True
-  assert cfg["base_model_name_or_path"] == "gpt2" and cfg["fan_in_fan_out"] is True
+  # PEFT saves the value of the last module it wrapped: lm_head, an nn.Linear
+  assert cfg["base_model_name_or_path"] == "gpt2" and cfg["fan_in_fan_out"] is False
   assert cfg["r"] == 4 and cfg["lora_alpha"] == 16 and cfg["bias"] == "lora_only"
   assert "transformer.h.1.attn.c_attn" in cfg["target_modules"]
   assert cfg["rank_pattern"] == {"transformer.h.0.mlp.c_fc": 2, "transformer.h.1.mlp.c_fc": 2}
@@ -423,3 +425,122 @@ def test_save_peft_without_a_mapping_warns_with_the_names_it_writes(tmp_path):
     save_peft(tmp_path / "b", lora, mapping=PeftMapping())  # "these are the torch names"
   assert load_file(tmp_path / "a" / "adapter_model.safetensors").keys() == load_file(
       tmp_path / "b" / "adapter_model.safetensors").keys()
+
+
+def _pissa(init="pissa", **kw):
+  """A PiSSA-style adapter on the unrolled GPT and its initial state (before "training")."""
+  model, params, ids = gpt_model()
+  spec = lojax.LoraSpec(**{"r": 2, "lora_alpha": 4, "target_modules": ["c_attn", "lm_head"],
+                           "init_lora_weights": init, **kw})
+  initial = lojax.wrap(params, spec, key=jax.random.key(0), apply_fn=model.apply,
+                       example_args=(ids,))
+  return model, params, ids, initial, randomized(initial)
+
+
+def _config_edit(directory, **changes):
+  path = os.path.join(directory, "adapter_config.json")
+  with open(path) as fh:
+    cfg = json.load(fh)
+  cfg.update(changes)
+  with open(path, "w") as fh:
+    json.dump(cfg, fh)
+
+
+def test_a_base_rewriting_init_is_refused_on_a_shared_base(tmp_path):
+  """PiSSA/OLoRA/LoftQ rewrite the kernels they adapt: never under another adapter's feet."""
+  model, params, ids, initial, trained = _pissa()
+  for init in ("pissa", "olora", "loftq", "pissa_niter_2"):
+    with pytest.raises(ValueError, match="rewrites the base kernels.*adapters \\['default'\\]"):
+      extra = {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}} if init == "loftq" else {}
+      lojax.wrap(trained, lojax.LoraSpec(r=2, target_modules=["c_fc"], init_lora_weights=init,
+                                         **extra), key=jax.random.key(0), adapter_name="second")
+  save_peft(tmp_path, trained, mapping=GPT2_MAPPING)
+  with pytest.raises(ValueError, match="share their base with adapters \\['default'\\]"):
+    load_peft(tmp_path, trained, mapping=GPT2_MAPPING, adapter_name="second")
+
+
+@pytest.mark.parametrize("init, loads", [("orthogonal", True), ("eva", True), ("corda", False),
+                                         ("lora_ga", False), ("mica", False)])
+def test_inits_that_load_and_inits_that_are_refused(tmp_path, init, loads):
+  """An init that only drew the factors is moot on load; one lojax cannot rebuild is refused."""
+  model, params, ids, trained = wrapped(lojax.LoraSpec(r=2, target_modules=["c_attn"]))
+  save_peft(tmp_path, trained, mapping=GPT2_MAPPING)
+  _config_edit(tmp_path, init_lora_weights=init)
+  if loads:
+    back = load_peft(tmp_path, params, mapping=GPT2_MAPPING)
+    assert back.meta.adapters[0].spec.init_lora_weights is True
+  else:
+    with pytest.raises(ValueError, match=f"`init_lora_weights`='{init}'.*Nothing was loaded"):
+      load_peft(tmp_path, params, mapping=GPT2_MAPPING)
+
+
+def test_a_pissa_file_rebuilds_the_residual_base(tmp_path):
+  """Loaded onto the original params, a PiSSA file computes the trained model (the residual
+  base W - s A0 B0 and the trained factors); ``initial=`` writes a rank-2r plain LoRA file
+  that computes it on the original params. Float64 reference from the original kernels."""
+  model, params, ids, initial, trained = _pissa()
+  want = np.asarray(jax.jit(lojax.lorafy(model.apply))(trained, ids))
+  save_peft(tmp_path / "pissa", trained, mapping=GPT2_MAPPING)
+  back = load_peft(tmp_path / "pissa", params, mapping=GPT2_MAPPING)
+  np.testing.assert_allclose(np.asarray(jax.jit(lojax.lorafy(model.apply))(back, ids)), want,
+                             rtol=2e-5, atol=2e-5)
+  save_peft(tmp_path / "plain", trained, mapping=GPT2_MAPPING, initial=initial)
+  with open(tmp_path / "plain" / "adapter_config.json") as fh:
+    cfg = json.load(fh)
+  assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (4, 8, True)
+  tensors = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+  t = trained.meta.adapters[0].targets[0]
+  w = np.asarray(params["params"]["h_0"]["attn"]["c_attn"]["kernel"], np.float64)
+  ad = trained.adapters["default"]["lora"][t.path]
+  a = np.asarray(ad["lora_A"], np.float64)
+  b = np.asarray(ad["lora_B"], np.float64)
+  residual = np.asarray(trained.base["params"]["h_0"]["attn"]["c_attn"]["kernel"], np.float64)
+  name = "base_model.model.transformer.h.0.attn.c_attn."
+  delta = (tensors[name + "lora_B.weight"].astype(np.float64) @
+           tensors[name + "lora_A.weight"].astype(np.float64)).T   # [in, out], Conv1D layout
+  np.testing.assert_allclose(w + t.scaling * delta, residual + t.scaling * a @ b, atol=1e-5)
+  plain = load_peft(tmp_path / "plain", params, mapping=GPT2_MAPPING)
+  assert plain.base is params or jax.tree.all(jax.tree.map(
+      lambda x, y: bool(np.array_equal(x, y)), plain.base, params))
+  np.testing.assert_allclose(np.asarray(jax.jit(lojax.lorafy(model.apply))(plain, ids)), want,
+                             rtol=2e-5, atol=2e-5)
+
+
+def test_a_randomized_pissa_file_warns_that_its_base_is_approximate(tmp_path):
+  model, params, ids, initial, trained = _pissa("pissa_niter_2")
+  save_peft(tmp_path, trained, mapping=GPT2_MAPPING)
+  with pytest.warns(UserWarning, match="randomized SVD"):
+    load_peft(tmp_path, params, mapping=GPT2_MAPPING)
+
+
+def test_initial_must_be_the_adapters_own_initial_state(tmp_path):
+  model, params, ids, initial, trained = _pissa()
+  with pytest.raises(TypeError, match="`initial` must be the LoraParams"):
+    save_peft(tmp_path, trained, mapping=GPT2_MAPPING, initial=initial.adapters)
+  other = lojax.wrap(params, dataclasses.replace(initial.meta.adapters[0].spec, r=1),
+                     key=jax.random.key(0))
+  with pytest.raises(ValueError, match="not the initial state.*targets or spec differ"):
+    save_peft(tmp_path, trained, mapping=GPT2_MAPPING, initial=other)
+  moved = lojax.LoraParams(jax.tree.map(lambda x: x + 1, trained.base), trained.adapters,
+                           trained.meta)
+  with pytest.raises(ValueError, match="residual base kernels differ at"):
+    save_peft(tmp_path, moved, mapping=GPT2_MAPPING, initial=initial)
+  _, _, _, plain = wrapped(lojax.LoraSpec(r=2, target_modules=["c_attn"]))
+  with pytest.raises(ValueError, match="converts a PiSSA or OLoRA adapter.*init_lora_weights=True"):
+    save_peft(tmp_path, plain, mapping=GPT2_MAPPING, initial=plain)
+
+
+@pytest.mark.parametrize("init", ["olora", "loftq"])
+def test_olora_and_loftq_files_rebuild_their_base(tmp_path, init):
+  """As PEFT's from_pretrained does: the init runs again on the original kernels (OLoRA's
+  residual, LoftQ's quantized kernel), then the file's factors replace the drawn ones."""
+  kw = ({"loftq_config": {"loftq_bits": 4, "loftq_iter": 2}, "lora_alpha": 2} if init == "loftq"
+        else {})
+  model, params, ids, initial, trained = _pissa(init, **kw)
+  save_peft(tmp_path, trained, mapping=GPT2_MAPPING)
+  back = load_peft(tmp_path, params, mapping=GPT2_MAPPING)
+  for x, y in zip(jax.tree.leaves(back.base), jax.tree.leaves(trained.base)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+  f = jax.jit(lojax.lorafy(model.apply))
+  np.testing.assert_allclose(np.asarray(f(back, ids)), np.asarray(f(trained, ids)), rtol=1e-5,
+                             atol=1e-5)

@@ -102,6 +102,7 @@ class Case:
   spec: Mapping[str, Any]
   adalora: bool = False
   scan: bool = False
+  convert: bool = False    # PiSSA/OLoRA: also PEFT's conversion to a rank-2r plain LoRA file
   xfail: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -157,6 +158,18 @@ CASES = (
          **_same(r=3, lora_alpha=8, use_rslora=True, target_modules=["c_attn", "mlp.c_proj"],
                  use_dora=True, rank_pattern={"h.1.mlp.c_proj": 1})),
     Case("adalora", adalora=True, **_same(**ADALORA)),
+    # PiSSA / OLoRA rewrite the base: a file loads onto the original base by rebuilding the
+    # residual (issue 15 item 3). PEFT's OLoRA takes the QR of a Conv1D weight as if it were
+    # [out, in] (its shapes then fit square kernels only), so OLoRA adapts nn.Linear lm_head.
+    Case("pissa", convert=True,
+         **_same(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc", "lm_head"],
+                 init_lora_weights="pissa")),
+    Case("pissa_scan", scan=True, convert=True,
+         **_same(r=2, target_modules=["c_attn", "mlp.c_proj"], init_lora_weights="pissa",
+                 layers_to_transform=[1], layers_pattern="h")),
+    Case("olora_rslora", convert=True,
+         **_same(r=2, lora_alpha=4, use_rslora=True, target_modules=["lm_head"],
+                 init_lora_weights="olora")),
 )
 CASE = {c.name: c for c in CASES}
 
@@ -716,6 +729,76 @@ def test_lojax_save_peft_loads_in_peft(case, tmp_path):
   assert_close(theirs, logits, RTOL_LOGITS, "PEFT's logits of lojax's file")
 
 
+# PiSSA / OLoRA as plain LoRA of rank 2r (PEFT's path_initial_model_for_weight_conversion).
+CONVERT = [pytest.param(c, id=c.name) for c in CASES if c.convert]
+CONVERTED = "converted"        # the subdirectory of a case's fixture with PEFT's converted file
+
+
+def peft_save_converted(case: Case, trained, directory: pathlib.Path) -> pathlib.Path:
+  """PEFT's conversion of ``trained`` (the case's PEFT model) to ``directory/converted``."""
+  initial = peft_model(case.peft, case.adalora)     # PiSSA's and OLoRA's init is deterministic
+  initial.peft_config["default"].init_lora_weights = True   # as PEFT's docs save it
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    initial.save_pretrained(directory / "initial")
+    trained.save_pretrained(directory / CONVERTED,
+                            path_initial_model_for_weight_conversion=str(directory / "initial"))
+  return directory / CONVERTED
+
+
+def _deltas(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """``{module: B @ A}`` in float64 (the signs of singular vectors cancel in the product)."""
+  return {k.removesuffix(".lora_A.weight"): tensors[k.replace("lora_A", "lora_B")].astype(
+      np.float64) @ v.astype(np.float64) for k, v in tensors.items() if k.endswith("lora_A.weight")}
+
+
+def check_converted(case: Case, peft_dir: pathlib.Path, want_logits, tmp: pathlib.Path):
+  """lojax's conversion writes PEFT's file (names, shapes, config, deltas), and PEFT's
+  converted file loads in lojax on the original base with the trained model's logits."""
+  from safetensors.numpy import load_file
+  lora = lojax_numbers(case)[0]
+  lojax.save_peft(tmp / "ours", lora, mapping=lojax.GPT2_MAPPING, initial=lojax_wrapped(case))
+  ours = load_file(tmp / "ours" / "adapter_model.safetensors")
+  theirs = load_file(peft_dir / "adapter_model.safetensors")
+  assert {k: v.shape for k, v in ours.items()} == {
+      k: v.shape for k, v in theirs.items() if ".lora_" in k}
+  got, want = _deltas(ours), _deltas(theirs)
+  for k in want:
+    assert_close(got[k], want[k], RTOL_GRADS, f"converted delta of {k}")
+  cfg_ours = json.loads((tmp / "ours" / "adapter_config.json").read_text())
+  cfg_theirs = json.loads((peft_dir / "adapter_config.json").read_text())
+  for k in ("r", "lora_alpha", "use_rslora", "init_lora_weights", "rank_pattern",
+            "alpha_pattern"):
+    got_k, want_k = cfg_ours.get(k), cfg_theirs.get(k)
+    if k == "lora_alpha":
+      np.testing.assert_allclose(got_k, want_k, rtol=1e-12, err_msg=k)
+    else:
+      assert (got_k or None) == (want_k or None), (k, got_k, want_k)
+  model = flax_model(case.scan)
+  for directory in (peft_dir, tmp / "ours"):
+    back = lojax.load_peft(directory, flax_params(case.scan), mapping=lojax.GPT2_MAPPING,
+                           apply_fn=model.apply, example_args=(jnp.asarray(inputs()[0]),))
+    assert back.meta.adapters[0].spec.init_lora_weights is True
+    assert_close(lojax_logits(back, case.scan), want_logits, RTOL_LOGITS,
+                 f"lojax's logits of {directory.name}'s converted file on the original base")
+
+
+@pytest.mark.parametrize("case", CONVERT)
+def test_converted_file_matches_peft(case, tmp_path):
+  """Both ways: PEFT's converted file in lojax, lojax's in PEFT (on the untouched base)."""
+  torch, _, peft = import_torch_stack()
+  want = peft_live(case.name)
+  peft_dir = peft_save_converted(case, want["model"], tmp_path / "peft")
+  check_converted(case, peft_dir, want["logits"], tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    model = peft.PeftModel.from_pretrained(torch_base_model(), str(tmp_path / "ours")).eval()
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(inputs()[0]).long()).logits.numpy()
+  assert_close(theirs, lojax_numbers(case)[1], RTOL_LOGITS,
+               "PEFT's logits of lojax's converted file on the untouched base")
+
+
 @pytest.mark.parametrize("kind", init_params())
 def test_init_matches_peft(kind):
   assert_same_init(lojax_init_stats(kind), peft_init_stats(kind))
@@ -806,6 +889,11 @@ def test_recorded_lojax_file_is_peft_file(case, tmp_path):
   for k in SAME_CONFIG:
     if k in cfg_theirs and not (k == "r" and case.adalora):   # AdaLoRA's r is PEFT's unused default
       assert cfg_ours.get(k) == cfg_theirs[k], (k, cfg_ours.get(k), cfg_theirs[k])
+
+
+@pytest.mark.parametrize("case", CONVERT)
+def test_recorded_converted_file(case, tmp_path):
+  check_converted(case, FIXTURES / case.name / CONVERTED, recorded(case)["logits"], tmp_path)
 
 
 @pytest.mark.parametrize("kind", init_params())

@@ -215,7 +215,7 @@ SETUPS = {
     "dropout": dropout_names,
     "weighted": adapters_names, "mixed": mixed_names, "optax-masks": trained_names,
     "adalora": quickstart_names, "quantize": quickstart_names, "checkpoint": trained_names,
-    "peft": gpt2_names, "equinox": equinox_names, "tunix": tunix_names,
+    "peft": gpt2_names, "peft-pissa": gpt2_names, "equinox": equinox_names, "tunix": tunix_names,
     "recurrentgemma": recurrentgemma_names, "moe": moe_names,
     "transformers": transformers_names, "gemma": gemma_names,
 }
@@ -394,6 +394,22 @@ def check_peft(ns):
   assert pathlib.Path("out/adapter_model.safetensors").exists()
   a = ns["lora"].trainable["default"]["lora"]["params/h_0/attn/c_attn"]["lora_A"]
   assert a.shape == (16, 2)
+
+
+def check_peft_pissa(ns):
+  import json
+  cfg = json.loads(pathlib.Path("out/adapter_config.json").read_text())
+  assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (16, 32, True)
+  sys.path.insert(0, str(ROOT / "tests"))
+  from gpt import GPT
+  model, x = GPT(vocab=50, d=16, heads=2, layers=2), jnp.arange(8)[None] % 50
+  plain = lojax.load_peft("out", ns["params"], mapping=lojax.GPT2_MAPPING)
+  assert jax.tree.structure(plain.base) == jax.tree.structure(ns["params"])
+  for a, b in zip(jax.tree.leaves(plain.base), jax.tree.leaves(ns["params"])):
+    np.testing.assert_array_equal(a, b)   # the untouched base
+  want = model.apply(ns["params"], x)
+  for lora in (plain, ns["lora"]):   # untrained: the delta A B - A0 B0 is zero
+    np.testing.assert_allclose(lojax.lorafy(model.apply)(lora, x), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("name", sorted(SETUPS))

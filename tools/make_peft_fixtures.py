@@ -11,7 +11,8 @@ For every case of ``tests/test_peft_oracle.py`` (``CASES``) it writes
 gradient of every trainable tensor, keyed ``grad:<PEFT name>``) and
 ``numbers.json`` (loss, trainable/total counts from
 ``get_nb_trainable_parameters()``, the adapted modules with their rank and
-scaling, AdaLoRA's orthogonal regulariser). ``init.json`` holds the
+scaling, AdaLoRA's orthogonal regulariser) and, for a PiSSA/OLoRA case, PEFT's conversion
+of it to plain LoRA in ``converted/``. ``init.json`` holds the
 statistics of PEFT's initial adapter draws (``INITS``), ``draws.json`` a
 fingerprint of the NumPy draws of base weights and inputs, and
 ``versions.json`` the versions of torch, transformers, peft, safetensors
@@ -47,6 +48,12 @@ def write_case(case, directory: pathlib.Path) -> int:
     directory.mkdir(parents=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
       shutil.copy(os.path.join(tmp, name), directory / name)
+  if case.convert:   # PEFT's rank-2r plain LoRA file of a PiSSA/OLoRA adapter
+    with tempfile.TemporaryDirectory() as tmp:
+      converted = oracle.peft_save_converted(case, numbers["model"], pathlib.Path(tmp))
+      (directory / oracle.CONVERTED).mkdir()
+      for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(converted / name, directory / oracle.CONVERTED / name)
   arrays = {"logits": numbers["logits"].astype(np.float32)}
   arrays.update({f"grad:{n}": g.astype(np.float32) for n, g in numbers["grads"].items()})
   np.savez_compressed(directory / oracle.ORACLE, **arrays)

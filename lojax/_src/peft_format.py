@@ -43,11 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lojax._src import inits
+from lojax._src import lora as lora_lib
 from lojax._src import model
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
 from lojax._src.model import AdapterMeta, LoraMeta, LoraParams
-from lojax._src.wrap import kernel_paths, wrap
+from lojax._src.wrap import kernel_paths, replace_leaves, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -175,7 +177,8 @@ def _saved_leaf(mapping, module: str, leaf_path: str, x: np.ndarray):
 
 def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
               mapping: PeftMapping | None = None, adapter_name: str | None = None,
-              base_model_name_or_path: str | None = None) -> None:
+              base_model_name_or_path: str | None = None,
+              initial: LoraParams | None = None) -> None:
   """Writes one adapter as a PEFT adapter directory (no torch needed).
 
   Args:
@@ -188,10 +191,20 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
       so; pass ``PeftMapping()`` when those already are the torch names.
     adapter_name: the adapter to write (default: the only active one).
     base_model_name_or_path: recorded in the config (e.g. ``"gpt2"``).
+    initial: for a PiSSA or OLoRA adapter, the :class:`LoraParams` that
+      :func:`lojax.wrap` returned before training. The adapter is then written
+      as a plain LoRA adapter of rank 2r (``A' = [A | A0]``, ``B' = [B; -B0]``,
+      alpha doubled, or times sqrt(2) with ``use_rslora``, so the scaling is
+      unchanged) whose delta ``s (A B - A0 B0)`` applies to the original,
+      untouched base: PEFT's ``save_pretrained(...,
+      path_initial_model_for_weight_conversion=...)``. Without it such a file
+      keeps ``init_lora_weights="pissa"``/``"olora"``, and loading it (in PEFT
+      or :func:`load_peft`) rebuilds the residual base from the original one.
 
   Raises:
     ValueError: the mapping misses a module or maps two to one name; an
-      AdaLoRA adapter on a non-dense kernel.
+      AdaLoRA adapter on a non-dense kernel; ``initial`` given for another
+      kind of adapter, or not the adapter's own initial state.
 
   >>> import tempfile, jax, jax.numpy as jnp, lojax
   >>> from lojax._src.peft_format import save_peft
@@ -222,8 +235,11 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
         "or your own lojax.PeftMapping; pass mapping=lojax.PeftMapping() if these already are "
         "the torch module names.", stacklevel=2)
   ad = lora.adapters[name]
+  factors = ad["lora"]
+  if initial is not None:
+    meta, factors = _as_plain_lora(meta, factors, lora.base, initial)
   out = _Tensors()
-  exported = _put_factors(out, meta, ad["lora"], mapping)
+  exported = _put_factors(out, meta, factors, mapping)
   _put_biases(out, lora.base, meta, ad["bias"], mapping)
   saved_names = _put_saved_modules(out, meta.modules_to_save, ad["modules_to_save"], mapping)
   config = _config(meta.spec, exported, saved_names, mapping, base_model_name_or_path)
@@ -231,6 +247,56 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
     json.dump(config, fh, indent=2, sort_keys=True)
   save_file(out.arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _as_plain_lora(meta: AdapterMeta, factors, base, initial) -> tuple[AdapterMeta, dict]:
+  """A PiSSA/OLoRA adapter as a plain LoRA one of rank 2r on the original base.
+
+  With ``W = W_res + s A0 B0`` (the init) and ``W_res + s A B`` (trained), the
+  delta to W is ``s (A B - A0 B0) = s [A | A0] [B; -B0]``.
+  """
+  init = meta.spec.init_lora_weights
+  if not (inits.rewrites_base(init) and init != "loftq") or meta.variant.name != "lora":
+    what = f"a {meta.variant.name} adapter" if meta.variant.name != "lora" else (
+        f"`init_lora_weights={init!r}`")
+    raise ValueError(
+        f"`initial=` converts a PiSSA or OLoRA adapter (plain LoRA, init 'pissa', "
+        f"'pissa_niter_<K>' or 'olora') to a plain LoRA one; adapter {meta.name!r} has {what}. "
+        "Save it without `initial=`.")
+  if not isinstance(initial, LoraParams):
+    raise TypeError(f"`initial` must be the LoraParams lojax.wrap returned before training, "
+                    f"got {type(initial).__name__}.")
+  if meta.name not in initial.meta.names:
+    raise ValueError(f"`initial` has no adapter {meta.name!r} (it has "
+                     f"{list(initial.meta.names)}); pass the LoraParams lojax.wrap returned.")
+  init_meta = initial.meta.adapter(meta.name)
+  init_factors = initial.adapters[meta.name][model.LORA]
+  problems = []
+  if init_meta.targets != meta.targets or init_meta.spec != meta.spec:
+    problems.append("its targets or spec differ")
+  else:
+    base_leaves = dict(zip(*P.flatten(base)[:2]))
+    init_leaves = dict(zip(*P.flatten(initial.base)[:2]))
+    if changed := [t.path for t in meta.targets if not np.array_equal(
+        np.asarray(base_leaves[t.leaf_path]), np.asarray(init_leaves[t.leaf_path]))]:
+      problems.append(f"its residual base kernels differ at {changed}")
+  if problems:
+    raise ValueError(f"`initial` is not the initial state of adapter {meta.name!r}: "
+                     f"{'; '.join(problems)}. Pass the LoraParams lojax.wrap returned for "
+                     "this adapter, before training.")
+  grow = 2 ** 0.5 if meta.spec.use_rslora else 2   # alpha / r (or / sqrt r) unchanged
+  targets, out = [], {}
+  for t in meta.targets:
+    f, f0 = factors[t.path], init_factors[t.path]
+    out[t.path] = {
+        lora_lib.A: jnp.concatenate([f[lora_lib.A], f0[lora_lib.A].astype(f[lora_lib.A].dtype)],
+                                    axis=-1),
+        lora_lib.B: jnp.concatenate([f[lora_lib.B], -f0[lora_lib.B].astype(f[lora_lib.B].dtype)],
+                                    axis=1 if t.stacked else 0)}
+    targets.append(dataclasses.replace(t, r=2 * t.r, alpha=t.alpha * grow))
+  spec = dataclasses.replace(meta.spec, r=2 * meta.spec.r, lora_alpha=meta.spec.lora_alpha * grow,
+                             init_lora_weights=True)
+  return meta.replace(spec=spec, targets=tuple(targets)), out
 
 
 class _Tensors:
@@ -318,7 +384,10 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
       "lora_dropout": spec.lora_dropout,
       "target_modules": sorted({tn for _, tn in exported}),
       "exclude_modules": None,
-      "fan_in_fan_out": any(not mapping.transposed(t.path) for t, _ in exported),
+      # PEFT sets it per module as it wraps them (Conv1D True, nn.Linear False, embeddings
+      # untouched) and saves the value of the last one; it corrects it per module on load.
+      "fan_in_fan_out": next((not mapping.transposed(t.path) for t, _ in reversed(exported)
+                              if t.kind != "embed"), False),
       "bias": spec.bias,
       "use_rslora": spec.use_rslora,
       "modules_to_save": saved_names or None,
@@ -415,18 +484,48 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
                        example_kwargs=example_kwargs)
   contents = _sort_tensors(directory, tensors, config, index, mapping)
   spec = _spec_from_file(spec_class, config, contents, mapping)
-  wrapped = wrap(params, spec, key=jax.random.key(0), adapter_name=adapter_name,
+  if str(spec.init_lora_weights).startswith("pissa_niter_"):
+    warnings.warn(
+        f"{directory} was trained with init_lora_weights={spec.init_lora_weights!r}: its "
+        "residual base came from a randomized SVD, which lojax (like PEFT on another seed) "
+        "rebuilds with other random draws, so the loaded base differs from the trained one by "
+        "the SVD's approximation error. For an exact file, export the adapter as plain LoRA "
+        "(PEFT's path_initial_model_for_weight_conversion, lojax.save_peft(..., initial=)).",
+        stacklevel=2)
+  rebuilds = inits.rewrites_base(spec.init_lora_weights)
+  if rebuilds and isinstance(params, LoraParams):
+    raise ValueError(
+        f"{directory} holds a {spec.init_lora_weights!r} adapter, trained on a base that its "
+        "init rewrote; these LoraParams share their base with adapters "
+        f"{list(params.meta.names)}, which would then compute another model. Load it onto the "
+        "plain params, or load a plain LoRA conversion of it (PEFT's "
+        "path_initial_model_for_weight_conversion, lojax.save_peft(..., initial=)).")
+  # the factors come from the file; the base is rebuilt below for the file's layers only
+  drawn = dataclasses.replace(spec, init_lora_weights=True, loftq_config={}) if rebuilds else spec
+  wrapped = wrap(params, drawn, key=jax.random.key(0), adapter_name=adapter_name,
                  apply_fn=apply_fn, example_args=example_args, example_kwargs=example_kwargs)
   meta = wrapped.meta.adapter(adapter_name)
   problems: list[str] = []
   targets, weights = _fill_factors(meta.targets, contents.lora, meta.variant, problems)
+  base = _rebuilt_base(wrapped.base, spec, targets) if rebuilds else wrapped.base
+  _check_base_copies(contents.base_copies, base,
+                     {t.leaf_path for t in targets} if rebuilds else set(), mapping, problems)
   bias = _fill_biases(meta.replace(targets=tuple(targets)), contents.biases, index.leaves,
                       problems)   # the targets' layers as the file has them
   saved = _fill_saved(wrapped.adapters[adapter_name]["modules_to_save"], contents.saved, problems)
   if problems:
     raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
                      "\n".join(problems))
-  return _assemble(wrapped, adapter_name, spec, targets, weights, bias, saved)
+  return _assemble(wrapped, base, adapter_name, spec, targets, weights, bias, saved)
+
+
+def _rebuilt_base(base, spec, targets):
+  """``base`` with each target's kernel rewritten by ``spec``'s init (PiSSA's or OLoRA's
+  residual, LoftQ's quantized kernel) in the target's layers, as PEFT does on load."""
+  leaves = dict(zip(*P.flatten(base)[:2]))
+  new = {t.leaf_path: inits.init_target(spec, jax.random.key(0), t, leaves[t.leaf_path],
+                                        jnp.float32)[2] for t in targets}
+  return replace_leaves(base, new)
 
 
 def _spec_class(config: Mapping[str, Any]) -> type:
@@ -507,6 +606,7 @@ class _FileTensors(NamedTuple):
   biases: dict[str, dict[int | None, np.ndarray]]  # leaf path -> layer -> full value
   saved: dict[str, np.ndarray]  # leaf path -> modules_to_save value
   saved_modules: set[str]
+  base_copies: list[_BaseCopy]   # checked against the base once it is wrapped
 
 
 def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
@@ -515,7 +615,7 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
   problems: list[str] = []
   lora_parts, other = _split_lora(tensors, index, problems)
   found = _lora_by_path(lora_parts, index.kernels, problems)
-  biases, saved, saved_modules = _sort_others(other, config.get("modules_to_save") or [], index,
+  biases, saved, saved_modules, base_copies = _sort_others(other, config.get("modules_to_save") or [], index,
                                               mapping, problems)
   if problems:
     raise ValueError(f"The PEFT adapter in {directory} does not fit these params with this "
@@ -523,7 +623,7 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
                      "exported with and the matching base params.")
   if not found:
     raise ValueError(f"The PEFT adapter in {directory} holds no LoRA tensors.")
-  return _FileTensors(found, biases, saved, saved_modules)
+  return _FileTensors(found, biases, saved, saved_modules, base_copies)
 
 
 def _split_lora(tensors, index: _TorchIndex, problems: list[str]):
@@ -562,14 +662,23 @@ def _lora_by_path(lora_parts, kernel_names, problems: list[str]):
   return found
 
 
-def _is_base_copy(rest: str, module_t: str, leaf_t: str, value, index: _TorchIndex,
-                  mapping: PeftMapping, problems: list[str]) -> bool:
+class _BaseCopy(NamedTuple):
+  """A copy of a base weight PEFT writes beside the adapter (checked after wrapping)."""
+  name: str            # the tensor's name in the file
+  leaf_path: str       # the lojax leaf it copies
+  layer: int | None    # its layer, if the leaf is stacked
+  value: np.ndarray
+
+
+def _base_copy(rest: str, module_t: str, leaf_t: str, value, index: _TorchIndex,
+               problems: list[str]) -> _BaseCopy | bool:
   """Whether tensor ``rest`` is a copy of a base weight PEFT writes beside the adapter.
 
   PEFT writes ``<module>.base_layer.weight`` for a targeted embedding or head (its
   ``save_embedding_layers``) and, with ``bias="all"``, ``<module>.original_module.bias``
-  for a saved module. lojax keeps the base it is given, so such a copy must equal the base
-  leaf (after the torch layout): then it is accepted, otherwise it is a problem.
+  for a saved module. lojax keeps the base it is given (rebuilt by a PiSSA/OLoRA/LoftQ init),
+  so such a copy must equal that base leaf (:func:`_check_base_copies`). Returns the copy,
+  True after a problem, or False when ``rest`` is no such copy.
   """
   owner, suffix = module_t.rpartition(".")[::2]
   if suffix == "base_layer" and leaf_t != "bias" and owner in index.kernels:
@@ -582,16 +691,30 @@ def _is_base_copy(rest: str, module_t: str, leaf_t: str, value, index: _TorchInd
   if leaf is None:
     problems.append(f"  {PREFIX}{rest}: a copy of a base weight that these params do not have")
     return True
-  leaf_path = f"{module}/{leaf}"
-  base = np.asarray(model.decode(index.leaves[leaf_path]))
-  base = base if layer is None else base[layer]
-  _, want = _saved_leaf(mapping, module, leaf_path, base)
-  if np.shape(value) != np.shape(want) or not np.array_equal(
-      np.asarray(value, np.float32), np.asarray(want, np.float32)):
-    problems.append(f"  {PREFIX}{rest}: the file's copy of the base weight {leaf_path} differs "
-                    "from the params' (the adapter was trained on another base); lojax does "
-                    "not replace base weights")
-  return True
+  return _BaseCopy(PREFIX + rest, f"{module}/{leaf}", layer, np.asarray(value))
+
+
+def _check_base_copies(copies: Sequence[_BaseCopy], base, rebuilt: set[str],
+                       mapping: PeftMapping, problems: list[str]) -> None:
+  """Each copy equals the base leaf (after the torch layout); to float32 rounding where the
+  leaf was rebuilt from the original by the init (``rebuilt``)."""
+  leaves = dict(zip(*P.flatten(base)[:2]))
+  for c in copies:
+    module = P.split(c.leaf_path)[0]
+    want = np.asarray(model.decode(leaves[c.leaf_path]), np.float32)
+    want = want if c.layer is None else want[c.layer]
+    _, want = _saved_leaf(mapping, module, c.leaf_path, want)
+    got = np.asarray(c.value, np.float32)
+    if c.leaf_path in rebuilt:
+      same = got.shape == want.shape and np.allclose(
+          got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max(initial=0.0)))
+    else:
+      same = got.shape == want.shape and np.array_equal(got, want)
+    if not same:
+      how = " as the file's init rebuilds it" if c.leaf_path in rebuilt else ""
+      problems.append(f"  {c.name}: the file's copy of the base weight {c.leaf_path} differs "
+                      f"from the params'{how} (the adapter was trained on another base); "
+                      "lojax does not replace base weights")
 
 
 def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
@@ -600,9 +723,12 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
   bias_values: dict[str, dict[int | None, np.ndarray]] = {}
   saved_values: dict[str, np.ndarray] = {}
   saved_modules: set[str] = set()
+  base_copies: list[_BaseCopy] = []
   for rest, value in other.items():
     module_t, _, leaf_t = rest.rpartition(".")
-    if _is_base_copy(rest, module_t, leaf_t, value, index, mapping, problems):
+    if copy := _base_copy(rest, module_t, leaf_t, value, index, problems):
+      if isinstance(copy, _BaseCopy):
+        base_copies.append(copy)
       continue
     if module_t.endswith(".modules_to_save"):  # bias="all": the saved copy's leaf, twice
       twin = f"{module_t[: -len('.modules_to_save')]}.{leaf_t}"
@@ -636,7 +762,7 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
     if leaf == "kernel" and value.ndim == 2 and mapping.transposed(lojax_module):
       value = value.T
     saved_values[f"{lojax_module}/{leaf}"] = value
-  return bias_values, saved_values, saved_modules
+  return bias_values, saved_values, saved_modules, base_copies
 
 
 def _spec_from_file(spec_class, config, contents: _FileTensors, mapping: PeftMapping):
@@ -770,16 +896,17 @@ def _fill_saved(copies, values, problems: list[str]) -> dict[str, jax.Array]:
   return saved
 
 
-def _assemble(wrapped: LoraParams, adapter_name: str, spec, targets, weights, bias,
+def _assemble(wrapped: LoraParams, base, adapter_name: str, spec, targets, weights, bias,
               saved) -> LoraParams:
-  """``wrapped`` with adapter ``adapter_name`` holding the file's weights and targets."""
+  """``wrapped`` on ``base`` with adapter ``adapter_name`` holding the file's weights and
+  targets."""
   meta = wrapped.meta.adapter(adapter_name)
   new_ad = dict(wrapped.adapters[adapter_name], lora=weights, bias=bias, modules_to_save=saved)
   new_ad.update(spec.variant().peft_state(spec))
   new_meta = AdapterMeta(meta.name, spec, tuple(targets), meta.modules_to_save,
                          meta.bias_paths, meta.heads)
   metas = tuple(new_meta if m.name == adapter_name else m for m in wrapped.meta.adapters)
-  return LoraParams(wrapped.base, dict(wrapped.adapters, **{adapter_name: new_ad}),
+  return LoraParams(base, dict(wrapped.adapters, **{adapter_name: new_ad}),
                     LoraMeta(metas, wrapped.meta.active))
 
 

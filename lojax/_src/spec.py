@@ -346,10 +346,11 @@ class LoraSpec:
       ranks: ``{module path: rank}`` found in the file's tensors.
     """
     r0 = int(config.get("r", 8))
-    init = config.get("init_lora_weights", True)
+    init = _init_on_load(config.get("init_lora_weights", True))
     return cls(**fields, r=r0,
                rank_pattern={re.escape(p): r for p, r in ranks.items() if r != r0},
-               init_lora_weights=init if init in (True, False, "gaussian") else True,
+               init_lora_weights=init,
+               loftq_config=(config.get("loftq_config") or {}) if init == "loftq" else {},
                use_dora=bool(config.get("use_dora", False)))
 
   @classmethod
@@ -437,6 +438,26 @@ def spec_classes() -> dict[str, type]:
 # PEFT LoraConfig keys load_peft reads (the targets, ranks and layouts come from the tensors and
 # the mapping), and those with no effect on the adapter's numbers (bookkeeping, runtime options,
 # the options of features that are off).
+def _init_on_load(init):
+  """The ``init_lora_weights`` a spec read from a PEFT file gets.
+
+  The factors come from the file, so an init that only draws them becomes
+  ``True``; one that rewrote the base kernels (PiSSA, OLoRA, LoftQ) is kept,
+  so that :func:`lojax.wrap` rebuilds the base the factors were trained on,
+  as PEFT's ``from_pretrained`` does. Any other init is refused.
+  """
+  if (init is True or init is False or init in ("gaussian", "pissa", "olora", "loftq")
+      or (isinstance(init, str) and _PISSA_NITER.fullmatch(init))):
+    return init
+  if init in ("orthogonal", "eva"):
+    return True
+  raise ValueError(
+      f"`init_lora_weights`={init!r} in adapter_config.json is not supported: lojax rebuilds "
+      "the base an adapter was trained on for 'pissa', 'pissa_niter_<K>', 'olora' and 'loftq' "
+      "only, and loading the factors without that step would compute another model. Nothing "
+      "was loaded.")
+
+
 _PEFT_KEYS = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
     "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",

@@ -77,7 +77,7 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   """
   if not isinstance(spec, spec_lib.LoraSpec):
     raise TypeError(f"`spec` must be a lojax.LoraSpec, got {type(spec).__name__}.")
-  existing, base = _base_of(params, adapter_name, quantize)
+  existing, base = _base_of(params, spec, adapter_name, quantize)
   targets, resolution = _targets(base, spec, apply_fn, tuple(example_args), example_kwargs)
   paths, leaves, _ = P.flatten(base)
   by_path = dict(zip(paths, leaves))
@@ -102,14 +102,14 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
              model.SAVED: {p: jnp.array(by_path[p], copy=True) for p in paths
                            if any(P.is_under(p, m) for m in resolution.modules_to_save)},
              **variant.adapter_state(spec)}
-  base = _replace_leaves(base, rewritten)
+  base = replace_leaves(base, rewritten)
   if existing is None:
     return LoraParams(base, {adapter_name: adapter}, LoraMeta((meta,), (adapter_name,)))
   return existing.with_adapter(meta, adapter)
 
 
-def _base_of(params, adapter_name: str, quantize: str | None):
-  """``(existing LoraParams or None, base tree)``; checks the name and ``quantize``."""
+def _base_of(params, spec, adapter_name: str, quantize: str | None):
+  """``(existing LoraParams or None, base tree)``; checks the name, ``quantize`` and the init."""
   if quantize is not None:
     quant.check_method(quantize)
   if not isinstance(params, LoraParams):
@@ -124,6 +124,13 @@ def _base_of(params, adapter_name: str, quantize: str | None):
     raise ValueError(
         f"`quantize={quantize!r}` is only for wrapping plain params: the base of these "
         "LoraParams is shared with their adapters. Pass `quantize=` on the first lojax.wrap.")
+  if inits.rewrites_base(spec.init_lora_weights):
+    raise ValueError(
+        f"`init_lora_weights={spec.init_lora_weights!r}` rewrites the base kernels it adapts, "
+        f"and the base of these LoraParams is shared with their adapters "
+        f"{list(params.meta.names)}, which would then compute another model. Wrap the plain "
+        "params, or give this adapter another init. (PiSSA and OLoRA adapters can be "
+        "exported as plain LoRA adapters: lojax.save_peft(..., initial=...).)")
   return params, params.base
 
 
@@ -154,7 +161,7 @@ def _targets(base, spec, apply_fn, example_args, example_kwargs):
   return targets, resolution
 
 
-def _replace_leaves(tree, new: Mapping[str, Any]):
+def replace_leaves(tree, new: Mapping[str, Any]):
   """``tree`` with the leaves at the paths of ``new`` replaced."""
   if not new:
     return tree
