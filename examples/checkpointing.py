@@ -27,7 +27,7 @@ import optax
 
 import lojax
 from lojax._src.checkpoint import AdapterCheckpointer
-from lojax._src.peft_format import GPT2_MAPPING, save_peft
+from lojax import GPT2_MAPPING, save_peft
 
 VOCAB, D, HEADS, LAYERS, SEQ, BATCH = 64, 32, 4, 2, 16, 8
 

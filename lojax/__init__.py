@@ -55,8 +55,10 @@ from lojax._src.checkpoint import save_adapters
 from lojax._src.checkpoint import save_merged
 
 # Hugging Face PEFT adapter files.
-from lojax._src.peft_format import GPT2_MAPPING
-from lojax._src.peft_format import PeftMapping
+from lojax._src.mappings import BERT_MAPPING
+from lojax._src.mappings import GPT2_MAPPING
+from lojax._src.mappings import LLAMA_MAPPING
+from lojax._src.mappings import PeftMapping
 from lojax._src.peft_format import load_peft
 from lojax._src.peft_format import save_peft
 
@@ -71,7 +73,9 @@ __all__ = (
     "AdaLoraSpec",
     "AdaLoraState",
     "AdapterCheckpointer",
+    "BERT_MAPPING",
     "GPT2_MAPPING",
+    "LLAMA_MAPPING",
     "LoraParams",
     "LoraSpec",
     "ParameterCount",

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import lojax
-from lojax._src.peft_format import (DEFAULT_MAPPING, GPT2_MAPPING, PeftMapping, load_peft,
-                                    save_peft)
+from lojax._src.mappings import DEFAULT_MAPPING, GPT2_MAPPING, PeftMapping
+from lojax._src.peft_format import load_peft, save_peft
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpt  # noqa: E402

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lojax._src import inits
+from lojax._src.mappings import DEFAULT_MAPPING, PeftMapping
 from lojax._src import lora as lora_lib
 from lojax._src import model
 from lojax._src import paths as P
@@ -54,80 +55,6 @@ from lojax._src.wrap import kernel_paths, replace_leaves, wrap
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_LEAF_TO_TORCH = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PeftMapping:
-  """How lojax module paths map to torch module names.
-
-  Attributes:
-    names: A callable ``path -> torch name or None``, or a table
-      ``[(pattern, replacement), ...]``: the first pattern that
-      ``re.fullmatch``-es the path wins and ``match.expand(replacement)`` is
-      the name. Any "/" left in the result becomes ".". Layer ``i`` of a
-      stacked (``nn.scan``) kernel is looked up as ``"<path>[i]"``.
-    fan_in_fan_out: Regexes (``re.fullmatch`` on the module path, without
-      ``[i]``) of modules whose torch weight is stored ``[in, out]`` like
-      the Flax kernel (GPT-2's ``Conv1D``). PEFT's factors keep their layout;
-      this sets the config's ``fan_in_fan_out`` and the layout of
-      ``modules_to_save`` kernels.
-
-  >>> PeftMapping(names=[(r"params/(.*)", r"model/\\1")]).torch_name("params/h_0/q")
-  'model.h_0.q'
-  """
-
-  names: Callable[[str], str | None] | Sequence[tuple[str, str]] = (
-      (r"params/(.*)\[(\d+)\]", r"\1.\2"), (r"params/(.*)", r"\1"),
-      (r"(.*)\[(\d+)\]", r"\1.\2"), (r"(.*)", r"\1"))
-  fan_in_fan_out: Sequence[str] = ()
-
-  def __post_init__(self):
-    if not callable(self.names):
-      rules = tuple((str(p), str(r)) for p, r in self.names)
-      bad = []
-      for p, _ in rules:
-        try:
-          re.compile(p)
-        except re.error as e:
-          bad.append(f"{p!r} ({e})")
-      if bad:
-        raise ValueError(f"`names` has invalid regular expressions: {', '.join(bad)}.")
-      object.__setattr__(self, "names", rules)
-    object.__setattr__(self, "fan_in_fan_out", tuple(self.fan_in_fan_out))
-
-  def torch_name(self, path: str, layer: int | None = None) -> str | None:
-    """The torch module name of ``path`` (layer ``layer`` if stacked), or None."""
-    key = path if layer is None else f"{path}[{layer}]"
-    if callable(self.names):
-      name = self.names(key)
-    else:
-      name = None
-      for pattern, repl in self.names:
-        if m := re.fullmatch(pattern, key):
-          name = m.expand(repl)
-          break
-    return None if name is None else name.replace("/", ".")
-
-  def transposed(self, path: str) -> bool:
-    """Whether torch stores this module's weight ``[out, in]`` (nn.Linear)."""
-    return not any(re.fullmatch(p, path) for p in self.fan_in_fan_out)
-
-
-DEFAULT_MAPPING = PeftMapping()
-
-GPT2_MAPPING = PeftMapping(
-    names=((r"params/h_(\d+)/(.+)", r"transformer.h.\1.\2"),
-           (r"params/h/(.+)\[(\d+)\]", r"transformer.h.\2.\1"),
-           (r"params/(wte|wpe|ln_f)", r"transformer.\1"),
-           (r"params/lm_head", "lm_head")),
-    fan_in_fan_out=(r"params/h(_\d+)?/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)",))
-"""Flax GPT-2 (``params/h_{i}/attn/c_attn`` ... or one ``nn.scan`` stack
-``params/h``) to transformers' ``GPT2LMHeadModel`` names
-(``transformer.h.{i}.attn.c_attn``, ``transformer.wte``, ``lm_head``, ...);
-the block projections are ``Conv1D`` (weight ``[in, out]``)."""
-
-
 # --------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------
@@ -165,8 +92,8 @@ def _saved_leaf(mapping, module: str, leaf_path: str, x: np.ndarray):
   """(torch leaf suffix, array) of one modules_to_save leaf."""
   rel = leaf_path[len(module) + 1:] if leaf_path != module else ""
   parent, leaf = P.split(leaf_path)
-  parts = rel.split("/")[:-1] + [_LEAF_TO_TORCH.get(leaf, leaf)]
-  if leaf == "kernel":
+  parts = rel.split("/")[:-1] + [mapping.torch_leaf(leaf)]
+  if leaf in mapping.matmul_leaves and x.ndim >= 2:   # (a 1-D leaf of that name is a scale)
     if x.ndim != 2:
       raise ValueError(f"Cannot convert the {x.ndim}-D kernel '{leaf_path}' of "
                        "modules_to_save to a torch weight; only 2-D kernels are supported.")
@@ -186,7 +113,7 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
       ``adapter_model.safetensors`` are (over)written.
     lora: the :class:`LoraParams`.
     mapping: lojax module paths to torch module names (e.g.
-      :data:`GPT2_MAPPING`). Without it the names are the lojax paths with
+      ``lojax.GPT2_MAPPING``). Without it the names are the lojax paths with
       "/" written ".", which no transformers model has, and a warning says
       so; pass ``PeftMapping()`` when those already are the torch names.
     adapter_name: the adapter to write (default: the only active one).
@@ -562,7 +489,7 @@ def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
                  example_kwargs) -> _TorchIndex:
   """Torch names -> lojax paths, from the params and the mapping; a shared name is an error."""
   infos = kernel_paths(base, apply_fn=apply_fn, example_args=example_args,
-                       example_kwargs=example_kwargs)
+                       example_kwargs=example_kwargs, kernel_names=mapping.kernel_names or None)
   leaf_paths, base_leaves, _ = P.flatten(base)
   clashes: list[str] = []
   kernels = _kernel_names(infos, mapping, clashes)
@@ -671,7 +598,7 @@ class _BaseCopy(NamedTuple):
 
 
 def _base_copy(rest: str, module_t: str, leaf_t: str, value, index: _TorchIndex,
-               problems: list[str]) -> _BaseCopy | bool:
+               mapping: PeftMapping, problems: list[str]) -> _BaseCopy | bool:
   """Whether tensor ``rest`` is a copy of a base weight PEFT writes beside the adapter.
 
   PEFT writes ``<module>.base_layer.weight`` for a targeted embedding or head (its
@@ -687,7 +614,7 @@ def _base_copy(rest: str, module_t: str, leaf_t: str, value, index: _TorchIndex,
     module, layer = index.modules[owner], None
   else:
     return False
-  leaf = _flax_leaf(module, leaf_t, index.leaves)
+  leaf = _flax_leaf(module, leaf_t, index.leaves, mapping)
   if leaf is None:
     problems.append(f"  {PREFIX}{rest}: a copy of a base weight that these params do not have")
     return True
@@ -726,7 +653,7 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
   base_copies: list[_BaseCopy] = []
   for rest, value in other.items():
     module_t, _, leaf_t = rest.rpartition(".")
-    if copy := _base_copy(rest, module_t, leaf_t, value, index, problems):
+    if copy := _base_copy(rest, module_t, leaf_t, value, index, mapping, problems):
       if isinstance(copy, _BaseCopy):
         base_copies.append(copy)
       continue
@@ -744,8 +671,10 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
       else:
         problems.append(f"  {PREFIX}{rest}: no kernel of these params maps to {module_t!r}")
       continue
+    # PEFT wraps every module whose name ends with an entry, at any character ("norm" also
+    # saves "input_layernorm"): read its files by its rule
     owner = next((a for a in _ancestors(module_t) if a in index.modules and any(
-        a == e or a.endswith("." + e) for e in saved_entries)), None)
+        a.endswith(e) for e in saved_entries)), None)
     if owner is None and leaf_t == "bias" and module_t in index.modules:
       bias_values.setdefault(f"{index.modules[module_t]}/bias", {})[None] = value
       continue
@@ -755,11 +684,11 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
       continue
     saved_modules.add(index.modules[owner])
     lojax_module = index.modules[module_t]
-    leaf = _flax_leaf(lojax_module, leaf_t, index.leaves)
+    leaf = _flax_leaf(lojax_module, leaf_t, index.leaves, mapping)
     if leaf is None:
       problems.append(f"  {PREFIX}{rest}: {lojax_module} has no leaf for {leaf_t!r}")
       continue
-    if leaf == "kernel" and value.ndim == 2 and mapping.transposed(lojax_module):
+    if leaf in mapping.matmul_leaves and value.ndim == 2 and mapping.transposed(lojax_module):
       value = value.T
     saved_values[f"{lojax_module}/{leaf}"] = value
   return bias_values, saved_values, saved_modules, base_copies
@@ -784,6 +713,7 @@ def _spec_from_file(spec_class, config, contents: _FileTensors, mapping: PeftMap
       target_modules=sorted(found), alpha_pattern=alpha_pattern,
       lora_dropout=float(config.get("lora_dropout") or 0.0), bias=config.get("bias", "none"),
       modules_to_save=sorted(contents.saved_modules) or None,
+      kernel_names=mapping.kernel_names or None,
       task_type=config.get("task_type") if config.get("task_type") in
       [t.value for t in spec_lib.TaskType] else None)
   return spec_class.from_peft_fields(config, fields, ranks)
@@ -916,9 +846,7 @@ def _ancestors(name: str) -> list[str]:
   return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
-def _flax_leaf(module: str, torch_leaf: str, base_by_path) -> str | None:
+def _flax_leaf(module: str, torch_leaf: str, base_by_path, mapping: PeftMapping) -> str | None:
   """The one Flax leaf of ``module`` that torch leaf ``torch_leaf`` names, or None."""
-  candidates = ("kernel", "embedding", "scale", "weight") if torch_leaf == "weight" else (
-      torch_leaf,)
-  hits = [c for c in candidates if f"{module}/{c}" in base_by_path]
+  hits = [c for c in mapping.flax_leaves(torch_leaf) if f"{module}/{c}" in base_by_path]
   return hits[0] if len(hits) == 1 else None

@@ -171,11 +171,12 @@ def replace_leaves(tree, new: Mapping[str, Any]):
 
 def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
                  example_args: Sequence[Any] = (), example_kwargs: Mapping[str, Any] | None = None,
-                 ) -> dict[str, dict[str, Any]]:
+                 kernel_names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   """The module paths that hold kernels, with what lojax knows about each.
 
   Use it to write ``target_modules`` before wrapping. With ``apply_fn`` the
-  layouts come from tracing, as in :func:`wrap`.
+  layouts come from tracing, as in :func:`wrap`; ``kernel_names`` adds leaf
+  names that mark a kernel, as :attr:`LoraSpec.kernel_names` does.
 
   Returns:
     ``{module path: {"leaf", "shape", "kind", "in_axes", "expert_axes", "stacked"}}``
@@ -187,7 +188,7 @@ def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
   >>> lojax.kernel_paths({"enc": {"query": {"kernel": jnp.ones((4, 2))}}})
   {'enc/query': {'leaf': 'kernel', 'shape': (4, 2), 'kind': 'dense', 'in_axes': (0,), 'expert_axes': (), 'stacked': None}}
   """
-  spec = spec_lib.LoraSpec(target_modules="all-linear")
+  spec = spec_lib.LoraSpec(target_modules="all-linear", kernel_names=kernel_names)
   infos, layouts = analysis.kernel_infos(params, spec, apply_fn, tuple(example_args),
                                          example_kwargs)
   return {i.path: {"leaf": i.leaf, "shape": i.shape, "kind": layouts[i.path].kind,

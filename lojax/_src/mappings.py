@@ -1,0 +1,154 @@
+"""Names of lojax module paths in torch (transformers) models, for PEFT files.
+
+A :class:`PeftMapping` turns the path of a module in a Flax param tree into
+the name of the same module in the transformers model PEFT adapts, and a
+Flax leaf name into the torch one. The mappings shipped here cover the model
+families people fine-tune, each for the Flax layout named in its docstring,
+and each is tested by a round trip through PEFT on a tiny transformers model
+of that family with identical weights (``tests/test_peft_families.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Mapping, Sequence
+
+_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeftMapping:
+  """How lojax module paths map to torch module names.
+
+  Attributes:
+    names: A callable ``path -> torch name or None``, or a table
+      ``[(pattern, replacement), ...]``: the first pattern that
+      ``re.fullmatch``-es the path wins and ``match.expand(replacement)`` is
+      the name. Any "/" left in the result becomes ".". Layer ``i`` of a
+      stacked (``nn.scan``) kernel is looked up as ``"<path>[i]"``.
+    fan_in_fan_out: Regexes (``re.fullmatch`` on the module path, without
+      ``[i]``) of modules whose torch weight is stored ``[in, out]`` like
+      the Flax kernel (GPT-2's ``Conv1D``). PEFT's factors keep their layout;
+      this sets the config's ``fan_in_fan_out`` and the layout of
+      ``modules_to_save`` kernels.
+    leaves: Flax leaf name -> torch parameter name (default: ``kernel``,
+      ``embedding`` and ``scale`` are ``weight``; other names are kept).
+    matmul_leaves: Flax leaf names of ``[in, out]`` matmul kernels, written
+      transposed (unless fan-in-fan-out) when a module is saved whole.
+    kernel_names: leaf names that hold weights lojax may adapt besides its
+      defaults (as :attr:`lojax.LoraSpec.kernel_names`), e.g. tunix's
+      ``input_embedding``; :func:`lojax.load_peft` looks for adapters there.
+
+  >>> PeftMapping(names=[(r"params/(.*)", r"model/\\1")]).torch_name("params/h_0/q")
+  'model.h_0.q'
+  """
+
+  names: Callable[[str], str | None] | Sequence[tuple[str, str]] = (
+      (r"params/(.*)\[(\d+)\]", r"\1.\2"), (r"params/(.*)", r"\1"),
+      (r"(.*)\[(\d+)\]", r"\1.\2"), (r"(.*)", r"\1"))
+  fan_in_fan_out: Sequence[str] = ()
+  leaves: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(_LEAVES))
+  matmul_leaves: Sequence[str] = ("kernel",)
+  kernel_names: Sequence[str] = ()
+
+  def __post_init__(self):
+    if not callable(self.names):
+      rules = tuple((str(p), str(r)) for p, r in self.names)
+      bad = []
+      for p, _ in rules:
+        try:
+          re.compile(p)
+        except re.error as e:
+          bad.append(f"{p!r} ({e})")
+      if bad:
+        raise ValueError(f"`names` has invalid regular expressions: {', '.join(bad)}.")
+      object.__setattr__(self, "names", rules)
+    object.__setattr__(self, "fan_in_fan_out", tuple(self.fan_in_fan_out))
+    object.__setattr__(self, "leaves", dict(self.leaves))
+    object.__setattr__(self, "matmul_leaves", tuple(self.matmul_leaves))
+    object.__setattr__(self, "kernel_names", tuple(self.kernel_names))
+
+  def __hash__(self):
+    return hash((self.names, self.fan_in_fan_out, tuple(sorted(self.leaves.items())),
+                 self.matmul_leaves, self.kernel_names))
+
+  def torch_name(self, path: str, layer: int | None = None) -> str | None:
+    """The torch module name of ``path`` (layer ``layer`` if stacked), or None."""
+    key = path if layer is None else f"{path}[{layer}]"
+    if callable(self.names):
+      name = self.names(key)
+    else:
+      name = None
+      for pattern, repl in self.names:
+        if m := re.fullmatch(pattern, key):
+          name = m.expand(repl)
+          break
+    return None if name is None else name.replace("/", ".")
+
+  def torch_leaf(self, leaf: str) -> str:
+    """The torch parameter name of Flax leaf ``leaf``."""
+    return self.leaves.get(leaf, leaf)
+
+  def flax_leaves(self, torch_leaf: str) -> tuple[str, ...]:
+    """The Flax leaf names that torch parameter ``torch_leaf`` may stand for."""
+    return tuple(k for k, v in self.leaves.items() if v == torch_leaf) + (torch_leaf,)
+
+  def transposed(self, path: str) -> bool:
+    """Whether torch stores this module's weight ``[out, in]`` (nn.Linear)."""
+    return not any(re.fullmatch(p, path) for p in self.fan_in_fan_out)
+
+
+DEFAULT_MAPPING = PeftMapping()
+"""Torch names are the lojax paths (without ``params/``) with "." for "/": right for
+a Flax port that keeps the torch module names (transformers' own Flax models)."""
+
+GPT2_MAPPING = PeftMapping(
+    names=((r"params/h_(\d+)/(.+)", r"transformer.h.\1.\2"),
+           (r"params/h/(.+)\[(\d+)\]", r"transformer.h.\2.\1"),
+           (r"params/(wte|wpe|ln_f)", r"transformer.\1"),
+           (r"params/lm_head", "lm_head")),
+    fan_in_fan_out=(r"params/h(_\d+)?/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)",))
+"""Flax GPT-2 (``params/h_{i}/attn/c_attn`` ... or one ``nn.scan`` stack
+``params/h``) to transformers' ``GPT2LMHeadModel`` names
+(``transformer.h.{i}.attn.c_attn``, ``transformer.wte``, ``lm_head``, ...);
+the block projections are ``Conv1D`` (weight ``[in, out]``)."""
+
+LLAMA_MAPPING = PeftMapping(
+    names=((r"layers/(\d+)/attn/(q|k|v|o)_proj", r"model.layers.\1.self_attn.\2_proj"),
+           (r"layers/(\d+)/attn/(q|k)_norm", r"model.layers.\1.self_attn.\2_norm"),
+           (r"layers/(\d+)/mlp/(gate|up|down)_proj", r"model.layers.\1.mlp.\2_proj"),
+           (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)", r"model.layers.\1.\2"),
+           (r"embedder", "model.embed_tokens"),
+           (r"final_norm", "model.norm"),
+           (r"lm_head", "lm_head")),
+    leaves={**_LEAVES, "w": "weight", "input_embedding": "weight"},
+    matmul_leaves=("kernel", "w"), kernel_names=("input_embedding",))
+"""tunix's NNX Llama 3, Qwen 2 and Qwen 3 (``layers/{i}/attn/q_proj`` with the
+einsum kernel ``w [embed, heads, head_dim]``, ``layers/{i}/mlp/gate_proj``,
+``embedder/input_embedding``, ``final_norm``, ``lm_head``) to transformers'
+``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
+``Qwen3ForCausalLM`` names (``model.layers.{i}.self_attn.q_proj``, ...; the
+four families share them). Qwen 2's q/k/v biases live beside the kernels in
+tunix (``attn/q_bias``), so ``bias`` other than ``"none"`` does not map."""
+
+BERT_MAPPING = PeftMapping(
+    names=((r"params/(bert/)?embeddings/(.+)", r"\1embeddings.\2"),
+           (r"params/(bert/)?encoder/layer_(\d+)/attention/(query|key|value)",
+            r"\1encoder.layer.\2.attention.self.\3"),
+           (r"params/(bert/)?encoder/layer_(\d+)/attention/output",
+            r"\1encoder.layer.\2.attention.output.dense"),
+           (r"params/(bert/)?encoder/layer_(\d+)/attention_norm",
+            r"\1encoder.layer.\2.attention.output.LayerNorm"),
+           (r"params/(bert/)?encoder/layer_(\d+)/(intermediate|output)",
+            r"\1encoder.layer.\2.\3.dense"),
+           (r"params/(bert/)?encoder/layer_(\d+)/output_norm",
+            r"\1encoder.layer.\2.output.LayerNorm"),
+           (r"params/(classifier)", r"\1")))
+"""The linen BERT of ``examples/minilm.py`` (``params/encoder/layer_{i}/attention/query``,
+``.../attention/output``, ``.../intermediate``, ``.../output``, the norms, the
+embeddings; under ``params/bert/`` with a ``classifier`` head in
+``MiniLMClassifier``) to transformers' ``BertModel`` names
+(``encoder.layer.{i}.attention.self.query``, ``...attention.output.dense``,
+``...intermediate.dense``, ``...output.dense``; ``bert.`` and ``classifier``
+for ``BertForSequenceClassification``)."""
