@@ -544,3 +544,57 @@ def test_olora_and_loftq_files_rebuild_their_base(tmp_path, init):
   f = jax.jit(lojax.lorafy(model.apply))
   np.testing.assert_allclose(np.asarray(f(back, ids)), np.asarray(f(trained, ids)), rtol=1e-5,
                              atol=1e-5)
+
+
+HOSTILE_CONFIGS = {   # what a damaged or hand-edited adapter_config.json holds -> the field named
+    "an array": ([1, 2], "holds an array"), "null": (None, "holds null"),
+    "r=None": ({"r": None}, "`r`: must be an integer"), "r='2'": ({"r": "2"}, "`r`"),
+    "use_rslora='false'": ({"use_rslora": "false"}, "`use_rslora`.*PEFT would read as true"),
+    "use_dora='false'": ({"use_dora": "false"}, "`use_dora`"),
+    "rank_pattern list": ({"rank_pattern": [1]}, "`rank_pattern`"),
+    "alpha_pattern bad regex": ({"alpha_pattern": {"(": 3}}, "`alpha_pattern`"),
+    "alpha_pattern str value": ({"alpha_pattern": {"c_attn": "3"}}, "`alpha_pattern`"),
+    "target_modules int": ({"target_modules": 5}, "`target_modules`"),
+    "modules_to_save str": ({"modules_to_save": "ln_f"}, "`modules_to_save`"),
+    "lora_dropout str": ({"lora_dropout": "0.1"}, "`lora_dropout`"),
+    "task_type int": ({"task_type": 7}, "`task_type`"),
+    "layers_to_transform str": ({"layers_to_transform": "1"}, "`layers_to_transform`"),
+    "layers_pattern ints": ({"layers_pattern": [1]}, "`layers_pattern`"),
+    "loftq_config list": ({"loftq_config": [1]}, "`loftq_config`"),
+    "two at once": ({"r": None, "lora_alpha": "x"}, "`r`.*\n.*`lora_alpha`"),
+    "adalora without its fields": ({"peft_type": "ADALORA"}, "lacks \\['init_r'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_CONFIGS))
+def test_hostile_configs_are_refused_naming_the_field(tmp_path, name):
+  """Never a foreign exception, never a misread (PEFT reads "false" as true)."""
+  model, params, ids, lora = wrapped(lojax.LoraSpec(r=2, target_modules=["c_attn"]))
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  change, match = HOSTILE_CONFIGS[name]
+  cfg_path = tmp_path / "adapter_config.json"
+  cfg = json.loads(cfg_path.read_text())
+  cfg_path.write_text(json.dumps({**cfg, **change} if isinstance(change, dict) else change))
+  with pytest.raises(ValueError, match=match):
+    load_peft(tmp_path, params, mapping=GPT2_MAPPING)
+
+
+@pytest.mark.parametrize("damage", ["0-d", "nan", "inf_bias"])
+def test_hostile_tensors_are_refused(tmp_path, damage):
+  model, params, ids, lora = wrapped(lojax.LoraSpec(r=2, target_modules=["c_attn"], bias="all"))
+  save_peft(tmp_path, lora, mapping=GPT2_MAPPING)
+  path = tmp_path / "adapter_model.safetensors"
+  tensors = load_file(path)
+  a = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+  if damage == "0-d":
+    tensors[a] = np.array(1.0, np.float32)
+  elif damage == "nan":
+    tensors[a] = np.where(np.arange(tensors[a].size).reshape(tensors[a].shape) == 3, np.nan,
+                          tensors[a]).astype(np.float32)
+  else:
+    b = "base_model.model.transformer.ln_f.bias"
+    tensors[b] = np.full_like(tensors[b], np.inf)
+  save_file(tensors, path, metadata={"format": "pt"})
+  with pytest.raises(ValueError, match="0-D tensor; LoRA tensors" if damage == "0-d" else
+                     "holds [0-9]+ non-finite values"):
+    load_peft(tmp_path, params, mapping=GPT2_MAPPING)

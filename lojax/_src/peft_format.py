@@ -359,7 +359,85 @@ def _read(directory):
   except Exception as e:  # a damaged file
     raise ValueError(f"Could not read the PEFT adapter in {directory} ({type(e).__name__}: "
                      f"{str(e).strip()[:200]}).") from None
+  _check_config(cfg_path, config)
   return config, tensors
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_names(x) -> bool:
+  return isinstance(x, list) and all(isinstance(e, str) for e in x)
+
+
+def _regexes(x) -> bool:
+  try:
+    for k in x:
+      re.compile(k)
+  except re.error:
+    return False
+  return True
+
+
+# What each config field lojax reads must be, as JSON (None: the field may be null).
+_CONFIG_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "peft_type": ("a string", lambda x: isinstance(x, str)),
+    "r": ("an integer >= 1", lambda x: _is_int(x) and x >= 1),
+    "lora_alpha": ("a number", _is_number),
+    "lora_dropout": ("a number or null", lambda x: x is None or _is_number(x)),
+    "use_rslora": ("true or false", lambda x: isinstance(x, bool)),
+    "use_dora": ("true or false", lambda x: isinstance(x, bool)),
+    "fan_in_fan_out": ("true or false", lambda x: isinstance(x, bool)),
+    "inference_mode": ("true or false", lambda x: isinstance(x, bool)),
+    "bias": ("a string", lambda x: isinstance(x, str)),
+    "task_type": ("a string or null", lambda x: x is None or isinstance(x, str)),
+    "init_lora_weights": ("true, false or a string", lambda x: isinstance(x, (bool, str))),
+    "target_modules": ("a string, a list of strings or null",
+                       lambda x: x is None or isinstance(x, str) or _is_names(x)),
+    "exclude_modules": ("a string, a list of strings or null",
+                        lambda x: x is None or isinstance(x, str) or _is_names(x)),
+    "modules_to_save": ("a list of strings or null", lambda x: x is None or _is_names(x)),
+    "layers_to_transform": ("an integer, a list of integers or null", lambda x: x is None or _is_int(
+        x) or (isinstance(x, list) and all(_is_int(e) for e in x))),
+    "layers_pattern": ("a string, a list of strings or null",
+                       lambda x: x is None or isinstance(x, str) or _is_names(x)),
+    "rank_pattern": ("an object of regular expressions to integers >= 1 (AdaLoRA: to lists "
+                     "of booleans), or null",
+                     lambda x: x is None or (isinstance(x, dict) and _regexes(x) and all(
+                         (_is_int(v) and v >= 1) or (isinstance(v, list) and all(
+                             isinstance(e, bool) for e in v)) for v in x.values()))),
+    "alpha_pattern": ("an object of regular expressions to numbers, or null",
+                      lambda x: x is None or (isinstance(x, dict) and _regexes(x) and all(
+                          _is_number(v) for v in x.values()))),
+    "loftq_config": ("an object or null", lambda x: x is None or isinstance(x, dict)),
+}
+
+
+def _check_config(cfg_path: str, config) -> None:
+  """Raises, listing every field, when the config is not an object of well-typed fields.
+
+  PEFT reads a JSON string ``"false"`` as true and ``int("2")`` nowhere; lojax refuses what
+  PEFT itself would misread or fail on, before anything is built.
+  """
+  if not isinstance(config, dict):
+    kind = {list: "an array", type(None): "null", str: "a string", bool: "a boolean"}.get(
+        type(config), "a number")
+    raise ValueError(f"{cfg_path} holds {kind}, not the JSON object of LoraConfig fields PEFT "
+                     "writes. Nothing was loaded.")
+  bad = []
+  for k, (what, ok) in _CONFIG_TYPES.items():
+    if k in config and not ok(config[k]):
+      note = (" (a string, which PEFT would read as true)" if what == "true or false"
+              and isinstance(config[k], str) else "")
+      bad.append(f"  `{k}`: must be {what}; got {config[k]!r}{note}")
+  if bad:
+    raise ValueError(f"{cfg_path} has fields of the wrong type:\n" + "\n".join(bad) +
+                     "\nNothing was loaded.")
 
 
 def load_peft(directory: str | os.PathLike, params: Any, /, *,
@@ -566,10 +644,18 @@ def _split_lora(tensors, index: _TorchIndex, problems: list[str]):
       problems.append(f"  {key}: does not start with {PREFIX!r}")
       continue
     rest = key[len(PREFIX):]
+    value = np.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(value).all():
+      problems.append(f"  {key}: holds {np.size(value) - np.isfinite(value).sum()} non-finite "
+                      "values (NaN or inf)")
+      continue
     m = _LORA_KEY.fullmatch(rest)
     if m and (m.group(1) in index.kernels or m.group(1) not in index.modules):
-      if not jnp.issubdtype(np.asarray(value).dtype, jnp.floating):
-        problems.append(f"  {key}: a {np.asarray(value).dtype} tensor; LoRA factors are floats")
+      if not jnp.issubdtype(value.dtype, jnp.floating):
+        problems.append(f"  {key}: a {value.dtype} tensor; LoRA factors are floats")
+        continue
+      if value.ndim == 0:
+        problems.append(f"  {key}: a 0-D tensor; LoRA tensors have at least one axis")
         continue
       lora_parts.setdefault(m.group(1), {})[m.group(2)] = value
     else:
