@@ -1,9 +1,11 @@
 """Adapter checkpoints: exact round trips, exact resumption, validation, atomicity, size."""
 
 import functools
+import hashlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +60,19 @@ def same(a, b):
 
 def dir_bytes(path):
   return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+def metadata_digest(meta):
+  """The digest written independently of lojax: SHA-256 of the canonical JSON (sorted keys, no
+  whitespace) of every field but "sha256"."""
+  body = {k: v for k, v in meta.items() if k != "sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                        .encode("utf-8")).hexdigest()
+
+
+def resigned(meta):
+  """The metadata with a digest that matches it (as if the damage had been re-signed)."""
+  return dict(meta, sha256=metadata_digest(meta))
 
 
 def test_escape_key_is_reversible_and_safe():
@@ -239,7 +254,7 @@ def test_flipped_bytes_are_detected(tmp_path):
   meta = json.loads(meta_file.read_text())
   key = next(iter(meta["arrays"]))
   meta["arrays"][key]["crc32"] ^= 1  # as if the stored data had changed
-  meta_file.write_text(json.dumps(meta))
+  meta_file.write_text(json.dumps(resigned(meta)))  # a valid digest: the checksum must catch it
   with pytest.raises(ValueError, match=r"adapter data in .* is corrupt:\n.*does not match.*\n"
                      r"Restore another step \(available: \[1\]\)"):
     restore_adapters(tmp_path, params)
@@ -252,8 +267,286 @@ def test_unknown_spec_class_is_not_imported(tmp_path):
   meta = json.loads(meta_file.read_text())
   meta["adapters"][0]["spec_class"] = "os.system"
   meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="digest does not match"):
+    restore_adapters(tmp_path, params)
+  meta_file.write_text(json.dumps(resigned(meta)))  # past the digest, the class is still refused
   with pytest.raises(ValueError, match="unknown spec class 'os.system'"):
     restore_adapters(tmp_path, params)
+
+
+def _two_steps(tmp_path, opt_state=False):
+  """Steps 1 and 2 of the GPT adapters (with an optimizer state if asked); returns the params
+  and the metadata file of step 2."""
+  _, params, _, lora = model_and_lora()
+  opt = optax.adamw(1e-3).init(lora.trainable) if opt_state else None
+  save_adapters(tmp_path, lora, step=1, opt_state=opt)
+  save_adapters(tmp_path, lora, step=2, opt_state=opt)
+  return params, tmp_path / "2" / "meta" / "metadata"
+
+
+def _first_scaled_target(meta):
+  return next(t for a in meta["adapters"] for t in a["targets"] if t["scaling"] != 0)
+
+
+def _scale_times_10(meta):
+  t = _first_scaled_target(meta)
+  t["scaling"] *= 10
+
+
+def _drop_array(meta):
+  del meta["arrays"][next(iter(meta["arrays"]))]
+
+
+def _bad_dtype(meta):
+  meta["arrays"][next(iter(meta["arrays"]))]["dtype"] = "junk"
+
+
+def _object_dtype(meta):
+  meta["arrays"][next(iter(meta["arrays"]))]["dtype"] = "object"
+
+
+def _shape_not_a_list(meta):
+  meta["arrays"][next(iter(meta["arrays"]))]["shape"] = 5
+
+
+def _negative_shape(meta):
+  d = meta["arrays"][next(iter(meta["arrays"]))]
+  d["shape"] = [-d["shape"][0]] + d["shape"][1:]
+
+
+def _crc_not_an_int(meta):
+  meta["arrays"][next(iter(meta["arrays"]))]["crc32"] = "0"
+
+
+def _extra_array(meta):
+  k = next(iter(meta["arrays"]))
+  meta["arrays"][k + "_extra"] = dict(meta["arrays"][k])
+
+
+def _opt_shape_not_a_list(meta):
+  meta["opt_state"][next(iter(meta["opt_state"]))]["shape"] = {"a": 1}
+
+
+def _fingerprint_dtype(meta):
+  meta["base_fingerprint"][next(iter(meta["base_fingerprint"]))]["dtype"] = 3
+
+
+def _arrays_a_list(meta):
+  meta["arrays"] = list(meta["arrays"])
+
+
+def _active_unknown(meta):
+  meta["active"] = ["nope"]
+
+
+def _structure_leaf_not_str(meta):
+  meta["structure"]["default"]["lora"] = 7
+
+
+def _other_step(meta):
+  meta["step"] = 1
+
+
+def _adapter_a_list(meta):
+  meta["adapters"][0] = [meta["adapters"][0]]
+
+
+DAMAGES = [_scale_times_10, _drop_array, _bad_dtype, _object_dtype, _shape_not_a_list,
+           _negative_shape, _crc_not_an_int, _extra_array, _opt_shape_not_a_list,
+           _fingerprint_dtype, _arrays_a_list, _active_unknown, _structure_leaf_not_str,
+           _other_step, _adapter_a_list]
+
+
+def test_metadata_digest_is_canonical_sha256(tmp_path):
+  _, meta_file = _two_steps(tmp_path)
+  meta = json.loads(meta_file.read_text())
+  assert meta["sha256"] == metadata_digest(meta)  # anyone can check it without lojax
+  assert len(meta["sha256"]) == 64
+
+
+def test_async_saves_write_the_digest(tmp_path):
+  _, params, _, lora = model_and_lora()
+  with AdapterCheckpointer(tmp_path, async_save=True) as ckpt:
+    ckpt.save(1, lora)
+    ckpt.save(2, lora)
+    restored = ckpt.restore(params)  # no wait: restore waits for the step still being saved
+  assert same(restored.adapters, lora.adapters)
+  for step in (1, 2):
+    meta = json.loads((tmp_path / str(step) / "meta" / "metadata").read_text())
+    assert meta["sha256"] == metadata_digest(meta)
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__.strip("_"))
+def test_edited_metadata_is_refused_by_its_digest(tmp_path, damage):
+  params, meta_file = _two_steps(tmp_path, opt_state=True)
+  meta = json.loads(meta_file.read_text())
+  damage(meta)
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"step 2\).*incomplete or corrupt: its SHA-256 digest "
+                     r"does not match.*available: \[1, 2\]"):
+    restore_adapters(tmp_path, params)
+  restore_adapters(tmp_path, params, step=1)  # the other step is untouched
+
+
+def test_scaling_edit_no_longer_changes_outputs(tmp_path):
+  # The issue's case: a stored "scaling" raised 10x restored and changed the outputs.
+  model, params, ids, lora = model_and_lora()
+  save_adapters(tmp_path, lora, step=1)
+  meta_file = tmp_path / "1" / "meta" / "metadata"
+  text = meta_file.read_text()
+  meta = json.loads(text)
+  t = _first_scaled_target(meta)
+  old = json.dumps(t)
+  t["scaling"] *= 10
+  assert text.count(old) == 1
+  meta_file.write_text(text.replace(old, json.dumps(t)))  # a hand edit: only that field changes
+  with pytest.raises(ValueError, match=r"digest does not match"):
+    restore_adapters(tmp_path, params)
+
+
+@pytest.mark.parametrize("damage", [d for d in DAMAGES if d is not _scale_times_10],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_resigned_damaged_metadata_is_refused_by_lojax(tmp_path, damage):
+  # Past a matching digest (damage made by a tool that re-signs), every malformed field is
+  # still refused with lojax's own error, naming the step and the steps available.
+  params, meta_file = _two_steps(tmp_path, opt_state=True)
+  meta = json.loads(meta_file.read_text())
+  damage(meta)
+  meta_file.write_text(json.dumps(resigned(meta)))
+  tx = optax.adamw(1e-3)
+  _, _, _, lora = model_and_lora()
+  with pytest.raises(ValueError, match=r"(?s)step 2\).*incomplete or corrupt.*"
+                     r"available: \[1, 2\]") as err:
+    restore_adapters(tmp_path, params, opt_state_template=tx.init(lora.trainable))
+  assert "digest" not in str(err.value)
+  assert RESIGNED_FOUND[damage.__name__] in str(err.value)
+
+
+RESIGNED_FOUND = {  # what each error names
+    "_drop_array": "no such array in `arrays`", "_bad_dtype": 'dtype must name a numeric or '
+    'bool NumPy dtype, found string "junk"', "_object_dtype": 'found string "object"',
+    "_shape_not_a_list": "shape must be a list of sizes >= 0, found number 5",
+    "_negative_shape": "shape must be a list of sizes >= 0, found list [-",
+    "_crc_not_an_int": 'crc32 must be an int in [0, 2**32), found string "0"',
+    "_extra_array": "_extra: not in the structure",
+    "_opt_shape_not_a_list": "shape must be a list of sizes >= 0, found object",
+    "_fingerprint_dtype": "dtype must name a numeric or bool NumPy dtype, found number 3",
+    "_arrays_a_list": "arrays: expected an object, found list",
+    "_active_unknown": 'active: string "nope" is not a saved adapter',
+    "_structure_leaf_not_str": "structure default/lora: expected an array key or an object",
+    "_other_step": "the metadata records step number 1, but lies in step 2",
+    "_adapter_a_list": "adapters[0]: expected an object with a string name, found list",
+}
+
+
+def test_metadata_that_is_not_an_object_is_refused(tmp_path):
+  params, meta_file = _two_steps(tmp_path)
+  for text in ("[1, 2]", "null", "5", '"lojax"', "[" * 100000, "\xff\xfe"):
+    meta_file.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"step 2\).*incomplete or corrupt.*available: \[1, 2\]"):
+      restore_adapters(tmp_path, params)
+
+
+def test_metadata_without_digest_is_refused_with_how_to_resave(tmp_path):
+  params, meta_file = _two_steps(tmp_path)
+  meta = json.loads(meta_file.read_text())
+  del meta["sha256"]  # as an older lojax wrote it
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"(?s)step 2\).*has no SHA-256 digest.*older lojax.*"
+                     r"save_adapters.*available: \[1, 2\]"):
+    restore_adapters(tmp_path, params)
+  meta["sha256"] = 12
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"step 2\).*digest.*available: \[1, 2\]"):
+    restore_adapters(tmp_path, params)
+
+
+def test_oversized_metadata_is_refused_unread(tmp_path):
+  from lojax._src import checkpoint
+  params, meta_file = _two_steps(tmp_path)
+  with open(meta_file, "r+b") as f:  # sparse: no disk used, nothing to read but zeros
+    f.truncate(checkpoint.MAX_METADATA_BYTES + 1)
+  t = time.time()
+  with pytest.raises(ValueError, match=r"step 2\).*larger than any lojax metadata "
+                     rf"\({checkpoint.MAX_METADATA_BYTES + 1} bytes.*available: \[1, 2\]"):
+    restore_adapters(tmp_path, params)  # refused on its size, before reading
+  assert time.time() - t < 5
+  # Just below the bound it is read (and refused as damaged, not as oversized).
+  with open(meta_file, "r+b") as f:
+    f.truncate(1 << 20)
+  with pytest.raises(ValueError, match=r"step 2\).*incomplete or corrupt") as err:
+    restore_adapters(tmp_path, params)
+  assert "larger than" not in str(err.value)
+
+
+def test_orbax_files_that_are_links_or_oversized_are_refused_unread(tmp_path):
+  from lojax._src import checkpoint
+  params, meta_file = _two_steps(tmp_path)
+  orbax_meta = tmp_path / "2" / "adapters" / "_METADATA"
+  copy = tmp_path / "copy"
+  copy.write_bytes(orbax_meta.read_bytes())
+  orbax_meta.unlink()
+  orbax_meta.symlink_to(copy)
+  with pytest.raises(ValueError, match=r"(?s)step 2\).*refused before Orbax reads them:\n"
+                     r".*adapters/_METADATA: a symbolic link.*available: \[1, 2\]"):
+    restore_adapters(tmp_path, params)
+  orbax_meta.unlink()
+  orbax_meta.write_bytes(copy.read_bytes())
+  restore_adapters(tmp_path, params)  # put back, it restores
+  with open(orbax_meta, "r+b") as f:
+    f.truncate(checkpoint.MAX_METADATA_BYTES + 1)
+  with pytest.raises(ValueError, match=rf"(?s)step 2\).*adapters/_METADATA: "
+                     rf"{checkpoint.MAX_METADATA_BYTES + 1} bytes, larger than any metadata"):
+    restore_adapters(tmp_path, params)
+
+
+def test_metadata_symlink_is_refused(tmp_path):
+  params, meta_file = _two_steps(tmp_path)
+  copy = tmp_path / "copy.json"
+  copy.write_bytes(meta_file.read_bytes())
+  meta_file.unlink()
+  meta_file.symlink_to(copy)  # even a link to a valid copy
+  with pytest.raises(ValueError, match=r"step 2\).*symbolic link.*available: \[1, 2\]"):
+    restore_adapters(tmp_path, params)
+
+
+ENDLESS_SCRIPT = textwrap.dedent("""
+    import os, resource, sys, time
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a regression fails, not OOMs
+    import jax, jax.numpy as jnp, lojax
+    from lojax._src.checkpoint import restore_adapters, save_adapters
+    params = {"dense": {"kernel": jnp.ones((4, 3))}}
+    lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["dense"]),
+                      key=jax.random.key(0))
+    for how in ("symlink", "fifo", "orbax"):
+      d = os.path.join(sys.argv[1], how)
+      save_adapters(d, lora, step=1)
+      f = os.path.join(d, "1", "adapters/_METADATA" if how == "orbax" else "meta/metadata")
+      os.unlink(f)
+      os.mkfifo(f) if how == "fifo" else os.symlink("/dev/zero", f)
+      t = time.time()
+      try:
+        restore_adapters(d, params)
+      except ValueError as e:
+        print(how, round(time.time() - t, 3), str(e).replace(chr(10), " "), flush=True)
+""")
+
+
+def test_endless_metadata_returns_promptly(tmp_path):
+  # A metadata file that links to /dev/zero (or is a FIFO no one writes) is never read.
+  script = tmp_path / "endless.py"
+  script.write_text(ENDLESS_SCRIPT)
+  out = subprocess.run([sys.executable, str(script), str(tmp_path / "ck")], capture_output=True,
+                       text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu"))
+  lines = out.stdout.splitlines()
+  assert [line.split()[0] for line in lines] == ["symlink", "fifo", "orbax"], (
+      out.stdout + out.stderr)
+  wants = {"symlink": "is a symbolic link", "fifo": r"is not a regular file \(mode p",
+           "orbax": r"refused before Orbax reads them:  .*adapters/_METADATA: a symbolic link"}
+  for line in lines:
+    assert float(line.split()[1]) < 5, line
+    assert re.search(rf"step 1\).*{wants[line.split()[0]]}.*available: \[1\]", line), line
 
 
 KILL_SCRIPT = textwrap.dedent("""

@@ -8,10 +8,21 @@ each spec (its class name and :meth:`LoraSpec.to_dict`), every
 the base (path, shape and dtype of every leaf the adapters touch) and the
 shape, dtype and CRC-32 of every stored array. The base is never written.
 
-Restoring reads the JSON first and checks it against the params given (a
-freshly initialised base, or a :class:`LoraParams` wrapped with the intended
-spec); any difference is reported at once, before an array is read. Loading
-never runs code from the checkpoint: JSON and array data only, no pickle.
+The JSON carries its own digest, ``"sha256"``: the SHA-256 (hex) of the UTF-8
+canonical JSON of every other field (``json.dumps(..., sort_keys=True,
+separators=(",", ":"))``), so anyone can check it without lojax. Restoring
+reads the metadata file itself, refusing before a byte is read a file that is
+a symbolic link, not a regular file, or larger than :data:`MAX_METADATA_BYTES`;
+then it verifies the digest (any edit, even of one ``"scaling"``, is refused;
+metadata without a digest, as written before lojax stored one, is refused with
+how to save it again) and the form of every field (each array's shape a list
+of sizes, its dtype a numeric NumPy dtype, every array of the structure
+recorded), and checks it against the params given (a freshly initialised base,
+or a :class:`LoraParams` wrapped with the intended spec); any difference is
+reported at once, before an array is read. Every damaged step raises a
+ValueError naming the step and the steps available. Loading never runs code
+from the checkpoint: JSON and array data only, no pickle. (The digest guards
+against damage and stray edits, not against someone who rewrites it too.)
 
 Orbax writes each step into a temporary directory and renames it when
 complete, so a save that is interrupted (even by SIGKILL) never damages the
@@ -23,8 +34,11 @@ joined with ".", e.g. ``default.lora.params-2f-h_0-2f-attn-2f-c_attn.lora_A``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import stat
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -42,6 +56,18 @@ VERSION = 1
 _TARGET_FIELDS = ("path", "leaf", "shape", "kind", "in_axes", "stacked", "layers", "r", "alpha",
                   "scaling", "dropout", "expert_axes")
 _SAFE = re.compile(r"[A-Za-z0-9_]")
+_DIGEST = "sha256"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_META_ITEM, _META_FILE = "meta", "metadata"  # Orbax's JsonSave writes <step>/meta/metadata
+
+MAX_METADATA_BYTES = 256 << 20
+"""The largest metadata file :meth:`AdapterCheckpointer.restore` reads (256 MiB).
+
+Real metadata takes about 2-4 KiB per adapted kernel with an Adam state (paths,
+target fields, shape/dtype/checksum of each array and moment), so this admits
+some 60,000 kernels, more than a per-expert, per-layer MoE needs; a larger
+file is refused unread as damaged.
+"""
 
 
 # --------------------------------------------------------------------------
@@ -186,9 +212,208 @@ def _stored_adapters(lora: LoraParams, names) -> dict:
   return dict(_flat_keys({n: lora.adapters[n] for n in names}))
 
 
+def _digest(meta: Mapping) -> str:
+  """SHA-256 (hex) of the canonical JSON of every field but the digest itself."""
+  body = {k: v for k, v in meta.items() if k != _DIGEST}
+  text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _signed(meta: Mapping) -> dict:
+  """The metadata as it will read back (tuples as lists, keys as strings), with its digest."""
+  try:
+    plain = json.loads(json.dumps(meta))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"The checkpoint metadata is not JSON-serialisable ({e}); a spec or target "
+                    "field holds a value JSON cannot store (e.g. a NumPy scalar). Pass plain "
+                    "Python values in the spec.") from None
+  plain[_DIGEST] = _digest(plain)
+  return plain
+
+
 # --------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------
+
+def _another_step(steps: Sequence[int]) -> str:
+  return f"Restore another step (available: {list(steps)}), or save again."
+
+
+def _damaged(where: str, what: str, steps: Sequence[int]) -> ValueError:
+  """The error for a damaged step: what is wrong, then the steps still available."""
+  return ValueError(f"The checkpoint in {where} is incomplete or corrupt: {what}. "
+                    + _another_step(steps))
+
+
+def _kind(x) -> str:
+  names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+  return f"{names.get(type(x), 'number')} {json.dumps(x)[:60]}"
+
+
+def _read_meta_file(path: str, where: str, steps: Sequence[int]) -> dict:
+  """Reads the metadata JSON, refusing links, non-files and oversized files unread."""
+  try:
+    st = os.lstat(path)
+  except FileNotFoundError:
+    raise _damaged(where, f"its metadata file {path} is missing", steps) from None
+  except OSError as e:
+    raise _damaged(where, f"its metadata file {path} cannot be examined ({e})", steps) from None
+  if stat.S_ISLNK(st.st_mode):
+    raise _damaged(where, f"its metadata file {path} is a symbolic link (to "
+                   f"{os.readlink(path)!r}); lojax writes a regular file and does not follow "
+                   "links there, so it was not read", steps)
+  if not stat.S_ISREG(st.st_mode):
+    raise _damaged(where, f"its metadata file {path} is not a regular file (mode "
+                   f"{stat.filemode(st.st_mode)}), so it was not read", steps)
+  too_big = (f"its metadata file {path} is larger than any lojax metadata (over "
+             f"MAX_METADATA_BYTES = {MAX_METADATA_BYTES} bytes), so it was not read")
+  if st.st_size > MAX_METADATA_BYTES:
+    raise _damaged(where, too_big.replace("(over", f"({st.st_size} bytes, over"), steps)
+  flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+  try:
+    fd = os.open(path, flags)  # no link followed, no wait on a FIFO swapped in since lstat
+    with os.fdopen(fd, "rb") as f:
+      if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        raise _damaged(where, f"its metadata file {path} is not a regular file", steps)
+      data = f.read(MAX_METADATA_BYTES + 1)
+  except OSError as e:
+    raise _damaged(where, f"its metadata file {path} cannot be read ({e})", steps) from None
+  if len(data) > MAX_METADATA_BYTES:
+    raise _damaged(where, too_big, steps)
+  try:
+    meta = json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise _damaged(where, f"its metadata is not valid JSON ({type(e).__name__}: "
+                   f"{str(e)[:200]})", steps) from None
+  if not isinstance(meta, dict):
+    raise _damaged(where, f"its metadata is a JSON {_kind(meta)}, not an object", steps)
+  return meta
+
+
+def _check_step_files(step_dir: str, where: str, steps: Sequence[int]) -> None:
+  """Refuses a step whose files Orbax would read without bound: any symbolic link or
+  non-regular file in it, or a file outside the array data folders (``d/``) larger than
+  :data:`MAX_METADATA_BYTES` (Orbax's own metadata, e.g. ``adapters/_METADATA``)."""
+  bad = []
+  for root, dirs, files in os.walk(step_dir, onerror=lambda e: bad.append(f"  {e}")):
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      try:
+        st = os.lstat(path)
+      except OSError as e:
+        bad.append(f"  {path}: cannot be examined ({e})")
+        continue
+      if stat.S_ISLNK(st.st_mode):
+        bad.append(f"  {path}: a symbolic link (to {os.readlink(path)!r})")
+      elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        bad.append(f"  {path}: not a regular file (mode {stat.filemode(st.st_mode)})")
+      elif (stat.S_ISREG(st.st_mode) and os.path.basename(root) != "d"
+            and st.st_size > MAX_METADATA_BYTES):
+        bad.append(f"  {path}: {st.st_size} bytes, larger than any metadata "
+                   f"(MAX_METADATA_BYTES = {MAX_METADATA_BYTES})")
+  if bad:
+    raise ValueError(f"The checkpoint in {where} is incomplete or corrupt: files lojax does "
+                     "not write, refused before Orbax reads them:\n" + "\n".join(bad) + "\n"
+                     + _another_step(steps))
+
+
+def _check_digest(meta: Mapping, where: str, steps: Sequence[int]) -> None:
+  recorded = meta.get(_DIGEST)
+  if recorded is None:
+    raise _damaged(where, "its metadata has no SHA-256 digest (field \"sha256\"): it was "
+                   "written by an older lojax, which stored none, or the field was removed. "
+                   "lojax restores only checked metadata: restore the step with the lojax that "
+                   "wrote it and save it again with this one (`save_adapters` or "
+                   "`AdapterCheckpointer.save` write the digest)", steps)
+  if not isinstance(recorded, str) or not _HEX64.fullmatch(recorded):
+    raise _damaged(where, f"its SHA-256 digest is not 64 hex digits (found "
+                   f"{_kind(recorded)})", steps)
+  computed = _digest(meta)
+  if computed != recorded:
+    raise _damaged(where, f"its SHA-256 digest does not match its content (recorded "
+                   f"{recorded[:16]}..., computed {computed[:16]}...): the metadata was edited "
+                   "or damaged after it was saved", steps)
+
+
+def _entry_problems(label: str, d, checksum: bool) -> list[str]:
+  """The problems of one recorded array description {shape, dtype[, crc32]}."""
+  if not isinstance(d, dict):
+    return [f"  {label}: expected an object with shape and dtype, found {_kind(d)}"]
+  problems = []
+  shape = d.get("shape")
+  if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+    problems.append(f"  {label}: shape must be a list of sizes >= 0, found {_kind(shape)}")
+  dtype = d.get("dtype")
+  try:
+    ok = isinstance(dtype, str) and str(np.dtype(dtype)) == dtype and bool(
+        jax.numpy.issubdtype(np.dtype(dtype), np.number) or np.dtype(dtype) == np.bool_)
+  except TypeError:
+    ok = False
+  if not ok:
+    problems.append(f"  {label}: dtype must name a numeric or bool NumPy dtype, found "
+                    f"{_kind(dtype)}")
+  crc = d.get("crc32")
+  if checksum and not (type(crc) is int and 0 <= crc < 2**32):
+    problems.append(f"  {label}: crc32 must be an int in [0, 2**32), found {_kind(crc)}")
+  return problems
+
+
+def _leaves(structure, prefix: str, out: list, problems: list) -> None:
+  for k, v in structure.items():
+    if isinstance(v, dict):
+      _leaves(v, f"{prefix}{k}/", out, problems)
+    elif isinstance(v, str):
+      out.append(v)
+    else:
+      problems.append(f"  structure {prefix}{k}: expected an array key or an object, found "
+                      f"{_kind(v)}")
+
+
+def _meta_problems(meta: Mapping, step: int) -> list[str]:
+  """Every malformed field of digest-checked metadata (an empty list when well formed)."""
+  problems = []
+  if type(meta.get("step")) is not int or meta["step"] != step:
+    problems.append(f"  step: the metadata records step {_kind(meta.get('step'))}, but lies "
+                    f"in step {step}")
+  kinds = {"adapters": list, "active": list, "base_fingerprint": dict, "structure": dict,
+           "arrays": dict, "opt_state": (dict, type(None))}
+  for key, want in kinds.items():
+    if key not in meta:
+      problems.append(f"  {key}: missing")
+    elif not isinstance(meta[key], want):
+      expected = {list: "a list", dict: "an object"}.get(want, "an object or null")
+      problems.append(f"  {key}: expected {expected}, found {_kind(meta[key])}")
+  if problems:
+    return problems
+  arrays, opt = meta["arrays"], meta["opt_state"]
+  for k, d in arrays.items():
+    problems += _entry_problems(f"arrays {unescape_key(k)}", d, True)
+  for k, d in (opt or {}).items():
+    problems += _entry_problems(f"opt_state {unescape_key(k)}", d, True)
+  for p, d in meta["base_fingerprint"].items():
+    problems += _entry_problems(f"base_fingerprint {p}", d, False)
+  used = []
+  _leaves(meta["structure"], "", used, problems)
+  for k in used:
+    if k not in arrays:
+      problems.append(f"  structure {unescape_key(k)}: no such array in `arrays`")
+  for k in sorted(set(arrays) - set(used)):
+    problems.append(f"  arrays {unescape_key(k)}: not in the structure")
+  names = []
+  for i, a in enumerate(meta["adapters"]):
+    if isinstance(a, dict) and isinstance(a.get("name"), str):
+      names.append(a["name"])
+    else:
+      problems.append(f"  adapters[{i}]: expected an object with a string name, found "
+                      f"{_kind(a)}")
+  if set(meta["structure"]) != set(names):
+    problems.append(f"  structure: holds adapters {sorted(meta['structure'])}, the metadata "
+                    f"describes {names}")
+  for n in meta["active"]:
+    if n not in names:
+      problems.append(f"  active: {_kind(n)} is not a saved adapter ({names})")
+  return problems
+
 
 def _diff_base(fingerprint: Mapping, params) -> list[str]:
   paths, leaves, _ = P.flatten(params)
@@ -256,8 +481,8 @@ def _check_arrays(kind: str, described: Mapping, restored: Mapping, where: str,
       bad.append(f"  {unescape_key(k)}: stored data does not match its recorded "
                  "shape/dtype/checksum")
   if bad:
-    raise ValueError(f"The {kind} in {where} is corrupt:\n" + "\n".join(bad) +
-                     f"\nRestore another step (available: {list(steps)}), or save again.")
+    raise ValueError(f"The {kind} in {where} is corrupt:\n" + "\n".join(bad) + "\n"
+                     + _another_step(steps))
 
 
 # --------------------------------------------------------------------------
@@ -333,8 +558,8 @@ class AdapterCheckpointer:
                        "start over).")
     stored = _stored_adapters(lora, names)
     opt_flat = None if opt_state is None else dict(_flat_keys(opt_state))
-    meta = _metadata(lora, names, step, stored, opt_flat)
-    items = {"adapters": ocp.args.StandardSave(stored), "meta": ocp.args.JsonSave(meta)}
+    meta = _signed(_metadata(lora, names, step, stored, opt_flat))
+    items = {"adapters": ocp.args.StandardSave(stored), _META_ITEM: ocp.args.JsonSave(meta)}
     if opt_flat is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_flat)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -365,8 +590,12 @@ class AdapterCheckpointer:
     Raises:
       ValueError: no checkpoint / no such step; the checkpoint does not fit
         ``params`` (every difference is listed; nothing is loaded); the
-        checkpoint is incomplete or corrupt.
+        checkpoint is incomplete or corrupt (its metadata file a link, not a
+        regular file, over :data:`MAX_METADATA_BYTES`, without a digest or
+        not matching it, or malformed; its arrays not matching their
+        checksums), naming the steps still available.
     """
+    self._manager.wait_until_finished()  # a step still being saved is read once committed
     steps = self.all_steps()
     if not steps:
       raise ValueError(f"No checkpoint in {self.directory}: it holds no completed step. "
@@ -376,20 +605,28 @@ class AdapterCheckpointer:
     if step not in steps:
       raise ValueError(f"No step {step} in {self.directory}; available steps: {steps}.")
     where = f"{self.directory} (step {step})"
-    meta = self._read(step, {"meta": ocp.args.JsonRestore()}, where)["meta"]
+    step_dir = os.path.join(self.directory, str(step))
+    meta = _read_meta_file(os.path.join(step_dir, _META_ITEM, _META_FILE), where, steps)
+    if meta.get("format") != FORMAT:
+      raise _damaged(where, f"its metadata is not a lojax adapter checkpoint's (format "
+                     f"{_kind(meta.get('format'))}, expected {FORMAT!r})", steps)
+    if meta.get("version") != VERSION:
+      raise _damaged(where, f"its metadata has format version {_kind(meta.get('version'))}; "
+                     f"this lojax reads {VERSION}", steps)
+    _check_digest(meta, where, steps)
+    problems = _meta_problems(meta, step)
+    if problems:
+      raise ValueError(f"The checkpoint in {where} is incomplete or corrupt: its metadata is "
+                       f"malformed ({len(problems)} problem(s)):\n" + "\n".join(problems)
+                       + "\n" + _another_step(steps))
     try:
-      if meta.get("format") != FORMAT:
-        raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-      if meta.get("version") != VERSION:
-        raise ValueError(f"format version {meta.get('version')!r}; this lojax reads {VERSION}")
       saved = tuple(_adapter_from_json(a) for a in meta["adapters"])
-      active = tuple(meta["active"])
-      fingerprint, arrays, opt_desc = meta["base_fingerprint"], meta["arrays"], meta["opt_state"]
-      structure = meta["structure"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-      raise ValueError(f"The metadata in {where} is not a lojax adapter checkpoint or is "
-                       f"damaged ({type(e).__name__}: {e}). Restore another step (available: "
-                       f"{self.all_steps()}), or save again.") from None
+      raise _damaged(where, f"its metadata describes an adapter lojax cannot rebuild "
+                     f"({type(e).__name__}: {e})", steps) from None
+    active = tuple(meta["active"])
+    fingerprint, arrays, opt_desc = meta["base_fingerprint"], meta["arrays"], meta["opt_state"]
+    structure = meta["structure"]
 
     base = params.base if isinstance(params, LoraParams) else params
     problems = _diff_base(fingerprint, base)
@@ -414,6 +651,7 @@ class AdapterCheckpointer:
     if opt_state_template is not None:
       opt_tmpl = {k: abstract(d) for k, d in opt_desc.items()}
       items["opt_state"] = ocp.args.StandardRestore(opt_tmpl)
+    _check_step_files(step_dir, where, steps)
     out = self._read(step, items, where)
     _check_arrays("adapter data", arrays, out["adapters"], where, self.all_steps())
     adapters = _fill(structure, out["adapters"])
@@ -437,8 +675,7 @@ class AdapterCheckpointer:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
       raise ValueError(
           f"Could not read the checkpoint in {where}: it is incomplete or corrupt "
-          f"({type(e).__name__}: {first}). Restore another step (available: "
-          f"{self.all_steps()}) or save again.") from None
+          f"({type(e).__name__}: {first}). " + _another_step(self.all_steps())) from None
 
   def latest_step(self) -> int | None:
     """The newest completed step, or None."""
