@@ -156,6 +156,10 @@ def _check_combination(lora, adapters, weights, adapter_name, combination_type):
   adapters, weights = list(adapters), list(weights)
   if not adapters or len(adapters) != len(weights):
     raise ValueError(f"Give one weight per adapter; got adapters={adapters}, weights={weights}.")
+  bad = [f"weights[{i}]={w!r}" for i, w in enumerate(weights) if not _finite(w)]
+  if bad:
+    raise ValueError(f"`weights` must be finite numbers (a NaN or inf weight makes every "
+                     f"combined factor NaN); got {', '.join(bad)} in weights={weights}.")
   if adapter_name in lora.meta.names:
     raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
   metas = [lora.meta.adapter(n) for n in adapters]  # raises for unknown names
@@ -164,6 +168,14 @@ def _check_combination(lora, adapters, weights, adapter_name, combination_type):
     raise ValueError(f"Adapters {saving} hold modules_to_save copies, which cannot be combined "
                      "into a low-rank adapter.")
   return metas
+
+
+def _finite(w) -> bool:
+  """False for a NaN or infinite weight (values that are no number are left to ``float``)."""
+  try:
+    return bool(np.isfinite(float(w)))
+  except (TypeError, ValueError, OverflowError):
+    return True
 
 
 def _parts(lora, metas, weights, path: str) -> list:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from lojax._src import analysis
 from lojax._src import interpret
@@ -90,6 +91,8 @@ def view(lora: LoraParams):
 def _check_ids(ids, n_active: int):
   if ids is None:
     return None
+  traced = isinstance(ids, jax.core.Tracer)
+  concrete = None if traced else np.asarray(ids)   # before jnp: under jit that would trace it
   ids = jnp.asarray(ids)
   if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"`lora_adapter_ids` must be a 1-D int array (one adapter index per "
@@ -97,6 +100,18 @@ def _check_ids(ids, n_active: int):
   if n_active == 0:
     raise ValueError("`lora_adapter_ids` was given but no adapter is active; activate the "
                      "adapters of the batch with lojax.set_adapter(lora, [...]).")
+  if traced:   # values unknown at trace time: checked under checkify only
+    checkify.debug_check(jnp.all((ids >= -1) & (ids < n_active)), f"`lora_adapter_ids` must "
+                         f"lie in [-1, {n_active}) (-1: no adapter; {n_active} active "
+                         "adapters); got {ids}.", ids=ids)
+    return ids
+  rows = np.flatnonzero((concrete < -1) | (concrete >= n_active))
+  if rows.size:
+    got = ", ".join(f"ids[{i}]={int(concrete[i])}" for i in rows[:10])
+    raise ValueError(f"`lora_adapter_ids` must lie in [-1, {n_active}) (-1: no adapter, else "
+                     f"an index into the {n_active} active adapters); got {got}"
+                     f"{' and more' if rows.size > 10 else ''}. Build them with "
+                     "lojax.adapter_ids(lora, names).")
   return ids
 
 
@@ -127,7 +142,11 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
     lora_adapter_ids: for a mixed-adapter batch, an int array ``[batch]``:
       example ``i`` uses active adapter ``lora.meta.active[ids[i]]`` only, or
       none when ``ids[i] == -1`` (see :func:`lojax.adapter_ids`). The
-      activations' leading axis must be the examples.
+      activations' leading axis must be the examples. Concrete ids outside
+      ``[-1, len(lora.meta.active))`` raise a ValueError; traced ids (under
+      ``jax.jit``) cannot be checked at trace time: such a row silently gets
+      the base model unless the call runs under
+      ``jax.experimental.checkify.checkify``, whose error then reports them.
   A spec with ``lora_dropout > 0`` needs one of the first two.
 
   The base params are wrapped in ``lax.stop_gradient``: differentiating with

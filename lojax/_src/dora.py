@@ -13,10 +13,21 @@ matmul on the dropped input, still no kernel-sized temporary.
 
 A DoRA target holds plain LoRA's factors plus ``lora_magnitude``
 ``[L?, out...]``; the compute path gets it as :attr:`Factors.m`.
+
+Degenerate columns never give NaN or inf at init, in the factorized step,
+merge or unmerge (the merged fallback for uses lojax cannot factorize,
+``tagged.dora_factor``, still divides plainly). Every norm is computed scaled
+(:func:`norm`): the values are divided by a power of two near the column's
+largest value, so no square overflows (above ~1.8e19 in float32) or
+underflows, and the result is bit-identical to the plain formula wherever
+that one is finite. A column whose ``W + s*A@B`` is all zero has no
+direction: its scale ``m / n`` is 0 (:func:`ratio`), so it stays zero, where
+PEFT (which has no epsilon in the DoRA norm or division) gives ``0/0 = NaN``.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from lojax._src import lora
@@ -27,16 +38,60 @@ from lojax._src.model import Factors
 KEY = "lora_magnitude"
 
 
-def _shell(t, w, a, b, m=None):
-  return tg.Tagged(w, t.leaf_path, t.sides(), (tg.Term(a, b, m=m),), None)
+def _shell(t, w, a, b):
+  return tg.Tagged(w, t.leaf_path, t.sides(), (tg.Term(a, b),), None)
+
+
+def pow2_scale(c):
+  """The largest power of two ``<= c``, a scale that divides exactly.
+
+  Clipped to float32's normal range; 1 where ``c`` is 0, inf or NaN.
+  """
+  c = jnp.asarray(c, jnp.float32)
+  _, e = jnp.frexp(c)
+  p = jnp.ldexp(jnp.ones_like(c), jnp.clip(e - 1, -126, 127))
+  return jnp.where(jnp.isfinite(c) & (c > 0), p, jnp.ones_like(c))
+
+
+def norm(x, axis, keepdims=False):
+  """``sqrt(sum(x**2, axis))`` in float32 that neither overflows nor underflows.
+
+  ``x`` is divided by a power of two near its largest magnitude along
+  ``axis`` first (as LAPACK's ``nrm2`` scales), and the norm multiplied back.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  c = pow2_scale(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+  n = jnp.sqrt(jnp.sum(jnp.square(x / c), axis=axis, keepdims=True)) * c
+  return n if keepdims else jnp.squeeze(n, axis)
+
+
+def ratio(m, n):
+  """DoRA's scale ``m / n``, and 0 where ``n == 0`` (an all-zero column has no direction).
+
+  Finite, with finite gradients, for every ``n >= 0``; equal to ``m / n``
+  wherever ``n > 0``.
+  """
+  m, n = jnp.asarray(m, jnp.float32), jnp.asarray(n, jnp.float32)
+  pos = n > 0
+  return jnp.where(pos, m / jnp.where(pos, n, 1.0), 0.0)
+
+
+def merged_kernel(t, w, a, b):
+  """``W + s*A@B`` in float32, in the kernel's layout."""
+  return w.astype(jnp.float32) + tg.delta(_shell(t, w, a, b), jnp.float32)
 
 
 def column_norm(t, w, a, b):
   """||W + s*A@B|| over the input axes, shaped like the magnitude [L?, out...]."""
-  merged = w.astype(jnp.float32) + tg.delta(_shell(t, w, a, b), jnp.float32)
   lead = 1 if t.stacked else 0
-  in_axes = tuple(lead + ax for ax in t.in_axes)
-  return jnp.sqrt(jnp.sum(jnp.square(merged), axis=in_axes))
+  return norm(merged_kernel(t, w, a, b), tuple(lead + ax for ax in t.in_axes))
+
+
+def _per_column(t, v):
+  """A ``[L?, out...]`` value laid out to broadcast against the kernel."""
+  lead = 1 if t.stacked else 0
+  shape = [1 if (j - lead) in t.in_axes and j >= lead else d for j, d in enumerate(t.shape)]
+  return v.reshape(shape)
 
 
 def term_magnitude(t, magnitude):
@@ -75,19 +130,30 @@ class Dora(lora.Lora):
     return Factors(f.a, f.b, term_magnitude(t, entry[KEY]))
 
   def merge(self, t, w, entry):
-    f = self.factors(t, entry)
-    return tg.materialize(_shell(t, w, f.a, f.b, f.m))
+    """``(m/n) * (W + s*A@B)``; a column with ``n == 0`` merges to zero.
+
+    ``n`` is a constant for the gradient, as in the training step.
+    """
+    f = super().factors(t, entry)
+    v = merged_kernel(t, w, f.a, f.b)
+    lead = 1 if t.stacked else 0
+    n = jax.lax.stop_gradient(norm(v, tuple(lead + ax for ax in t.in_axes)))
+    return (v * _per_column(t, ratio(entry[KEY], n))).astype(w.dtype)
 
   def unmerge(self, t, merged, entry, base_w):
-    """Recovers ``W`` from a merged kernel: ``W' * n/m - s*A@B`` with n from the base."""
-    f = self.factors(t, entry)
-    n = column_norm(t, base_w, f.a, f.b)
-    lead = 1 if t.stacked else 0
-    shape = [1 if (j - lead) in t.in_axes and j >= lead else d for j, d in enumerate(t.shape)]
-    scale = (n / entry[KEY].astype(jnp.float32)).reshape(shape)
-    return merged.astype(jnp.float32) * scale - tg.delta(_shell(t, base_w, f.a, f.b),
-                                                         jnp.float32)
+    """Recovers ``W`` from a merged kernel: ``W' * n/m - s*A@B`` with n from the base.
 
+    A column that merged to zero (``m/n == 0``: a zero magnitude, or a zero
+    ``W + s*A@B``) holds nothing of ``W``; it comes back as the base's column.
+    """
+    f = super().factors(t, entry)
+    n = column_norm(t, base_w, f.a, f.b)
+    m = entry[KEY].astype(jnp.float32)
+    kept = ratio(m, n) != 0                  # then m != 0 and n > 0
+    scale = _per_column(t, jnp.where(kept, n / jnp.where(kept, m, 1.0), 0.0))
+    out = merged.astype(jnp.float32) * scale - tg.delta(_shell(t, base_w, f.a, f.b),
+                                                        jnp.float32)
+    return jnp.where(_per_column(t, kept), out, base_w.astype(jnp.float32))
 
   def to_peft(self, t, layer):
     """Plain LoRA's tensors plus ``lora_magnitude_vector [out]``."""
