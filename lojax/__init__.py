@@ -62,6 +62,9 @@ from lojax._src.mappings import PeftMapping
 from lojax._src.peft_format import load_peft
 from lojax._src.peft_format import save_peft
 
+# Serving: adapters swapped into a compiled function.
+from lojax._src.serving import hotswap
+
 # Sharding adapters and optimizer states with the base.
 from lojax._src.sharding import lora_shardings
 from lojax._src.sharding import opt_state_shardings
@@ -94,6 +97,7 @@ __all__ = (
     "delete_adapter",
     "dequantize",
     "disable_adapters",
+    "hotswap",
     "kernel_paths",
     "load_peft",
     "lora_shardings",

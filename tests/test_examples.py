@@ -37,4 +37,11 @@ def test_checkpointing_example(tmp_path):
   assert "identical to the uninterrupted run: True" in out
   assert (tmp_path / "checkpointing_out" / "peft" / "adapter_model.safetensors").exists()
 
+def test_generate_example(tmp_path):
+  out = run("generate.py", "--steps", "20", "--pretrain-steps", "20", "--tokens", "16",
+            cwd=tmp_path)
+  assert "frozen base:" in out and "with LoRA:" in out
+  assert "agree on 32 of 32 tokens" in out and "tokens/s" in out
+
+
 # examples/sharded_training.py runs in tests/test_sharding.py, in its 8-device process.

@@ -198,6 +198,10 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
           preferred_element_type=None):
   """``x2 @ w2 + Σ (x2 @ a) @ b`` as one matmul, with a memory-lean backward.
 
+  Differentiated, the forward is the single matmul ``[x2 | x2@a] @ [w2; b]``;
+  not differentiated, it is ``x2 @ w2`` plus the skinny products, so inference
+  never writes the ``[w2; b]`` concatenation (a copy of the kernel per call).
+
   ``x2`` is ``[N, C]``, ``w2`` ``[C, D]`` (it gets no gradient), ``factors``
   a sequence of ``(a [C, r], b [r, D])`` in ``x2``'s dtype. With
   ``recompute``, the backward recomputes ``x2`` as ``recompute.g(anchors)``
@@ -241,7 +245,12 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
 
   @jax.custom_vjp
   def f(x2, anchors, w2, a_s, b_s):
-    return fwd(x2, anchors, w2, a_s, b_s)[0]
+    # Not differentiated (evaluation, prefill, decoding): the two matmuls, without writing
+    # the kernel-sized [W; B] that only the training step's single output pays for.
+    y = jnp.matmul(x2, w2, **kw)
+    for a, b in zip(a_s, b_s):
+      y = y + jnp.matmul(jnp.matmul(x2, a, **kw).astype(x2.dtype), b, **kw)
+    return y
 
   f.defvjp(fwd, bwd)
   return f(x2, anchors, w2, a_s, b_s)

@@ -1,0 +1,148 @@
+"""Serving: swap an adapter's weights into a compiled server without recompiling.
+
+A jitted function of a :class:`LoraParams` is compiled for its tree structure,
+shapes and static metadata (targets, ranks, scalings). :func:`hotswap`
+returns the server's tree with one adapter's weights replaced by another
+adapter's, written in the server's layout: ranks zero-padded to the server's,
+the incoming scaling folded into ``B`` (``s_server * B' = s_new * B``), targets
+the incoming adapter does not adapt set to zero. The metadata is the server's
+own, so the compiled function is reused, and the outputs are exactly the
+incoming adapter's.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from lojax._src import model
+from lojax._src.model import LoraParams, TargetMeta
+
+_A, _B, _M = "lora_A", "lora_B", "lora_magnitude"
+
+
+def hotswap(server: LoraParams, new: LoraParams, /, *, adapter_name: str | None = None,
+            source_name: str | None = None) -> LoraParams:
+  """``server`` with adapter ``adapter_name`` holding ``new``'s adapter, padded to fit.
+
+  Args:
+    server: the :class:`LoraParams` a serving function was compiled for, e.g.
+      wrapped with ``r`` the largest rank it must accept (its own weights do not
+      matter).
+    new: a :class:`LoraParams` on the same base holding the adapter to serve
+      (from :func:`lojax.wrap` and training, :func:`lojax.restore_adapters` or
+      :func:`lojax.load_peft`).
+    adapter_name: the server's adapter to overwrite (default: its only one).
+    source_name: ``new``'s adapter to take (default: its only one).
+
+  Returns:
+    A :class:`LoraParams` with the server's structure, shapes, dtypes and
+    metadata (so no jitted function of it recompiles) whose adapter computes
+    what ``new``'s does: each factor pair zero-padded from rank r to the
+    server's, ``B`` times ``s_new / s_server``, targets ``new`` does not
+    adapt (or layers of a stacked kernel it does not adapt) set to zero; DoRA
+    magnitudes and ``modules_to_save`` copies taken as they are, trained
+    biases likewise (zero where ``new`` trains none).
+
+  Raises:
+    ValueError: ``new`` adapts a kernel (or a layer) the server does not, with
+      a rank above the server's, with another variant (LoRA vs DoRA; AdaLoRA
+      is not swappable: serve it resized or merged), or trains a bias or saves a
+      module the server does not; every problem is listed.
+
+  >>> import jax, jax.numpy as jnp, lojax
+  >>> params = {"q": {"kernel": jnp.ones((4, 3))}}
+  >>> server = lojax.wrap(params, lojax.LoraSpec(r=8, target_modules=["q"]),
+  ...                     key=jax.random.key(0))
+  >>> small = lojax.wrap(params, lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["q"]),
+  ...                    key=jax.random.key(1))
+  >>> lojax.hotswap(server, small).adapters["default"]["lora"]["q"]["lora_A"].shape
+  (4, 8)
+  """
+  for arg, value in (("server", server), ("new", new)):
+    if not isinstance(value, LoraParams):
+      raise TypeError(f"`{arg}` must be a lojax.LoraParams, got {type(value).__name__}.")
+  name = _one(server, adapter_name, "adapter_name", "server")
+  src = _one(new, source_name, "source_name", "new")
+  s_meta, n_meta = server.meta.adapter(name), new.meta.adapter(src)
+  problems = []
+  kinds = {s_meta.variant.name, n_meta.variant.name}
+  if "adalora" in kinds:
+    problems.append("  AdaLoRA adapters are not swapped: resize them (lojax.adalora_resize) into "
+                    "plain LoRA, or serve them merged")
+  elif len(kinds) > 1:
+    problems.append(f"  the server's adapter {name!r} is {s_meta.variant.name}, the new one "
+                    f"{n_meta.variant.name}: compile a server of the same variant")
+  by_path = {t.path: t for t in s_meta.targets}
+  for t in n_meta.targets:
+    st = by_path.get(t.path)
+    if st is None:
+      problems.append(f"  {t.path}: adapted by the new adapter, not by the server")
+    elif (st.shape, st.kind, st.in_axes, st.expert_axes) != (t.shape, t.kind, t.in_axes,
+                                                               t.expert_axes):
+      problems.append(f"  {t.path}: the server adapts it as {st.kind} {st.shape} with inputs "
+                      f"{st.in_axes}, the new adapter as {t.kind} {t.shape} with {t.in_axes}")
+    elif t.r > st.r:
+      problems.append(f"  {t.path}: rank {t.r} is above the server's {st.r}; compile the "
+                      f"server with r >= {t.r} (e.g. rank_pattern)")
+    elif st.stacked and not set(_layers(t)) <= set(_layers(st)):
+      problems.append(f"  {t.path}: the new adapter adapts layers {list(_layers(t))}, the "
+                      f"server only {list(_layers(st))}")
+  if "dora" in kinds and {(t.path, _layers(t) if t.stacked else ()) for t in n_meta.targets} != {
+      (t.path, _layers(t) if t.stacked else ()) for t in s_meta.targets}:
+    problems.append("  DoRA: the new adapter must adapt exactly the server's kernels and layers "
+                    "(a DoRA magnitude has no neutral value without the base's column norms)")
+  s_ad, n_ad = server.adapters[name], new.adapters[src]
+  for group, what in ((model.BIAS, "trains the bias"), (model.SAVED, "saves")):
+    for p in sorted(set(n_ad[group]) - set(s_ad[group])):
+      problems.append(f"  {p}: the new adapter {what} {p}, the server does not")
+  if problems:
+    raise ValueError(f"Cannot swap adapter {src!r} into the server's {name!r}:\n" +
+                     "\n".join(problems))
+  lora = {}
+  for st in s_meta.targets:
+    entry = s_ad[model.LORA][st.path]
+    t = next((t for t in n_meta.targets if t.path == st.path), None)
+    lora[st.path] = (_zero(entry) if t is None else
+                     _fit(st, t, entry, n_ad[model.LORA][t.path]))
+  group = lambda g: {p: (jnp.asarray(n_ad[g][p], x.dtype) if p in n_ad[g] else jnp.zeros_like(x))
+                     for p, x in s_ad[g].items()}
+  saved = {p: jnp.asarray(n_ad[model.SAVED][p], x.dtype) if p in n_ad[model.SAVED] else x
+           for p, x in s_ad[model.SAVED].items()}   # a module not saved keeps the server's copy
+  adapter = dict(s_ad, **{model.LORA: lora, model.BIAS: group(model.BIAS), model.SAVED: saved})
+  return LoraParams(server.base, dict(server.adapters, **{name: adapter}), server.meta)
+
+
+def _one(lora: LoraParams, name, arg: str, what: str) -> str:
+  if name is not None:
+    lora.meta.adapter(name)
+    return name
+  if len(lora.meta.names) != 1:
+    raise ValueError(f"`{arg}` is required: `{what}` has adapters {list(lora.meta.names)}.")
+  return lora.meta.names[0]
+
+
+def _layers(t: TargetMeta) -> tuple[int, ...]:
+  return tuple(t.layers) if t.layers is not None else tuple(range(t.stacked))
+
+
+def _zero(entry):
+  return {k: jnp.zeros_like(v) for k, v in entry.items()}
+
+
+def _fit(st: TargetMeta, t: TargetMeta, server_entry, entry):
+  """``entry`` (target ``t``) in the server target ``st``'s layout: rank, layers, scaling."""
+  lead = len(t.lead_roles())
+  a_axis, b_axis = lead + len(t.in_axes), lead
+  a = jnp.asarray(entry[_A], server_entry[_A].dtype)
+  b = jnp.asarray(entry[_B], jnp.float32) * (t.scaling / st.scaling)
+  pad = st.r - t.r
+  a = jnp.pad(a, [(0, pad if i == a_axis else 0) for i in range(a.ndim)])
+  b = jnp.pad(b, [(0, pad if i == b_axis else 0) for i in range(b.ndim)])
+  out = {_A: a, _B: b.astype(server_entry[_B].dtype)}
+  if _M in entry:
+    out[_M] = jnp.asarray(entry[_M], server_entry[_M].dtype)
+  if st.stacked and _layers(st) != _layers(t):   # scatter the new layers into the server's
+    rows = np.searchsorted(np.asarray(_layers(st)), np.asarray(_layers(t)))
+    out = {k: jnp.zeros_like(server_entry[k]).at[rows].set(v) for k, v in out.items()}
+  return out
