@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import lojax  # noqa: E402
 from models import Config, LinenGPT, NnxGPT, batch  # noqa: E402
+import serving  # noqa: E402
 
 R, ALPHA, LR = 16, 32.0, 1e-3
 
@@ -412,6 +413,8 @@ def markdown(res: dict) -> str:
               f"examples spread over {mb['adapters']} adapters takes {mb['mixed_forward_s']:.3f} s; "
               f"{mb['adapters']} separate forwards of the sub-batches take "
               f"{mb['separate_forwards_s']:.3f} s."]
+  if res.get("serving"):
+    lines += serving.markdown(res["serving"])
   if res.get("sweep"):
     lines += ["", "Sweep (lojax LoRA, linen, fewer steps): step-time ratio to the limit "
               "(FLOPs ratio)", "", "| d_model \\ r | " + " | ".join(
@@ -525,7 +528,18 @@ def main():
   ap.add_argument("--out", default=None, help="results name (default: the device)")
   ap.add_argument("--from-json", default=None,
                   help="only re-render the table, plot and README from a results JSON")
+  ap.add_argument("--serving-only", action="store_true",
+                  help="only (re)measure the serving rows into the device's results JSON")
   args = ap.parse_args()
+  if args.serving_only:
+    path = HERE / "results" / f"{args.out or device_name()}.json"
+    res = json.loads(path.read_text())
+    res["serving"] = serving.serving(max(args.steps, 10))
+    path.write_text(json.dumps(res, indent=1, default=float))
+    (path.parent / f"{res['device']}.md").write_text(markdown(res))
+    write_readme()
+    print("\n".join(serving.markdown(res["serving"])))
+    return
   if args.from_json:
     res = json.loads(pathlib.Path(args.from_json).read_text())
     out = pathlib.Path(args.from_json).parent
@@ -564,6 +578,8 @@ def main():
   res["targets"] = targets(res["rows"])
   res["mixed_batch"] = mixed_batch(cfg, args.steps)
   print(f"  mixed batch: {res['mixed_batch']}", flush=True)
+  res["serving"] = serving.serving(max(args.steps, 10))
+  print("\n".join(serving.markdown(res["serving"])), flush=True)
   if not args.no_sweep:
     res["sweep"] = sweep(args.sweep_steps)
   out = HERE / "results"

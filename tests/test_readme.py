@@ -13,6 +13,7 @@ the same rule; a Python block there needs a setup here too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import pathlib
@@ -209,6 +210,20 @@ def moe_names():
           "key": jax.random.key(1)}
 
 
+def serving_names():
+  sys.path.insert(0, str(ROOT / "examples"))
+  import generate
+  model = generate.CausalLM(width=32, depth=2, heads=2, vocab=64)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 6)), jnp.int32)
+  params = model.init(jax.random.key(0), x)
+  spec = lojax.LoraSpec(r=4, target_modules="all-linear", init_lora_weights=False)
+  adapters = [lojax.wrap(params, dataclasses.replace(spec, r=r, lora_alpha=2 * r),
+                         key=jax.random.key(r)) for r in (2, 8, 16)]
+  return dict(model=model, x=x, params=params, key=jax.random.key(1), adapters=adapters,
+              lora=adapters[0], cache=generate.empty_cache(model, params, 2),
+              tokens=x[:, :1], positions=jnp.zeros((2, 1), jnp.int32))
+
+
 SETUPS = {
     "quickstart": trained_names, "rank-pattern": quickstart_names,
     "apply-fn": quickstart_names, "nnx": nnx_names, "plain": lambda: {"key": jax.random.key(1)},
@@ -218,6 +233,7 @@ SETUPS = {
     "peft": gpt2_names, "peft-pissa": gpt2_names, "equinox": equinox_names, "tunix": tunix_names,
     "recurrentgemma": recurrentgemma_names, "moe": moe_names,
     "transformers": transformers_names, "gemma": gemma_names,
+    "decode": serving_names, "hotswap": serving_names,
 }
 
 
@@ -410,6 +426,21 @@ def check_peft_pissa(ns):
   want = model.apply(ns["params"], x)
   for lora in (plain, ns["lora"]):   # untrained: the delta A B - A0 B0 is zero
     np.testing.assert_allclose(lojax.lorafy(model.apply)(lora, x), want, atol=2e-5, rtol=2e-5)
+
+
+def check_decode(ns):
+  # the adapted model's first-token logits, and the cache written at position 0
+  merged = lojax.merge(ns["lora"])
+  np.testing.assert_allclose(ns["logits"][:, 0], ns["model"].apply(merged, ns["tokens"])[:, 0],
+                             atol=1e-5, rtol=1e-5)
+  k = ns["new"]["cache"]["h_0"]["attn"]["k"]
+  assert float(jnp.abs(k[:, 0]).max()) > 0 and float(jnp.abs(k[:, 1:]).max()) == 0
+
+
+def check_hotswap(ns):
+  np.testing.assert_allclose(ns["logits"], ns["model"].apply(lojax.merge(ns["adapters"][-1]),
+                                                             ns["x"]), atol=1e-5, rtol=1e-5)
+  assert ns["serve"]._cache_size() == 1   # one compilation for the three ranks
 
 
 @pytest.mark.parametrize("name", sorted(SETUPS))

@@ -18,7 +18,7 @@ import numpy as np
 from lojax._src import model
 from lojax._src.model import LoraParams, TargetMeta
 
-_A, _B, _M = "lora_A", "lora_B", "lora_magnitude"
+_A, _B = "lora_A", "lora_B"
 
 
 def hotswap(server: LoraParams, new: LoraParams, /, *, adapter_name: str | None = None,
@@ -88,10 +88,11 @@ def hotswap(server: LoraParams, new: LoraParams, /, *, adapter_name: str | None 
     elif st.stacked and not set(_layers(t)) <= set(_layers(st)):
       problems.append(f"  {t.path}: the new adapter adapts layers {list(_layers(t))}, the "
                       f"server only {list(_layers(st))}")
-  if "dora" in kinds and {(t.path, _layers(t) if t.stacked else ()) for t in n_meta.targets} != {
+  own = sorted({k for t in s_meta.targets for k in s_meta.variant.layout(t)} - {_A, _B})
+  if own and {(t.path, _layers(t) if t.stacked else ()) for t in n_meta.targets} != {
       (t.path, _layers(t) if t.stacked else ()) for t in s_meta.targets}:
-    problems.append("  DoRA: the new adapter must adapt exactly the server's kernels and layers "
-                    "(a DoRA magnitude has no neutral value without the base's column norms)")
+    problems.append(f"  {s_meta.variant.name}: the new adapter must adapt exactly the server's "
+                    f"kernels and layers (its {own} have no neutral value to fill in)")
   s_ad, n_ad = server.adapters[name], new.adapters[src]
   for group, what in ((model.BIAS, "trains the bias"), (model.SAVED, "saves")):
     for p in sorted(set(n_ad[group]) - set(s_ad[group])):
@@ -103,8 +104,8 @@ def hotswap(server: LoraParams, new: LoraParams, /, *, adapter_name: str | None 
   for st in s_meta.targets:
     entry = s_ad[model.LORA][st.path]
     t = next((t for t in n_meta.targets if t.path == st.path), None)
-    lora[st.path] = (_zero(entry) if t is None else
-                     _fit(st, t, entry, n_ad[model.LORA][t.path]))
+    lora[st.path] = (_zero(entry) if t is None else _fit(
+        st, t, s_meta.variant.layout(st), entry, n_ad[model.LORA][t.path]))
   group = lambda g: {p: (jnp.asarray(n_ad[g][p], x.dtype) if p in n_ad[g] else jnp.zeros_like(x))
                      for p, x in s_ad[g].items()}
   saved = {p: jnp.asarray(n_ad[model.SAVED][p], x.dtype) if p in n_ad[model.SAVED] else x
@@ -130,18 +131,21 @@ def _zero(entry):
   return {k: jnp.zeros_like(v) for k, v in entry.items()}
 
 
-def _fit(st: TargetMeta, t: TargetMeta, server_entry, entry):
-  """``entry`` (target ``t``) in the server target ``st``'s layout: rank, layers, scaling."""
-  lead = len(t.lead_roles())
-  a_axis, b_axis = lead + len(t.in_axes), lead
-  a = jnp.asarray(entry[_A], server_entry[_A].dtype)
-  b = jnp.asarray(entry[_B], jnp.float32) * (t.scaling / st.scaling)
-  pad = st.r - t.r
-  a = jnp.pad(a, [(0, pad if i == a_axis else 0) for i in range(a.ndim)])
-  b = jnp.pad(b, [(0, pad if i == b_axis else 0) for i in range(b.ndim)])
-  out = {_A: a, _B: b.astype(server_entry[_B].dtype)}
-  if _M in entry:
-    out[_M] = jnp.asarray(entry[_M], server_entry[_M].dtype)
+def _fit(st: TargetMeta, t: TargetMeta, layout, server_entry, entry):
+  """``entry`` (target ``t``) in the server target ``st``'s layout: rank, layers, scaling.
+
+  Each parameter is zero-padded along its rank axis (``layout``'s roles); ``B``, which the
+  scaling multiplies, also takes ``s_new / s_server``; the others are taken as they are.
+  """
+  out = {}
+  for k, roles in layout.items():
+    x = jnp.asarray(entry[k], jnp.float32)
+    if k == _B:
+      x = x * (t.scaling / st.scaling)
+    if model.RANK in roles:
+      axis = roles.index(model.RANK)
+      x = jnp.pad(x, [(0, st.r - t.r if i == axis else 0) for i in range(x.ndim)])
+    out[k] = x.astype(server_entry[k].dtype)
   if st.stacked and _layers(st) != _layers(t):   # scatter the new layers into the server's
     rows = np.searchsorted(np.asarray(_layers(st)), np.asarray(_layers(t)))
     out = {k: jnp.zeros_like(server_entry[k]).at[rows].set(v) for k, v in out.items()}

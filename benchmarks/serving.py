@@ -1,0 +1,134 @@
+"""Serving rows: prefill and single-token decode steps with a KV cache, unmerged vs merged,
+mixed-adapter batches over K adapters, and hotswapping adapters into a compiled server.
+
+The model is ``examples/generate.py``'s KV-cache GPT at the benchmark shape (d_model 512,
+4 layers, 8 heads, vocab 8192), r = 16 on every block linear, batch 16. Every row of a
+table is timed in the same process, interleaved call by call; medians after a warm-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+
+import lojax  # noqa: E402
+import generate  # noqa: E402
+
+WIDTH, DEPTH, HEADS, VOCAB, BATCH, PROMPT, R = 512, 4, 8, 8192, 16, 64, 16
+MIXED_K = (1, 4, 16)
+
+
+def _interleaved(fns: dict, calls: int) -> dict[str, float]:
+  """Median seconds per call of each ``fn()``, timed round-robin after one warm-up call."""
+  for f in fns.values():
+    jax.block_until_ready(f())
+  times = {k: [] for k in fns}
+  for _ in range(calls):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[k].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _adapters(params, k: int):
+  """A LoraParams with ``k`` active adapters (r = 16, random factors)."""
+  spec = lojax.LoraSpec(r=R, lora_alpha=2 * R, target_modules="all-linear",
+                        init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(100), adapter_name="a0")
+  for i in range(1, k):
+    lora = lojax.wrap(lora, spec, key=jax.random.key(100 + i), adapter_name=f"a{i}")
+  return lojax.set_adapter(lora, [f"a{i}" for i in range(k)])
+
+
+def serving(calls: int = 10) -> dict:
+  model = generate.CausalLM(width=WIDTH, depth=DEPTH, heads=HEADS, vocab=VOCAB)
+  prompt = jax.random.randint(jax.random.key(0), (BATCH, PROMPT), 0, VOCAB)
+  params = jax.jit(model.init)(jax.random.key(1), prompt)
+  cache = generate.empty_cache(model, params, BATCH)
+  positions = jnp.broadcast_to(jnp.arange(PROMPT), (BATCH, PROMPT))
+  token = prompt[:, -1:]
+  pos = jnp.full((BATCH, 1), PROMPT)
+
+  def prefill(p, cache, ids):
+    return model.apply({**p, "cache": cache}, ids, positions, decode=True, mutable=["cache"])
+
+  def decode(p, cache, ids):
+    return model.apply({**p, "cache": cache}, ids, pos, decode=True, mutable=["cache"])
+
+  single = _adapters(params, 1)
+  merged = lojax.merge(single)
+  out: dict = {"shape": f"d_model {WIDTH}, {DEPTH} layers, vocab {VOCAB}, batch {BATCH}, "
+                        f"prompt {PROMPT}, r = {R} on every block linear, KV cache 256"}
+  for phase, fn, ids in (("prefill", prefill, prompt), ("decode", decode, token)):
+    frozen, lorafied = jax.jit(fn), jax.jit(lojax.lorafy(fn))
+    rows = {"merged": functools.partial(frozen, merged, cache, ids),
+            "unmerged": functools.partial(lorafied, single, cache, ids)}
+    for k in MIXED_K:
+      lora_k = _adapters(params, k)
+      sel = lojax.adapter_ids(lora_k, [f"a{i % k}" for i in range(BATCH)])
+      rows[f"mixed K={k}"] = functools.partial(lorafied, lora_k, cache, ids,
+                                               lora_adapter_ids=sel)
+    t = _interleaved(rows, calls)
+    out[phase] = {k: {"s": v, "ratio_to_merged": v / t["merged"],
+                      "ratio_to_unmerged": v / t["unmerged"]} for k, v in t.items()}
+    compiled = {k: jax.jit(fn if k == "merged" else lojax.lorafy(fn)).lower(
+        merged if k == "merged" else single, cache, ids).compile() for k in ("merged", "unmerged")}
+    for k, c in compiled.items():
+      out[phase][k]["bytes_accessed"] = float(c.cost_analysis()["bytes accessed"])
+      out[phase][k]["temp_bytes"] = int(c.memory_analysis().temp_size_in_bytes)
+  out["hotswap"] = _hotswap(model, params, prompt)
+  return out
+
+
+def _hotswap(model, params, prompt, swaps: int = 6) -> dict:
+  """Adapters of ranks 4, 8 and 16 swapped into a server compiled for r = 16."""
+  traces = []
+
+  def forward(p, ids):
+    traces.append(1)
+    return model.apply(p, ids)
+
+  serve = jax.jit(lojax.lorafy(forward))
+  server = _adapters(params, 1)
+  jax.block_until_ready(serve(server, prompt))
+  incoming = [lojax.wrap(params, lojax.LoraSpec(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                init_lora_weights=False),
+                         key=jax.random.key(200 + i), adapter_name="a0")
+              for i, r in enumerate((4, 8, 16) * (swaps // 3))]
+  per = []
+  for new in incoming:
+    t0 = time.perf_counter()
+    swapped = lojax.hotswap(server, new)
+    jax.block_until_ready(jax.tree.leaves(swapped.adapters))
+    per.append(time.perf_counter() - t0)
+    jax.block_until_ready(serve(swapped, prompt))
+  return {"swaps": len(incoming), "recompilations": len(traces) - 1,
+          "swap_s": float(np.median(per))}
+
+
+def markdown(s: dict) -> list[str]:
+  lines = ["", f"Serving ({s['shape']}): seconds per call, and the ratio to the merged model "
+           "and to one unmerged adapter.", "",
+           "| phase | row | s / call | / merged | / unmerged | bytes accessed MB | temp MiB |",
+           "|---|---|---|---|---|---|---|"]
+  for phase in ("prefill", "decode"):
+    for k, r in s[phase].items():
+      b = f"{r['bytes_accessed'] / 1e6:.1f}" if "bytes_accessed" in r else "—"
+      m = f"{r['temp_bytes'] / 2**20:.1f}" if "temp_bytes" in r else "—"
+      lines.append(f"| {phase} | {k} | {r['s'] * 1e3:.2f} ms | {r['ratio_to_merged']:.3f} | "
+                   f"{r['ratio_to_unmerged']:.3f} | {b} | {m} |")
+  h = s["hotswap"]
+  lines += ["", f"Hotswap: {h['swaps']} adapters of ranks 4, 8 and 16 swapped into a server "
+            f"compiled for r = 16: {h['recompilations']} recompilations, "
+            f"{h['swap_s'] * 1e3:.1f} ms per swap."]
+  return lines
