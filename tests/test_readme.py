@@ -514,6 +514,17 @@ def test_speed_figures_are_the_committed_benchmark_results():
       f"a LoRA step takes {ratio('lojax LoRA (MiniLM)', 'step')} the limit's time, with "
       f"{mib('lojax LoRA (MiniLM)')} temp against {mib('full fine-tuning (MiniLM)')}",
   ]
+  serving = json.loads((ROOT / "benchmarks" / "results" / "cpu.json").read_text())["serving"]
+  sv = lambda phase, row, to: f"{serving[phase][row]['ratio_to_' + to]:.2f}x"
+  expected += [
+      f"a decoded token with the adapters unmerged takes {sv('decode', 'unmerged', 'merged')} "
+      f"the merged model's time and a prefill {sv('prefill', 'unmerged', 'merged')}",
+      f"decodes at {sv('decode', 'mixed K=4', 'unmerged')} / "
+      f"{sv('decode', 'mixed K=16', 'unmerged')} and prefills at "
+      f"{sv('prefill', 'mixed K=4', 'unmerged')} / {sv('prefill', 'mixed K=16', 'unmerged')}",
+      f"{serving['hotswap']['swaps']} hotswaps of ranks 4 to 16 cause "
+      f"{serving['hotswap']['recompilations']} recompilations",
+  ]
   status = " ".join(text[text.index("## Status"):].split())
   dora = f"a DoRA step keeps {mib('lojax DoRA')} temp on the benchmark GPT, against {mib('lojax LoRA')}"
   missing = [e for e in expected if e not in speed] + ([dora] if dora not in status else [])
