@@ -29,6 +29,7 @@ trained with a plain optimizer is detected — its ``adalora_step`` counter
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -104,17 +105,25 @@ class AdaLoraSpec(spec_lib.LoraSpec):
       v = getattr(self, name)
       if not isinstance(v, (int, float)) or not 0 < v < 1:
         p.append(f"`{name}` must be in (0, 1); got {name}={v!r}.")
-    if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-      p.append(f"`orth_reg_weight` must be >= 0; got {self.orth_reg_weight!r}.")
+    w = self.orth_reg_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not (
+        math.isfinite(w) and w >= 0):
+      p.append(f"`orth_reg_weight` must be a finite number >= 0; got {w!r}.")
     if self.use_rslora or self.use_dora:
       p.append("AdaLoRA does not combine with `use_rslora` or `use_dora`; set them to False.")
     if self.init_lora_weights is not True:
       p.append("AdaLoRA initialises E = 0 and P, Q ~ N(0, 0.02); `init_lora_weights` must "
                f"stay True, got {self.init_lora_weights!r}.")
+    if not p:
+      object.__setattr__(self, "r", int(self.init_r))
+    try:   # the shared fields' checks run too: every problem of the spec is listed at once
+      super().__post_init__()
+    except ValueError as e:
+      shared = str(e).split(": ", 1)[1] if str(e).startswith("Invalid LoraSpec: ") else (
+          str(e).split(":\n  - ", 1)[1])
+      p += shared.split("\n  - ")
     if p:
       raise ValueError("Invalid AdaLoraSpec:\n  " + "\n  ".join(p))
-    object.__setattr__(self, "r", int(self.init_r))
-    super().__post_init__()
 
   def scaling(self, r: int, alpha: float) -> float:
     """``(alpha if alpha > 0 else r) / (ranknum + 1e-5)``, ranknum = initial rank."""
@@ -481,6 +490,7 @@ def resize(lora, opt_state, /, *, adapter_name: str = "default"):
   >>> small.adapters["default"]["lora"]["d"]["lora_E"].shape  # nothing pruned yet
   (4,)
   """
+  model.require_lora(lora, "lojax.adalora_resize")
   ADALORA.check_trained(adapter_name, lora.adapters[adapter_name])
   state = _find_state(opt_state)
   meta = lora.meta.adapter(adapter_name)

@@ -34,6 +34,7 @@ def delete_adapter(lora: LoraParams, name: str, /) -> LoraParams:
   >>> lojax.delete_adapter(lora, "default").meta.names
   ('b',)
   """
+  model.require_lora(lora, "lojax.delete_adapter")
   lora.meta.adapter(name)  # raises with the known names
   metas = tuple(m for m in lora.meta.adapters if m.name != name)
   adapters = {k: v for k, v in lora.adapters.items() if k != name}
@@ -52,6 +53,7 @@ def disable_adapters(lora: LoraParams, /) -> LoraParams:
   >>> lojax.disable_adapters(lora).trainable
   {}
   """
+  model.require_lora(lora, "lojax.disable_adapters")
   return LoraParams(lora.base, lora.adapters, LoraMeta(lora.meta.adapters, ()))
 
 
@@ -68,6 +70,7 @@ def adapter_ids(lora: LoraParams, names: Sequence[str], /) -> jax.Array:
   >>> lojax.adapter_ids(lora, ["default", "__base__"])
   Array([ 0, -1], dtype=int32)
   """
+  model.require_lora(lora, "lojax.adapter_ids")
   active = lora.meta.active
   bad = [n for n in names if n != BASE and n not in active]
   if bad:
@@ -125,6 +128,7 @@ def add_weighted_adapter(lora: LoraParams, adapters: Sequence[str], weights: Seq
   >>> both.adapters["mix"]["lora"]["d"]["lora_A"].shape
   (4, 4)
   """
+  model.require_lora(lora, "lojax.add_weighted_adapter")
   metas = _check_combination(lora, adapters, weights, adapter_name, combination_type)
   weights = [float(w) for w in weights]
   paths = sorted({t.path for m in metas for t in m.targets})

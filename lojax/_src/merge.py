@@ -31,7 +31,22 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
   base_by_path = dict(zip(base_paths, base_leaves))
   touched = set()
   saved_by: dict[str, str] = {}
-  for name in _names(lora, adapter_names):
+  names = _names(lora, adapter_names)
+  if sign < 0:   # `params` is the caller's tree: it must have the leaves the adapters change
+    shape_of = {p: np.shape(model.decode(x)) for p, x in zip(base_paths, base_leaves)}
+    bad = []
+    for name in names:
+      meta, ad = lora.meta.adapter(name), lora.adapters[name]
+      for p in sorted({t.leaf_path for t in meta.targets} | set(ad[model.BIAS]) |
+                      set(ad[model.SAVED])):
+        if p not in index:
+          bad.append(f"  {p}: missing")
+        elif np.shape(floats[index[p]]) != shape_of[p]:
+          bad.append(f"  {p}: shape {np.shape(floats[index[p]])}, the base has {shape_of[p]}")
+    if bad:
+      raise ValueError("`params` is not a merged tree of these adapters' base:\n" +
+                       "\n".join(bad[:20]) + "\nPass what lojax.merge(lora) returned.")
+  for name in names:
     meta = lora.meta.adapter(name)
     variant = meta.variant
     ad = lora.adapters[name]

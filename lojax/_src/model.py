@@ -365,12 +365,23 @@ class LoraParams:
     return {name: self.adapters[name] for name in self.meta.active}
 
   def with_trainable(self, trainable: Mapping) -> "LoraParams":
-    """Returns a copy whose active adapters are replaced by ``trainable``."""
+    """Returns a copy whose active adapters are replaced by ``trainable``.
+
+    Each adapter's tree must have the structure of ``lora.trainable``'s (the same targets,
+    biases and saved modules); anything else is an error, never silently ignored.
+    """
     if not isinstance(trainable, Mapping) or set(trainable) != set(self.meta.active):
       got = sorted(trainable) if isinstance(trainable, Mapping) else type(trainable).__name__
       raise ValueError(
           f"`trainable` has adapters {got} but the active adapters are "
           f"{list(self.meta.active)}; pass the tree returned by `lora.trainable`.")
+    for name in self.meta.active:
+      if jax.tree.structure(trainable[name]) != jax.tree.structure(self.adapters[name]):
+        got, want = _keys(trainable[name]), _keys(self.adapters[name])
+        raise ValueError(
+            f"`trainable[{name!r}]` does not have the structure of adapter {name!r}: it adds "
+            f"{sorted(got - want)[:6]} and lacks {sorted(want - got)[:6]}; pass a tree like "
+            "`lora.trainable` (e.g. its gradients or optimizer updates applied to it).")
     adapters = dict(self.adapters)
     adapters.update(trainable)
     return LoraParams(self.base, adapters, self.meta)
@@ -389,6 +400,19 @@ class LoraParams:
     parts = [f"{a.name}{'*' if a.name in self.meta.active else ''}: {len(a.targets)} kernels"
              for a in self.meta.adapters]
     return f"LoraParams({', '.join(parts)})"
+
+
+def _keys(tree) -> set[str]:
+  """The "/"-joined key paths of ``tree``'s leaves."""
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def require_lora(value: Any, fn: str, arg: str = "lora") -> None:
+  """Raises lojax's TypeError unless ``value`` is a :class:`LoraParams`."""
+  if not isinstance(value, LoraParams):
+    raise TypeError(f"{fn}: `{arg}` must be the LoraParams returned by lojax.wrap, got "
+                    f"{type(value).__name__}.")
 
 
 def factors(meta: AdapterMeta, t: TargetMeta, entry: Mapping) -> Factors:

@@ -139,6 +139,7 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   ...                   lojax.LoraSpec(r=2, target_modules=["q"]), key=jax.random.key(0))
   >>> save_peft(tempfile.mkdtemp(), lora, mapping=lojax.PeftMapping())
   """
+  model.require_lora(lora, "lojax.save_peft")
   from safetensors.numpy import save_file
   name = _single_adapter(lora, adapter_name)
   meta = lora.meta.adapter(name)

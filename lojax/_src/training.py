@@ -30,6 +30,7 @@ def trainable_mask(lora: LoraParams) -> LoraParams:
   ...                   lojax.LoraSpec(target_modules=["d"]), key=jax.random.key(0))
   >>> tx = optax.masked(optax.adam(1e-3), lojax.trainable_mask(lora))
   """
+  model.require_lora(lora, "lojax.trainable_mask")
   return _label_tree(lora, True, False)
 
 
@@ -43,6 +44,7 @@ def partition_labels(lora: LoraParams) -> LoraParams:
   ...                             "frozen": optax.set_to_zero()},
   ...                            lojax.partition_labels(lora))
   """
+  model.require_lora(lora, "lojax.partition_labels")
   return _label_tree(lora, "trainable", "frozen")
 
 
@@ -80,6 +82,7 @@ def count_parameters(lora: LoraParams) -> ParameterCount:
   >>> print(lojax.count_parameters(lora))
   trainable params: 7 || all params: 19 || trainable%: 36.8421
   """
+  model.require_lora(lora, "lojax.count_parameters")
   trainable = 0
   for name, ad in lora.trainable.items():
     meta = lora.meta.adapter(name)
@@ -107,6 +110,7 @@ def set_adapter(lora: LoraParams, names: str | Sequence[str], /) -> LoraParams:
   >>> lojax.set_adapter(lora, "other").meta.active
   ('other',)
   """
+  model.require_lora(lora, "lojax.set_adapter")
   if isinstance(names, str):
     names = (names,)
   names = tuple(names)

@@ -77,13 +77,14 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   """
   if not isinstance(spec, spec_lib.LoraSpec):
     raise TypeError(f"`spec` must be a lojax.LoraSpec, got {type(spec).__name__}.")
+  dtype = _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype)
   existing, base = _base_of(params, spec, adapter_name, quantize)
   targets, resolution = _targets(base, spec, apply_fn, tuple(example_args), example_kwargs)
   paths, leaves, _ = P.flatten(base)
   by_path = dict(zip(paths, leaves))
   variant = spec.variant()
-  problems = [p for t in targets for p in variant.check_target(t)
-              + inits.check(spec, t, by_path[t.leaf_path], quantize)]
+  problems = [p for t in targets for p in _check_kernel(t, by_path[t.leaf_path])
+              + variant.check_target(t) + inits.check(spec, t, by_path[t.leaf_path], quantize)]
   if problems:
     raise ValueError("Cannot initialise these targets:\n" + "\n".join(problems) +
                      "\nExclude them from `target_modules` (e.g. with `exclude_modules`) or "
@@ -106,6 +107,45 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   if existing is None:
     return LoraParams(base, {adapter_name: adapter}, LoraMeta((meta,), (adapter_name,)))
   return existing.with_adapter(meta, adapter)
+
+
+def _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype):
+  """Raises lojax's TypeError / ValueError for a wrong keyword argument; returns the dtype."""
+  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
+      key.dtype == jnp.uint32 and key.shape == (2,)))):
+    raise TypeError(f"`key` must be a JAX PRNG key such as jax.random.key(0), got "
+                    f"{type(key).__name__} {key!r:.60}.")
+  if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name:
+    raise TypeError(f"`adapter_name` must be a non-empty str without '/', got {adapter_name!r}.")
+  if apply_fn is not None and not callable(apply_fn):
+    raise TypeError(f"`apply_fn` must be the function that consumes the params (e.g. "
+                    f"model.apply) or None, got {type(apply_fn).__name__}.")
+  if not isinstance(example_args, (tuple, list)):
+    raise TypeError(f"`example_args` must be a tuple of the inputs after the params, e.g. "
+                    f"`example_args=(x,)`, got {type(example_args).__name__}.")
+  if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+    raise TypeError(f"`example_kwargs` must be a dict or None, got "
+                    f"{type(example_kwargs).__name__}.")
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"`dtype` (of the adapter weights) must be a float dtype such as "
+                    f"jnp.float32 or jnp.bfloat16, got {dtype!r}.")
+  return dt
+
+
+def _check_kernel(t, leaf) -> list[str]:
+  """Why kernel ``t`` cannot be adapted at all: an integer or bool kernel, a zero-size axis."""
+  bad = []
+  if not quant.is_quantized(leaf) and not jnp.issubdtype(leaf.dtype, jnp.floating):
+    bad.append(f"  {t.path}: the kernel holds {leaf.dtype} values; only float kernels (or a "
+               "lojax-quantized one) can be adapted")
+  if 0 in t.shape:
+    bad.append(f"  {t.path}: the kernel has a zero-size axis (shape {t.shape}); there is "
+               "nothing to adapt")
+  return bad
 
 
 def _base_of(params, spec, adapter_name: str, quantize: str | None):
