@@ -272,3 +272,17 @@ def test_in_range_adapter_ids_pass_checkify():
       lora, jnp.asarray(X), lora_adapter_ids=jnp.asarray(ids, jnp.int32))
   assert err.get() is None
   np.testing.assert_allclose(out, mixed_reference(p, lora, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_merged_fallback_with_a_zero_column():
+  """A use lojax cannot factorize (the kernel also multiplies its own transpose) takes the
+  exact merged DoRA kernel: its zero column scales by 0, not 0/0."""
+  params, lora = dora(kernel_with_zero_column(col=1))
+  lora = replace(lora, lora_magnitude=np.linspace(0.5, 2.0, 5))
+  ref, n = reference(params, lora)
+  assert n[1] == 0
+  g = lambda p, x: (x @ p["l"]["kernel"]) @ p["l"]["kernel"].T
+  with pytest.warns(UserWarning, match="merged"):
+    out = jax.jit(lojax.lorafy(g))(lora, jnp.asarray(X))
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, np64(X) @ ref @ ref.T, rtol=1e-5, atol=1e-5)

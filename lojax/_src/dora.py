@@ -15,13 +15,12 @@ A DoRA target holds plain LoRA's factors plus ``lora_magnitude``
 ``[L?, out...]``; the compute path gets it as :attr:`Factors.m`.
 
 Degenerate columns never give NaN or inf at init, in the factorized step,
-merge or unmerge (the merged fallback for uses lojax cannot factorize,
-``tagged.dora_factor``, still divides plainly). Every norm is computed scaled
-(:func:`norm`): the values are divided by a power of two near the column's
+merge, unmerge or the merged fallback for uses lojax cannot factorize
+(``tagged.dora_factor``). Every norm is computed scaled (:func:`tagged.norm`): the values are divided by a power of two near the column's
 largest value, so no square overflows (above ~1.8e19 in float32) or
 underflows, and the result is bit-identical to the plain formula wherever
 that one is finite. A column whose ``W + s*A@B`` is all zero has no
-direction: its scale ``m / n`` is 0 (:func:`ratio`), so it stays zero, where
+direction: its scale ``m / n`` is 0 (:func:`tagged.ratio`), so it stays zero, where
 PEFT (which has no epsilon in the DoRA norm or division) gives ``0/0 = NaN``.
 """
 
@@ -34,46 +33,13 @@ from lojax._src import lora
 from lojax._src import model
 from lojax._src import tagged as tg
 from lojax._src.model import Factors
+from lojax._src.tagged import norm, ratio
 
 KEY = "lora_magnitude"
 
 
 def _shell(t, w, a, b):
   return tg.Tagged(w, t.leaf_path, t.sides(), (tg.Term(a, b),), None)
-
-
-def pow2_scale(c):
-  """The largest power of two ``<= c``, a scale that divides exactly.
-
-  Clipped to float32's normal range; 1 where ``c`` is 0, inf or NaN.
-  """
-  c = jnp.asarray(c, jnp.float32)
-  _, e = jnp.frexp(c)
-  p = jnp.ldexp(jnp.ones_like(c), jnp.clip(e - 1, -126, 127))
-  return jnp.where(jnp.isfinite(c) & (c > 0), p, jnp.ones_like(c))
-
-
-def norm(x, axis, keepdims=False):
-  """``sqrt(sum(x**2, axis))`` in float32 that neither overflows nor underflows.
-
-  ``x`` is divided by a power of two near its largest magnitude along
-  ``axis`` first (as LAPACK's ``nrm2`` scales), and the norm multiplied back.
-  """
-  x = jnp.asarray(x, jnp.float32)
-  c = pow2_scale(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
-  n = jnp.sqrt(jnp.sum(jnp.square(x / c), axis=axis, keepdims=True)) * c
-  return n if keepdims else jnp.squeeze(n, axis)
-
-
-def ratio(m, n):
-  """DoRA's scale ``m / n``, and 0 where ``n == 0`` (an all-zero column has no direction).
-
-  Finite, with finite gradients, for every ``n >= 0``; equal to ``m / n``
-  wherever ``n > 0``.
-  """
-  m, n = jnp.asarray(m, jnp.float32), jnp.asarray(n, jnp.float32)
-  pos = n > 0
-  return jnp.where(pos, m / jnp.where(pos, n, 1.0), 0.0)
 
 
 def merged_kernel(t, w, a, b):

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lojax._src import dora
 from lojax._src import fused
 from lojax._src import tagged as tg
 
@@ -211,18 +210,18 @@ def _dora_scale(w2, a2, b2, m):
   ``max(max_i |W_ij|, sum_k |B_kj|)``, which bounds ``|W + A@B|`` in column
   ``j`` up to a small factor; ``n_j`` is the scaled norm times ``c_j``. Powers of
   two divide exactly: where the plain formula is finite the result is the
-  same. A zero norm gives the scale 0 (:func:`dora.ratio`), not ``0/0``.
+  same. A zero norm gives the scale 0 (:func:`tagged.ratio`), not ``0/0``.
   """
   w2, a2, b2 = (z.astype(jnp.float32) for z in (w2, a2, b2))
-  alpha = dora.pow2_scale(jnp.max(jnp.abs(a2)))
+  alpha = tg.pow2_scale(jnp.max(jnp.abs(a2)))
   a2, b2 = a2 / alpha, b2 * alpha
-  c = dora.pow2_scale(jnp.maximum(jnp.max(jnp.abs(w2), 0), jnp.sum(jnp.abs(b2), 0)))   # [D]
+  c = tg.pow2_scale(jnp.maximum(jnp.max(jnp.abs(w2), 0), jnp.sum(jnp.abs(b2), 0)))   # [D]
   w2, b2 = w2 / c, b2 / c
   ata = a2.T @ a2                                   # [r, r]
   atw = a2.T @ w2                                   # [r, D]
   sq = jnp.sum(w2 * w2, 0) + 2 * jnp.sum(atw * b2, 0) + jnp.sum((ata @ b2) * b2, 0)
   norm = jnp.sqrt(jnp.maximum(sq, 0.0)) * c
-  return dora.ratio(m, lax.stop_gradient(norm))
+  return tg.ratio(m, lax.stop_gradient(norm))
 
 
 @dataclasses.dataclass(frozen=True)

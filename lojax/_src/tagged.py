@@ -272,17 +272,51 @@ def delta(t: Tagged, dtype=None):
   return out
 
 
+def pow2_scale(c):
+  """The largest power of two ``<= c``, a scale that divides exactly.
+
+  Clipped to float32's normal range; 1 where ``c`` is 0, inf or NaN.
+  """
+  c = jnp.asarray(c, jnp.float32)
+  _, e = jnp.frexp(c)
+  p = jnp.ldexp(jnp.ones_like(c), jnp.clip(e - 1, -126, 127))
+  return jnp.where(jnp.isfinite(c) & (c > 0), p, jnp.ones_like(c))
+
+
+def norm(x, axis, keepdims=False):
+  """``sqrt(sum(x**2, axis))`` in float32 that neither overflows nor underflows.
+
+  ``x`` is divided by a power of two near its largest magnitude along
+  ``axis`` first (as LAPACK's ``nrm2`` scales), and the norm multiplied back.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  c = pow2_scale(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+  n = jnp.sqrt(jnp.sum(jnp.square(x / c), axis=axis, keepdims=True)) * c
+  return n if keepdims else jnp.squeeze(n, axis)
+
+
+def ratio(m, n):
+  """DoRA's scale ``m / n``, and 0 where ``n == 0`` (an all-zero column has no direction).
+
+  Finite, with finite gradients, for every ``n >= 0``; equal to ``m / n``
+  wherever ``n > 0``.
+  """
+  m, n = jnp.asarray(m, jnp.float32), jnp.asarray(n, jnp.float32)
+  pos = n > 0
+  return jnp.where(pos, m / jnp.where(pos, n, 1.0), 0.0)
+
+
 def dora_factor(t: Tagged, term: Term, w):
   """DoRA's ``m / ||w||`` in value layout (norm over the input-side axes)."""
   i_axes = tuple(j for j, s in enumerate(t.sides) if s == "I")
-  norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=i_axes, keepdims=True))
+  n = norm(w, axis=i_axes, keepdims=True)   # scaled: no overflow, no underflow
   # m is [shared..., 1, O-side...]: drop the rank axis, size-1 axes at the I positions.
   m = jnp.squeeze(term.m, axis=n_shared(t.sides)).astype(jnp.float32)
   order = ([j for j, s in enumerate(t.sides) if s in SHARED]
            + [j for j, s in enumerate(t.sides) if s == "O"])     # m's axes, as value axes
   m = jnp.transpose(m, sorted(range(len(order)), key=order.__getitem__))
   m = jnp.expand_dims(m, tuple(i_axes))
-  return m / jax.lax.stop_gradient(norm)
+  return ratio(m, jax.lax.stop_gradient(n))   # 0 for an all-zero column, not NaN
 
 
 def materialize(t: Tagged):
