@@ -115,8 +115,8 @@ def _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype
       key.dtype == jnp.uint32 and key.shape == (2,)))):
     raise TypeError(f"`key` must be a JAX PRNG key such as jax.random.key(0), got "
                     f"{type(key).__name__} {key!r:.60}.")
-  if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name:
-    raise TypeError(f"`adapter_name` must be a non-empty str without '/', got {adapter_name!r}.")
+  if not isinstance(adapter_name, str) or not adapter_name:
+    raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}.")
   if apply_fn is not None and not callable(apply_fn):
     raise TypeError(f"`apply_fn` must be the function that consumes the params (e.g. "
                     f"model.apply) or None, got {type(apply_fn).__name__}.")
@@ -139,9 +139,9 @@ def _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype
 def _check_kernel(t, leaf) -> list[str]:
   """Why kernel ``t`` cannot be adapted at all: an integer or bool kernel, a zero-size axis."""
   bad = []
-  if not quant.is_quantized(leaf) and not jnp.issubdtype(leaf.dtype, jnp.floating):
-    bad.append(f"  {t.path}: the kernel holds {leaf.dtype} values; only float kernels (or a "
-               "lojax-quantized one) can be adapted")
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):   # a quantized base has its float dtype
+    bad.append(f"  {t.path}: the kernel holds {leaf.dtype} values; only float kernels can be "
+               "adapted")
   if 0 in t.shape:
     bad.append(f"  {t.path}: the kernel has a zero-size axis (shape {t.shape}); there is "
                "nothing to adapt")
