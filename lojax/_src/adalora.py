@@ -491,9 +491,14 @@ def resize(lora, opt_state, /, *, adapter_name: str = "default"):
   (4,)
   """
   model.require_lora(lora, "lojax.adalora_resize")
+  if not isinstance(adapter_name, str):
+    raise TypeError(f"`adapter_name` must be a str, got {adapter_name!r}.")
+  meta = lora.meta.adapter(adapter_name)   # raises for an unknown name
+  if not isinstance(meta.spec, AdaLoraSpec):
+    raise ValueError(f"Adapter {adapter_name!r} is a {meta.variant.name} adapter; "
+                     "lojax.adalora_resize truncates AdaLoRA adapters only.")
   ADALORA.check_trained(adapter_name, lora.adapters[adapter_name])
   state = _find_state(opt_state)
-  meta = lora.meta.adapter(adapter_name)
   ad = lora.adapters[adapter_name]
   in_final = int(state.step) > meta.spec.total_step - meta.spec.tfinal
   mask = state.final_mask if in_final else state.mask

@@ -154,10 +154,16 @@ def add_weighted_adapter(lora: LoraParams, adapters: Sequence[str], weights: Seq
 
 def _check_combination(lora, adapters, weights, adapter_name, combination_type):
   """The metadata of the adapters to combine; raises for anything that cannot be combined."""
-  if combination_type not in _COMBINE:
+  if not isinstance(combination_type, str) or combination_type not in _COMBINE:
     raise ValueError(f"`combination_type` must be 'cat', 'svd' or 'linear'; got "
                      f"{combination_type!r}.")
-  adapters, weights = list(adapters), list(weights)
+  adapters = list(model.name_list(adapters, "lojax.add_weighted_adapter", "adapters"))
+  if not isinstance(weights, (list, tuple)) and not (
+      isinstance(weights, (np.ndarray, jax.Array)) and np.ndim(weights) == 1):
+    raise TypeError(f"`weights` must be a list of numbers, one per adapter; got {weights!r:.80}.")
+  if not isinstance(adapter_name, str) or not adapter_name:
+    raise TypeError(f"`adapter_name` must be a non-empty str; got {adapter_name!r}.")
+  weights = list(weights)
   if not adapters or len(adapters) != len(weights):
     raise ValueError(f"Give one weight per adapter; got adapters={adapters}, weights={weights}.")
   bad = [f"weights[{i}]={w!r}" for i, w in enumerate(weights) if not _finite(w)]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -97,7 +98,16 @@ def trace_uses(fn: Callable, tree: Any, candidates: dict[int, str], args, kwargs
     return [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
 
   abstract = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
-  jax.eval_shape(run, abstract, [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in dyn])
+  try:
+    jax.eval_shape(run, abstract, [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in dyn])
+  except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+    if "/lojax/_src/" in (traceback.extract_tb(e.__traceback__)[-1].filename or ""):
+      raise   # lojax's own error, already explained
+    raise TypeError(
+        f"Tracing `apply_fn(params, *example_args, **example_kwargs)` to learn how the kernels "
+        f"are used failed: {type(e).__name__}: {str(e)[:300]}. Pass the function that "
+        "consumes the params (e.g. model.apply) and example inputs it accepts (arrays or "
+        "jax.ShapeDtypeStruct), e.g. `apply_fn=model.apply, example_args=(x,)`.") from e
   return uses
 
 

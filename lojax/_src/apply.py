@@ -91,8 +91,17 @@ def view(lora: LoraParams):
 def _check_ids(ids, n_active: int):
   if ids is None:
     return None
+  if not isinstance(ids, (jax.Array, np.ndarray, list, tuple)):
+    raise TypeError(f"`lora_adapter_ids` must be a 1-D int array (lojax.adapter_ids(lora, "
+                    f"names)), got {type(ids).__name__}.")
   traced = isinstance(ids, jax.core.Tracer)
-  concrete = None if traced else np.asarray(ids)   # before jnp: under jit that would trace it
+  try:
+    concrete = None if traced else np.asarray(ids)   # before jnp: under jit that would trace it
+  except ValueError:   # a ragged list
+    concrete = np.asarray(ids, object)
+  if concrete is not None and concrete.dtype == object:
+    raise ValueError("`lora_adapter_ids` must be a 1-D int array (one adapter index per "
+                     f"example), got {ids!r:.80}.")
   ids = jnp.asarray(ids)
   if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"`lora_adapter_ids` must be a 1-D int array (one adapter index per "

@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 from lojax._src import merge as merge_lib
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
-from lojax._src.model import AdapterMeta, LoraMeta, LoraParams, TargetMeta
+from lojax._src.model import AdapterMeta, LoraMeta, LoraParams, TargetMeta, name_list
 
 FORMAT = "lojax.adapters"
 VERSION = 1
@@ -175,11 +175,10 @@ def _adapter_from_json(d: Mapping) -> AdapterMeta:
 def _names(lora: LoraParams, adapter_names) -> tuple[str, ...]:
   if adapter_names is None:
     return tuple(lora.meta.active)
-  if isinstance(adapter_names, str):
-    adapter_names = (adapter_names,)
+  adapter_names = name_list(adapter_names, "lojax checkpoint", "adapter_names")
   for n in adapter_names:
     lora.meta.adapter(n)  # raises for an unknown name
-  return tuple(adapter_names)
+  return adapter_names
 
 
 def _fingerprint(lora: LoraParams, names) -> dict:
@@ -489,6 +488,13 @@ def _check_arrays(kind: str, described: Mapping, restored: Mapping, where: str,
 # The checkpointer
 # --------------------------------------------------------------------------
 
+def _path(directory) -> str:
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(f"`directory` must be a path (str or os.PathLike), got "
+                    f"{type(directory).__name__}.")
+  return os.fspath(directory)
+
+
 class AdapterCheckpointer:
   """Saves and restores adapter checkpoints in a directory of numbered steps.
 
@@ -521,7 +527,10 @@ class AdapterCheckpointer:
                save_interval_steps: int = 1, async_save: bool = True):
     if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
       raise ValueError(f"`max_to_keep` must be None or an int >= 1; got {max_to_keep!r}.")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = os.path.abspath(_path(directory))
+    if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) or (
+        save_interval_steps < 1):
+      raise ValueError(f"`save_interval_steps` must be an int >= 1; got {save_interval_steps!r}.")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True)
@@ -550,6 +559,9 @@ class AdapterCheckpointer:
     if not isinstance(lora, LoraParams):
       raise TypeError(f"`lora` must be the LoraParams returned by lojax.wrap; got "
                       f"{type(lora).__name__}.")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+      raise ValueError(f"`step` must be an int >= 0; got {step!r}.")
+    step = int(step)
     names = _names(lora, adapter_names)
     latest = self._manager.latest_step()
     if latest is not None and step <= latest:
@@ -760,7 +772,7 @@ def restore_adapters(directory: str | os.PathLike, params: Any, /, *, step: int 
   Returns the :class:`LoraParams`, or ``(lora, opt_state)`` when
   ``opt_state_template`` is given.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = os.path.abspath(_path(directory))
   if not os.path.isdir(directory):
     raise ValueError(f"No checkpoint directory at {directory}.")
   with AdapterCheckpointer(directory, max_to_keep=None, async_save=False) as ckpt:
@@ -794,7 +806,7 @@ def save_merged(directory: str | os.PathLike, lora: LoraParams, /, *,
   ...                   key=jax.random.key(0))
   >>> save_merged(os.path.join(tempfile.mkdtemp(), "merged"), lora)
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = os.path.abspath(_path(directory))
   if os.path.exists(directory) and not overwrite:
     raise ValueError(f"`directory` {directory} already exists; pass `overwrite=True` to "
                      "replace it, or choose a new directory.")

@@ -129,6 +129,8 @@ class Dora(lora.Lora):
     entry, m = super().from_peft(t, tensors), tensors.get("lora_magnitude_vector")
     if entry is None or m is None:
       return None
+    if m.ndim != 1:   # PEFT's magnitude is one value per output feature
+      raise ValueError(f"lora_magnitude_vector is 1-D in PEFT, got {m.shape}")
     return dict(entry, **{KEY: m.reshape(tuple(t.kernel_shape[i] for i in t.out_axes))})
 
 

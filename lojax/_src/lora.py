@@ -76,6 +76,9 @@ class Lora(model.Variant):
     if t.kind == "conv":
       n = a.ndim - 1
       return {A: np.transpose(a, tuple(range(2, n + 1)) + (1, 0)), B: b.reshape(b.shape[0], r).T}
+    if a.ndim != 2 or b.ndim != 2:   # PEFT's Linear factors are matrices
+      raise ValueError(f"a dense kernel's lora_A/lora_B are 2-D in PEFT, got {a.shape} and "
+                       f"{b.shape}")
     return {A: a.reshape(r, -1).T.reshape(_in_shape(t) + (r,)),
             B: b.reshape(-1, r).T.reshape((r,) + _out_shape(t))}
 

@@ -15,8 +15,7 @@ from lojax._src.model import LoraParams
 def _names(lora: LoraParams, adapter_names):
   if adapter_names is None:
     return tuple(lora.meta.active)
-  if isinstance(adapter_names, str):
-    adapter_names = (adapter_names,)
+  adapter_names = model.name_list(adapter_names, "lojax.merge / unmerge", "adapter_names")
   for n in adapter_names:
     lora.meta.adapter(n)  # raises for unknown names
   return tuple(adapter_names)

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_ADAPTER = "default"
 LORA, BIAS, SAVED = "lora", "bias", "modules_to_save"   # the groups of one adapter's dict
@@ -371,7 +372,8 @@ class LoraParams:
     biases and saved modules); anything else is an error, never silently ignored.
     """
     if not isinstance(trainable, Mapping) or set(trainable) != set(self.meta.active):
-      got = sorted(trainable) if isinstance(trainable, Mapping) else type(trainable).__name__
+      got = (sorted(map(repr, trainable)) if isinstance(trainable, Mapping)
+             else type(trainable).__name__)
       raise ValueError(
           f"`trainable` has adapters {got} but the active adapters are "
           f"{list(self.meta.active)}; pass the tree returned by `lora.trainable`.")
@@ -382,6 +384,17 @@ class LoraParams:
             f"`trainable[{name!r}]` does not have the structure of adapter {name!r}: it adds "
             f"{sorted(got - want)[:6]} and lacks {sorted(want - got)[:6]}; pass a tree like "
             "`lora.trainable` (e.g. its gradients or optimizer updates applied to it).")
+      bad = [f"{k}: {np.shape(x)} {getattr(x, 'dtype', type(x).__name__)}, expected "
+             f"{np.shape(y)} {y.dtype}" for (k, x), y in zip(
+                 ((jax.tree_util.keystr(kp), x) for kp, x in
+                  jax.tree_util.tree_flatten_with_path(trainable[name])[0]),
+                 jax.tree.leaves(self.adapters[name]))
+             if np.shape(x) != np.shape(y) or not (
+                 hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact) ==
+                 jnp.issubdtype(y.dtype, jnp.inexact))]
+      if bad:
+        raise ValueError(f"`trainable[{name!r}]` has leaves of other shapes or kinds than "
+                         f"adapter {name!r}: " + "; ".join(bad[:5]))
     adapters = dict(self.adapters)
     adapters.update(trainable)
     return LoraParams(self.base, adapters, self.meta)
@@ -406,6 +419,19 @@ def _keys(tree) -> set[str]:
   """The "/"-joined key paths of ``tree``'s leaves."""
   return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def name_list(value: Any, fn: str, arg: str) -> tuple[str, ...]:
+  """``value`` (an adapter name or a list of them) as a tuple of distinct str, or lojax's error."""
+  if isinstance(value, str):
+    return (str.__str__(value),)
+  if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+    raise TypeError(f"{fn}: `{arg}` must be an adapter name or a list of names, got "
+                    f"{value!r:.80}.")
+  names = tuple(str.__str__(v) for v in value)
+  if len(set(names)) != len(names):
+    raise ValueError(f"{fn}: adapter names are repeated in `{arg}`={list(names)}.")
+  return names
 
 
 def require_lora(value: Any, fn: str, arg: str = "lora") -> None:

@@ -50,7 +50,7 @@ from lojax._src import model
 from lojax._src import paths as P
 from lojax._src import spec as spec_lib
 from lojax._src.model import AdapterMeta, LoraMeta, LoraParams
-from lojax._src.wrap import kernel_paths, replace_leaves, wrap
+from lojax._src.wrap import check_trace_args, kernel_paths, replace_leaves, wrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -141,6 +141,10 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   """
   model.require_lora(lora, "lojax.save_peft")
   from safetensors.numpy import save_file
+  directory = _directory(directory)
+  if mapping is not None and not isinstance(mapping, PeftMapping):
+    raise TypeError(f"`mapping` must be a lojax.PeftMapping or None, got "
+                    f"{type(mapping).__name__}.")
   name = _single_adapter(lora, adapter_name)
   meta = lora.meta.adapter(name)
   if experts := [t.path for t in meta.targets if t.expert_axes]:
@@ -225,6 +229,13 @@ def _as_plain_lora(meta: AdapterMeta, factors, base, initial) -> tuple[AdapterMe
   spec = dataclasses.replace(meta.spec, r=2 * meta.spec.r, lora_alpha=meta.spec.lora_alpha * grow,
                              init_lora_weights=True)
   return meta.replace(spec=spec, targets=tuple(targets)), out
+
+
+def _directory(directory) -> str:
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(f"`directory` must be a path (str or os.PathLike), got "
+                    f"{type(directory).__name__}.")
+  return os.fspath(directory)
 
 
 class _Tensors:
@@ -481,7 +492,12 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   >>> load_peft(d, params).adapters["default"]["lora"]["params/q"]["lora_A"].shape
   (4, 2)
   """
-  directory = os.fspath(directory)
+  directory = _directory(directory)
+  if not isinstance(mapping, PeftMapping):
+    raise TypeError(f"`mapping` must be a lojax.PeftMapping, got {type(mapping).__name__}.")
+  if not isinstance(adapter_name, str) or not adapter_name:
+    raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}.")
+  check_trace_args(apply_fn, example_args, example_kwargs)
   config, tensors = _read(directory)
   spec_class = _spec_class(config)
   _refuse_unsupported(config, spec_class)

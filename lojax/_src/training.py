@@ -111,9 +111,7 @@ def set_adapter(lora: LoraParams, names: str | Sequence[str], /) -> LoraParams:
   ('other',)
   """
   model.require_lora(lora, "lojax.set_adapter")
-  if isinstance(names, str):
-    names = (names,)
-  names = tuple(names)
+  names = model.name_list(names, "lojax.set_adapter", "names")
   unknown = [n for n in names if n not in lora.meta.names]
   if unknown:
     raise ValueError(f"Unknown adapter names {unknown}; this LoRA tree has "

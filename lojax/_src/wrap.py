@@ -109,14 +109,8 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
   return existing.with_adapter(meta, adapter)
 
 
-def _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype):
-  """Raises lojax's TypeError / ValueError for a wrong keyword argument; returns the dtype."""
-  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
-      key.dtype == jnp.uint32 and key.shape == (2,)))):
-    raise TypeError(f"`key` must be a JAX PRNG key such as jax.random.key(0), got "
-                    f"{type(key).__name__} {key!r:.60}.")
-  if not isinstance(adapter_name, str) or not adapter_name:
-    raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}.")
+def check_trace_args(apply_fn, example_args, example_kwargs) -> None:
+  """Raises lojax's TypeError unless the arguments that trace the model have their types."""
   if apply_fn is not None and not callable(apply_fn):
     raise TypeError(f"`apply_fn` must be the function that consumes the params (e.g. "
                     f"model.apply) or None, got {type(apply_fn).__name__}.")
@@ -126,6 +120,17 @@ def _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype
   if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
     raise TypeError(f"`example_kwargs` must be a dict or None, got "
                     f"{type(example_kwargs).__name__}.")
+
+
+def _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype):
+  """Raises lojax's TypeError / ValueError for a wrong keyword argument; returns the dtype."""
+  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
+      key.dtype == jnp.uint32 and key.shape == (2,)))):
+    raise TypeError(f"`key` must be a JAX PRNG key such as jax.random.key(0), got "
+                    f"{type(key).__name__} {key!r:.60}.")
+  if not isinstance(adapter_name, str) or not adapter_name:
+    raise TypeError(f"`adapter_name` must be a non-empty str, got {adapter_name!r}.")
+  check_trace_args(apply_fn, example_args, example_kwargs)
   try:
     dt = jnp.dtype(dtype)
   except TypeError:
@@ -228,6 +233,7 @@ def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
   >>> lojax.kernel_paths({"enc": {"query": {"kernel": jnp.ones((4, 2))}}})
   {'enc/query': {'leaf': 'kernel', 'shape': (4, 2), 'kind': 'dense', 'in_axes': (0,), 'expert_axes': (), 'stacked': None}}
   """
+  check_trace_args(apply_fn, example_args, example_kwargs)
   spec = spec_lib.LoraSpec(target_modules="all-linear", kernel_names=kernel_names)
   infos, layouts = analysis.kernel_infos(params, spec, apply_fn, tuple(example_args),
                                          example_kwargs)
