@@ -14,3 +14,9 @@ import os
 if os.environ.get("LOJAX_TEST_XLA_OPT") != "1":
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "fuzz: property-based fuzz and fault-injection tests (tests/test_fuzz.py); a long "
+      "run: `LOJAX_FUZZ_EXAMPLES=2000 python -m pytest -m fuzz tests/test_fuzz.py`")
