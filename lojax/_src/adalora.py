@@ -109,7 +109,7 @@ class AdaLoraSpec(spec_lib.LoraSpec):
     if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not (
         math.isfinite(w) and w >= 0):
       p.append(f"`orth_reg_weight` must be a finite number >= 0; got {w!r}.")
-    if self.use_rslora or self.use_dora:
+    if self.use_rslora is True or self.use_dora is True:   # other values: the shared checks
       p.append("AdaLoRA does not combine with `use_rslora` or `use_dora`; set them to False.")
     if self.init_lora_weights is not True:
       p.append("AdaLoRA initialises E = 0 and P, Q ~ N(0, 0.02); `init_lora_weights` must "
@@ -224,6 +224,10 @@ class AdaLora(lora_lib.Lora):
     r = a.shape[0]
     kin = tuple(t.kernel_shape[i] for i in t.in_axes)
     kout = tuple(t.kernel_shape[i] for i in t.out_axes)
+    if a.shape != (r, math.prod(kin)) or b.shape != (math.prod(kout), r) or e.shape != (r, 1):
+      raise ValueError(f"AdaLoRA's factors are lora_A [r, {math.prod(kin)}], lora_E [r, 1] and "
+                       f"lora_B [{math.prod(kout)}, r] in PEFT, got {a.shape}, {e.shape} and "
+                       f"{b.shape}")
     return {lora_lib.A: a.T.reshape(kin + (r,)), E: e.reshape(r),
             lora_lib.B: b.T.reshape((r,) + kout)}
 

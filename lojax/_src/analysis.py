@@ -101,7 +101,9 @@ def trace_uses(fn: Callable, tree: Any, candidates: dict[int, str], args, kwargs
   try:
     jax.eval_shape(run, abstract, [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in dyn])
   except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
-    if "/lojax/_src/" in (traceback.extract_tb(e.__traceback__)[-1].filename or ""):
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    if "/lojax/_src/" in (frame.filename or "") and (frame.line or "").lstrip().startswith(
+        "raise"):
       raise   # lojax's own error, already explained
     raise TypeError(
         f"Tracing `apply_fn(params, *example_args, **example_kwargs)` to learn how the kernels "

@@ -563,6 +563,10 @@ class AdapterCheckpointer:
       raise ValueError(f"`step` must be an int >= 0; got {step!r}.")
     step = int(step)
     names = _names(lora, adapter_names)
+    if not names:
+      raise ValueError("No adapter to save: none is active. Pass `adapter_names=` (the "
+                       f"adapters are {list(lora.meta.names)}) or activate one with "
+                       "lojax.set_adapter.")
     latest = self._manager.latest_step()
     if latest is not None and step <= latest:
       raise ValueError(f"`step={step}` is not newer than the latest saved step {latest} in "

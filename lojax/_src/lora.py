@@ -7,6 +7,7 @@ the target's scaling, in the kernel's own layout.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -76,9 +77,10 @@ class Lora(model.Variant):
     if t.kind == "conv":
       n = a.ndim - 1
       return {A: np.transpose(a, tuple(range(2, n + 1)) + (1, 0)), B: b.reshape(b.shape[0], r).T}
-    if a.ndim != 2 or b.ndim != 2:   # PEFT's Linear factors are matrices
-      raise ValueError(f"a dense kernel's lora_A/lora_B are 2-D in PEFT, got {a.shape} and "
-                       f"{b.shape}")
+    n_in, n_out = math.prod(_in_shape(t)), math.prod(_out_shape(t))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != n_in or b.shape != (n_out, r):
+      raise ValueError(f"a dense kernel's factors are lora_A [r, {n_in}] and lora_B "
+                       f"[{n_out}, r] in PEFT, got {a.shape} and {b.shape}")
     return {A: a.reshape(r, -1).T.reshape(_in_shape(t) + (r,)),
             B: b.reshape(-1, r).T.reshape((r,) + _out_shape(t))}
 

@@ -38,7 +38,11 @@ def render(keypath: tuple[Any, ...]) -> str:
 def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
   """Flattens ``tree`` into (paths, leaves, treedef)."""
   # An encoded (e.g. quantized) kernel is one leaf at its kernel's path.
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=model.is_encoded)
+  try:
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=model.is_encoded)
+  except (TypeError, ValueError) as e:   # e.g. a dict whose keys do not sort (1 and "a")
+    raise TypeError(f"The params must be a pytree JAX can flatten, with str dict keys; "
+                    f"flattening failed: {str(e)[:200]}") from e
   paths = [render(kp) for kp, _ in with_path]
   leaves = [leaf for _, leaf in with_path]
   if len(set(paths)) != len(paths):
