@@ -1327,8 +1327,11 @@ def test_load_peft_damaged_files(source, mutations, onto):
     elif kind == "values":
       k = names_[m[1] % len(names_)]
       x = tensors[k].copy()
-      if x.size:
-        x.reshape(-1)[0] = m[2]
+      try:
+        if x.size:
+          x.reshape(-1)[0] = m[2]
+      except (OverflowError, ValueError):   # NaN, inf or a huge int in an integer tensor:
+        pass                                # a damage that cannot be written
       tensors[k] = x
   kw: dict[str, Any] = {"mapping": lojax.GPT2_MAPPING}
   params = pf.params
