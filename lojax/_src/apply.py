@@ -190,9 +190,7 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
       raise TypeError(
           "`lora_deterministic` must be a Python bool, not a traced value: close over it or "
           "mark it static, e.g. jax.jit(apply, static_argnames='lora_deterministic').")
-    if lora_rng is not None and not (isinstance(lora_rng, jax.Array) and (
-        jnp.issubdtype(lora_rng.dtype, jax.dtypes.prng_key) or (
-            lora_rng.dtype == jnp.uint32 and lora_rng.shape == (2,)))):
+    if lora_rng is not None and not model.is_prng_key(lora_rng):
       raise TypeError(f"`lora_rng` must be a JAX PRNG key (e.g. jax.random.key(0)) or None, "
                       f"got {type(lora_rng).__name__} {lora_rng!r:.60}.")
     if not isinstance(lora_deterministic, (bool, np.bool_)):

@@ -488,13 +488,6 @@ def _check_arrays(kind: str, described: Mapping, restored: Mapping, where: str,
 # The checkpointer
 # --------------------------------------------------------------------------
 
-def _path(directory) -> str:
-  if not isinstance(directory, (str, os.PathLike)):
-    raise TypeError(f"`directory` must be a path (str or os.PathLike), got "
-                    f"{type(directory).__name__}.")
-  return os.fspath(directory)
-
-
 class AdapterCheckpointer:
   """Saves and restores adapter checkpoints in a directory of numbered steps.
 
@@ -527,7 +520,7 @@ class AdapterCheckpointer:
                save_interval_steps: int = 1, async_save: bool = True):
     if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
       raise ValueError(f"`max_to_keep` must be None or an int >= 1; got {max_to_keep!r}.")
-    self.directory = os.path.abspath(_path(directory))
+    self.directory = os.path.abspath(P.directory(directory))
     if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) or (
         save_interval_steps < 1):
       raise ValueError(f"`save_interval_steps` must be an int >= 1; got {save_interval_steps!r}.")
@@ -776,7 +769,7 @@ def restore_adapters(directory: str | os.PathLike, params: Any, /, *, step: int 
   Returns the :class:`LoraParams`, or ``(lora, opt_state)`` when
   ``opt_state_template`` is given.
   """
-  directory = os.path.abspath(_path(directory))
+  directory = os.path.abspath(P.directory(directory))
   if not os.path.isdir(directory):
     raise ValueError(f"No checkpoint directory at {directory}.")
   with AdapterCheckpointer(directory, max_to_keep=None, async_save=False) as ckpt:
@@ -810,7 +803,7 @@ def save_merged(directory: str | os.PathLike, lora: LoraParams, /, *,
   ...                   key=jax.random.key(0))
   >>> save_merged(os.path.join(tempfile.mkdtemp(), "merged"), lora)
   """
-  directory = os.path.abspath(_path(directory))
+  directory = os.path.abspath(P.directory(directory))
   if os.path.exists(directory) and not overwrite:
     raise ValueError(f"`directory` {directory} already exists; pass `overwrite=True` to "
                      "replace it, or choose a new directory.")

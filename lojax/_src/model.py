@@ -434,6 +434,12 @@ def name_list(value: Any, fn: str, arg: str) -> tuple[str, ...]:
   return names
 
 
+def is_prng_key(x: Any) -> bool:
+  """Whether ``x`` is a JAX PRNG key: a typed key, or a legacy ``uint32[2]`` one."""
+  return isinstance(x, jax.Array) and (jnp.issubdtype(x.dtype, jax.dtypes.prng_key) or (
+      x.dtype == jnp.uint32 and x.shape == (2,)))
+
+
 def require_lora(value: Any, fn: str, arg: str = "lora") -> None:
   """Raises lojax's TypeError unless ``value`` is a :class:`LoraParams`."""
   if not isinstance(value, LoraParams):

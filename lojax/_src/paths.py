@@ -10,6 +10,8 @@ the same paths. A *module path* is the path of the dict that holds a kernel:
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import jax
@@ -76,3 +78,11 @@ def module_paths(leaf_paths: list[str]) -> list[str]:
 def is_under(path: str, module: str) -> bool:
   """Whether ``path`` equals ``module`` or lies below it."""
   return path == module or path.startswith(module + "/")
+
+
+def directory(value) -> str:
+  """``value`` as a filesystem path, or lojax's TypeError naming ``directory``."""
+  if not isinstance(value, (str, os.PathLike)):
+    raise TypeError(f"`directory` must be a path (str or os.PathLike), got "
+                    f"{type(value).__name__}.")
+  return os.fspath(value)

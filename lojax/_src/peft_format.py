@@ -141,7 +141,7 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   """
   model.require_lora(lora, "lojax.save_peft")
   from safetensors.numpy import save_file
-  directory = _directory(directory)
+  directory = P.directory(directory)
   if mapping is not None and not isinstance(mapping, PeftMapping):
     raise TypeError(f"`mapping` must be a lojax.PeftMapping or None, got "
                     f"{type(mapping).__name__}.")
@@ -229,13 +229,6 @@ def _as_plain_lora(meta: AdapterMeta, factors, base, initial) -> tuple[AdapterMe
   spec = dataclasses.replace(meta.spec, r=2 * meta.spec.r, lora_alpha=meta.spec.lora_alpha * grow,
                              init_lora_weights=True)
   return meta.replace(spec=spec, targets=tuple(targets)), out
-
-
-def _directory(directory) -> str:
-  if not isinstance(directory, (str, os.PathLike)):
-    raise TypeError(f"`directory` must be a path (str or os.PathLike), got "
-                    f"{type(directory).__name__}.")
-  return os.fspath(directory)
 
 
 class _Tensors:
@@ -375,12 +368,7 @@ def _read(directory):
   return config, tensors
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
+_is_int, _is_number = spec_lib._is_int, spec_lib._is_real
 
 
 def _is_names(x) -> bool:
@@ -492,7 +480,7 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   >>> load_peft(d, params).adapters["default"]["lora"]["params/q"]["lora_A"].shape
   (4, 2)
   """
-  directory = _directory(directory)
+  directory = P.directory(directory)
   if not isinstance(mapping, PeftMapping):
     raise TypeError(f"`mapping` must be a lojax.PeftMapping, got {type(mapping).__name__}.")
   if not isinstance(adapter_name, str) or not adapter_name:

@@ -124,8 +124,7 @@ def check_trace_args(apply_fn, example_args, example_kwargs) -> None:
 
 def _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype):
   """Raises lojax's TypeError / ValueError for a wrong keyword argument; returns the dtype."""
-  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
-      key.dtype == jnp.uint32 and key.shape == (2,)))):
+  if not model.is_prng_key(key):
     raise TypeError(f"`key` must be a JAX PRNG key such as jax.random.key(0), got "
                     f"{type(key).__name__} {key!r:.60}.")
   if not isinstance(adapter_name, str) or not adapter_name:
