@@ -56,6 +56,7 @@ from lojax._src.checkpoint import save_merged
 
 # Hugging Face PEFT adapter files.
 from lojax._src.mappings import BERT_MAPPING
+from lojax._src.mappings import GEMMA_MAPPING
 from lojax._src.mappings import GPT2_MAPPING
 from lojax._src.mappings import LLAMA_MAPPING
 from lojax._src.mappings import PeftMapping
@@ -77,6 +78,7 @@ __all__ = (
     "AdaLoraState",
     "AdapterCheckpointer",
     "BERT_MAPPING",
+    "GEMMA_MAPPING",
     "GPT2_MAPPING",
     "LLAMA_MAPPING",
     "LoraParams",

@@ -119,6 +119,76 @@ def _hf(config_cls: str, model_cls: str, **extra):
   return build
 
 
+# ------------------------------------------------- Gemma 2 / 3 (tunix, fused projections) ---
+
+GEMMA_SIZES = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   head_dim=8, query_pre_attn_scalar=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   layer_types=["full_attention"] * 2, sliding_window=64,
+                   final_logit_softcapping=None, attn_logit_softcapping=None,
+                   max_position_embeddings=64, tie_word_embeddings=True)
+# Gemma 2 with as many key/value heads as query heads: tunix fuses q, k, v in `qkv_einsum`;
+# Gemma 3 with fewer: `q_einsum` and `kv_einsum` (k and v fused).
+GEMMA_HEADS = {"gemma2": (4, 4), "gemma3": (4, 2)}
+GEMMA_PEFT = dict(r=2, lora_alpha=4, target_modules=PROJ, modules_to_save=["norm"],
+                  init_lora_weights=False)
+
+
+def _gemma_spec(attn):
+  return dict(r=2, lora_alpha=4, target_modules=attn + ["attn_vec_einsum", "gate_proj",
+                                                        "up_proj", "down_proj"],
+              modules_to_save=["final_norm"], init_lora_weights=False)
+
+
+def _hf_gemma(name):
+  def build():
+    torch, transformers, _ = _torch_stack()
+    heads, kv = GEMMA_HEADS[name]
+    if name == "gemma2":
+      cfg, cls = transformers.Gemma2Config, transformers.Gemma2ForCausalLM
+      extra = {}
+    else:
+      cfg, cls = transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM
+      extra = dict(rope_local_base_freq=10000.0)
+    model = cls(cfg(**GEMMA_SIZES, num_attention_heads=heads, num_key_value_heads=kv, **extra))
+    model = _randomised(model, torch)
+    with torch.no_grad():   # Gemma's norms compute (1 + weight): keep them near 1
+      for n, p in model.named_parameters():
+        if "norm" in n:
+          p.sub_(1.0)
+    return model
+  return build
+
+
+def _tunix_gemma(name):
+  def load(directory):
+    pytest.importorskip("tunix", reason="tunix: see .ci/run")
+    import importlib
+    from flax import nnx
+    module = {"gemma2": "gemma", "gemma3": "gemma3"}[name]
+    lib = importlib.import_module(f"tunix.models.{module}.model")
+    params_lib = importlib.import_module(f"tunix.models.{module}.params_safetensors")
+    heads, kv = GEMMA_HEADS[name]
+    sizes = dict(num_layers=2, num_embed=V, embed_dim=32, hidden_dim=64, num_heads=heads,
+                 head_dim=8, num_kv_heads=kv)
+    if name == "gemma2":
+      cfg = lib.ModelConfig(**sizes, final_logit_softcap=None, use_post_attn_norm=True,
+                            use_post_ffw_norm=True,
+                            attention_types=(lib.AttentionType.GLOBAL,) * 2)
+    else:
+      cfg = lib.ModelConfig(**sizes, sliding_window_size=64, param_dtype=jnp.float32)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      model = params_lib.create_model_from_safe_tensors(directory, cfg)
+    graphdef, state = nnx.split(model)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+
+    def fn(s, ids):
+      return nnx.merge(graphdef, s)(ids, pos, None, mask)[0]
+    return state, fn
+  return load
+
+
 # ------------------------------------------------------------------------ BERT (MiniLM) ---
 
 def _minilm_flax(directory):
@@ -165,6 +235,10 @@ FAMILIES = {
                     lojax.LLAMA_MAPPING, DECODER_PEFT, DECODER_SPEC),
     "qwen3": Family("qwen3", _hf("Qwen3Config", "Qwen3ForCausalLM"), _tunix("qwen3"),
                     lojax.LLAMA_MAPPING, DECODER_PEFT, DECODER_SPEC),
+    "gemma2": Family("gemma2", _hf_gemma("gemma2"), _tunix_gemma("gemma2"),
+                     lojax.GEMMA_MAPPING, GEMMA_PEFT, _gemma_spec(["qkv_einsum"])),
+    "gemma3": Family("gemma3", _hf_gemma("gemma3"), _tunix_gemma("gemma3"),
+                     lojax.GEMMA_MAPPING, GEMMA_PEFT, _gemma_spec(["q_einsum", "kv_einsum"])),
     "bert": Family("bert", _minilm_torch, _minilm_flax, lojax.BERT_MAPPING, BERT_PEFT, BERT_SPEC,
                    logits=lambda out: out.last_hidden_state),
 }
@@ -238,7 +312,8 @@ def test_family_mapping_round_trips_through_peft(name, tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     theirs = peft.PeftModel.from_pretrained(family.torch_model(), str(tmp_path / "lojax")).eval()
-  adapted = {family.mapping.torch_name(t.path) for t in lora.meta.adapters[0].targets}
+  adapted = {n for t in lora.meta.adapters[0].targets
+             for n in family.mapping.torch_names(t.path) or [family.mapping.torch_name(t.path)]}
   assert _peft_modules(theirs) >= adapted
   assert {m for m in _peft_modules(theirs) if not m.endswith(("norm", "LayerNorm"))} == adapted
   assert_close(_torch_out(family, theirs, ids), ours, f"{name}: PEFT's logits of lojax's file")

@@ -598,3 +598,116 @@ def test_hostile_tensors_are_refused(tmp_path, damage):
   with pytest.raises(ValueError, match="0-D tensor; LoRA tensors" if damage == "0-d" else
                      "holds [0-9]+ non-finite values"):
     load_peft(tmp_path, params, mapping=GPT2_MAPPING)
+
+
+# A fused k/v kernel [2, heads, embed, head_dim] (tunix's Gemma kv_einsum) and its mapping.
+_KV = PeftMapping(names=[(r"attn/q", "attn.q_proj")],
+                  splits=[(r"attn/kv", ("attn.k_proj", "attn.v_proj"))],
+                  leaves={"w": "weight"}, matmul_leaves=("w",))
+_NH, _D, _H = 2, 6, 3
+
+
+def _fused_params():
+  rng = np.random.default_rng(0)
+  return {"attn": {"q": {"w": jnp.asarray(rng.standard_normal((_D, _NH * _H)), jnp.float32)},
+                   "kv": {"w": jnp.asarray(rng.standard_normal((2, _NH, _D, _H)), jnp.float32)}}}
+
+
+def _fused_fn(p, x):
+  kv = jnp.einsum("bd,ckdh->cbkh", x, p["attn"]["kv"]["w"])
+  return x @ p["attn"]["q"]["w"], kv[0], kv[1]
+
+
+def test_fused_kernel_loads_each_torch_modules_adapter_exactly(tmp_path):
+  """k_proj and v_proj with their own ranks and alphas (rsLoRA) -> one kv adapter."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((4, _D)).astype(np.float32)
+  ranks, alphas = {"k_proj": 3, "v_proj": 1}, {"k_proj": 4.0, "v_proj": 8.0}
+  tensors, want = {}, {}
+  params = _fused_params()
+  w = np.asarray(params["attn"]["kv"]["w"], np.float64)
+  for c, name in enumerate(["k_proj", "v_proj"]):
+    a = rng.standard_normal((ranks[name], _D))
+    b = rng.standard_normal((_NH * _H, ranks[name]))
+    tensors[f"base_model.model.attn.{name}.lora_A.weight"] = a.astype(np.float32)
+    tensors[f"base_model.model.attn.{name}.lora_B.weight"] = b.astype(np.float32)
+    s = alphas[name] / np.sqrt(ranks[name])
+    torch_w = w[c].transpose(0, 2, 1).reshape(_NH * _H, _D)     # nn.Linear weight [out, in]
+    want[name] = (x @ (torch_w + s * b @ a).T).reshape(4, _NH, _H)
+  save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+  (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+      peft_type="LORA", r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "v_proj"],
+      alpha_pattern={"v_proj": 8.0}, rank_pattern={"k_proj": 3, "v_proj": 1})))
+  lora = load_peft(tmp_path, params, mapping=_KV, apply_fn=_fused_fn,
+                   example_args=(jnp.asarray(x),))
+  (t,) = lora.meta.adapters[0].targets
+  assert (t.path, t.r, t.scaling) == ("attn/kv", 4, 1.0)
+  _, k, v = lojax.lorafy(_fused_fn)(lora, jnp.asarray(x))
+  np.testing.assert_allclose(k, want["k_proj"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v, want["v_proj"], rtol=1e-5, atol=1e-5)
+
+  # one module only: the other slice keeps the base
+  del tensors["base_model.model.attn.v_proj.lora_A.weight"]
+  del tensors["base_model.model.attn.v_proj.lora_B.weight"]
+  save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+  _, k, v = lojax.lorafy(_fused_fn)(load_peft(tmp_path, params, mapping=_KV, apply_fn=_fused_fn,
+                                              example_args=(jnp.asarray(x),)), jnp.asarray(x))
+  np.testing.assert_allclose(k, want["k_proj"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v, np.einsum("bd,kdh->bkh", x, w[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_fused_kernel_exports_one_adapter_per_torch_module(tmp_path, use_dora):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((4, _D)), jnp.float32)
+  params = _fused_params()
+  lora = randomized(lojax.wrap(params, lojax.LoraSpec(r=2, lora_alpha=6, use_dora=use_dora,
+                                                      target_modules=["kv", "q"]),
+                               key=jax.random.key(0), apply_fn=_fused_fn, example_args=(x,)))
+  save_peft(tmp_path, lora, mapping=_KV)
+  got = load_file(str(tmp_path / "adapter_model.safetensors"))
+  f = lora.adapters["default"]["lora"]["attn/kv"]
+  a, b = np.asarray(f["lora_A"]), np.asarray(f["lora_B"])     # [D, r], [r, 2, NH, H]
+  for c, name in enumerate(["k_proj", "v_proj"]):
+    pre = f"base_model.model.attn.{name}."
+    np.testing.assert_array_equal(got[pre + "lora_A.weight"], a.T)
+    np.testing.assert_array_equal(got[pre + "lora_B.weight"], b[:, c].reshape(2, -1).T)
+    if use_dora:
+      m = np.asarray(lora.adapters["default"]["lora"]["attn/kv"]["lora_magnitude"])
+      np.testing.assert_array_equal(got[pre + "lora_magnitude_vector"], m[c].reshape(-1))
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert config["target_modules"] == ["attn.k_proj", "attn.q_proj", "attn.v_proj"]
+  # and back: the joined adapter (rank 4, scaling 1) computes the same function
+  back = load_peft(tmp_path, params, mapping=_KV, apply_fn=_fused_fn, example_args=(x,))
+  for got_, want_ in zip(lojax.lorafy(_fused_fn)(back, x), lojax.lorafy(_fused_fn)(lora, x)):
+    np.testing.assert_allclose(got_, want_, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_kernel_errors(tmp_path):
+  with pytest.raises(ValueError, match="fewer than two"):
+    PeftMapping(splits=[(r"attn/kv", ("attn.k_proj",))])
+  params = _fused_params()
+  x = jnp.ones((4, _D))
+  wrong = PeftMapping(splits=[(r"attn/kv", ("a", "b", "c"))], leaves={"w": "weight"})
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["kv"]), key=jax.random.key(0),
+                    apply_fn=_fused_fn, example_args=(x,))
+  with pytest.raises(ValueError, match="does not have 3 slices"):
+    save_peft(tmp_path, lora, mapping=wrong)
+  ada = lojax.wrap(params, lojax.AdaLoraSpec(init_r=2, target_r=1, total_step=10,
+                                             target_modules=["kv"]),
+                   key=jax.random.key(0), apply_fn=_fused_fn, example_args=(x,))
+  with pytest.raises(ValueError, match="adalora adapter cannot be split"):
+    save_peft(tmp_path, ada, mapping=_KV)
+
+
+def test_fused_dora_needs_every_module(tmp_path):
+  x = jnp.ones((4, _D))
+  params = _fused_params()
+  lora = randomized(lojax.wrap(params, lojax.LoraSpec(r=2, use_dora=True, target_modules=["kv"]),
+                               key=jax.random.key(0), apply_fn=_fused_fn, example_args=(x,)))
+  save_peft(tmp_path, lora, mapping=_KV)
+  tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+  save_file({k: v for k, v in tensors.items() if "v_proj" not in k},
+            str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match="adapts only 1 of the 2"):
+    load_peft(tmp_path, params, mapping=_KV, apply_fn=_fused_fn, example_args=(x,))

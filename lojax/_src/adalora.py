@@ -163,6 +163,7 @@ class AdaLora(lora_lib.Lora):
   ``lora_B`` = Q ``[L?, r, out...]``; the compute path's ``A`` is ``P * E``."""
 
   name = "adalora"
+  splittable = False   # its rank budget counts per module
 
   def check_target(self, t):
     return self._refuse_experts(t, "AdaLoRA")

@@ -33,6 +33,7 @@ class Lora(model.Variant):
   """``W + s * A @ B``."""
 
   name = "lora"
+  splittable = True
 
   def layout(self, t: TargetMeta) -> dict[str, tuple]:
     return {A: t.a_roles(), B: t.b_roles()}
@@ -53,6 +54,9 @@ class Lora(model.Variant):
   def unmerge(self, t, merged, entry, base_w):
     d = delta(t, self.factors(t, entry), jnp.promote_types(merged.dtype, jnp.float32))
     return merged.astype(d.dtype) - d
+
+  def unscaled(self, t, entry, scaling):
+    return dict(entry, **{B: entry[B] * scaling})
 
   def to_peft(self, t, layer):
     """PEFT's layouts: ``lora_A.weight [r, in]`` / ``lora_B.weight [out, r]`` (conv: ``[r, cin,

@@ -39,6 +39,17 @@ class PeftMapping:
     kernel_names: leaf names that hold weights lojax may adapt besides its
       defaults (as :attr:`lojax.LoraSpec.kernel_names`), e.g. tunix's
       ``input_embedding``; :func:`lojax.load_peft` looks for adapters there.
+    splits: Fused kernels, ``[(pattern, (replacement, ...)), ...]``: a module
+      whose path (``"<path>[i]"`` for layer ``i`` of a stack) the pattern
+      ``re.fullmatch``-es holds, along the first axis of its (per-layer)
+      kernel, the weights of one torch module per replacement, in order
+      (tunix's Gemma ``qkv_einsum`` ``[3, heads, embed, head_dim]`` is
+      ``q_proj``, ``k_proj``, ``v_proj``). That axis must be an output axis.
+      On export the module's adapter becomes one adapter per torch module,
+      sharing ``lora_A`` and each with its slice of ``lora_B`` (exact). On
+      import the torch modules' adapters become one adapter of their summed
+      rank: ``A = [A_1 | A_2 | ...]``, ``B`` block-diagonal with each
+      module's scaling folded in, and the scaling 1 (exact).
 
   >>> PeftMapping(names=[(r"params/(.*)", r"model/\\1")]).torch_name("params/h_0/q")
   'model.h_0.q'
@@ -51,19 +62,19 @@ class PeftMapping:
   leaves: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(_LEAVES))
   matmul_leaves: Sequence[str] = ("kernel",)
   kernel_names: Sequence[str] = ()
+  splits: Sequence[tuple[str, Sequence[str]]] = ()
 
   def __post_init__(self):
     if not callable(self.names):
       rules = tuple((str(p), str(r)) for p, r in self.names)
-      bad = []
-      for p, _ in rules:
-        try:
-          re.compile(p)
-        except re.error as e:
-          bad.append(f"{p!r} ({e})")
-      if bad:
-        raise ValueError(f"`names` has invalid regular expressions: {', '.join(bad)}.")
+      _check_patterns("names", [p for p, _ in rules])
       object.__setattr__(self, "names", rules)
+    splits = tuple((str(p), tuple(str(x) for x in r)) for p, r in self.splits)
+    _check_patterns("splits", [p for p, _ in splits])
+    if short := [p for p, r in splits if len(r) < 2]:
+      raise ValueError(f"`splits` rules {short} name fewer than two torch modules; a fused "
+                       "kernel holds several (use `names` for one).")
+    object.__setattr__(self, "splits", splits)
     object.__setattr__(self, "fan_in_fan_out", tuple(self.fan_in_fan_out))
     object.__setattr__(self, "leaves", dict(self.leaves))
     object.__setattr__(self, "matmul_leaves", tuple(self.matmul_leaves))
@@ -71,11 +82,27 @@ class PeftMapping:
 
   def __hash__(self):
     return hash((self.names, self.fan_in_fan_out, tuple(sorted(self.leaves.items())),
-                 self.matmul_leaves, self.kernel_names))
+                 self.matmul_leaves, self.kernel_names, self.splits))
+
+  def torch_names(self, path: str, layer: int | None = None) -> tuple[str, ...] | None:
+    """The torch modules fused in ``path`` (layer ``layer``), in kernel order, or None.
+
+    >>> m = PeftMapping(splits=[(r"attn/kv", ("k_proj", "v_proj"))])
+    >>> m.torch_names("attn/kv"), m.torch_names("attn/q")
+    (('k_proj', 'v_proj'), None)
+    """
+    key = path if layer is None else f"{path}[{layer}]"
+    for pattern, repls in self.splits:
+      if m := re.fullmatch(pattern, key):
+        return tuple(m.expand(r).replace("/", ".") for r in repls)
+    return None
 
   def torch_name(self, path: str, layer: int | None = None) -> str | None:
-    """The torch module name of ``path`` (layer ``layer`` if stacked), or None."""
+    """The torch module name of ``path`` (layer ``layer`` if stacked), or None (also for a
+    fused module: see :meth:`torch_names`)."""
     key = path if layer is None else f"{path}[{layer}]"
+    if self.torch_names(path, layer) is not None:
+      return None
     if callable(self.names):
       name = self.names(key)
     else:
@@ -97,6 +124,17 @@ class PeftMapping:
   def transposed(self, path: str) -> bool:
     """Whether torch stores this module's weight ``[out, in]`` (nn.Linear)."""
     return not any(re.fullmatch(p, path) for p in self.fan_in_fan_out)
+
+
+def _check_patterns(field: str, patterns: Sequence[str]) -> None:
+  bad = []
+  for p in patterns:
+    try:
+      re.compile(p)
+    except re.error as e:
+      bad.append(f"{p!r} ({e})")
+  if bad:
+    raise ValueError(f"`{field}` has invalid regular expressions: {', '.join(bad)}.")
 
 
 DEFAULT_MAPPING = PeftMapping()
@@ -152,3 +190,32 @@ embeddings; under ``params/bert/`` with a ``classifier`` head in
 (``encoder.layer.{i}.attention.self.query``, ``...attention.output.dense``,
 ``...intermediate.dense``, ``...output.dense``; ``bert.`` and ``classifier``
 for ``BertForSequenceClassification``)."""
+
+GEMMA_MAPPING = PeftMapping(
+    names=((r"layers/(\d+)/attn/q_einsum", r"model.layers.\1.self_attn.q_proj"),
+           (r"layers/(\d+)/attn/attn_vec_einsum", r"model.layers.\1.self_attn.o_proj"),
+           (r"layers/(\d+)/attn/_query_norm", r"model.layers.\1.self_attn.q_norm"),
+           (r"layers/(\d+)/attn/_key_norm", r"model.layers.\1.self_attn.k_norm"),
+           (r"layers/(\d+)/mlp/(gate|up|down)_proj", r"model.layers.\1.mlp.\2_proj"),
+           (r"layers/(\d+)/pre_attention_norm", r"model.layers.\1.input_layernorm"),
+           (r"layers/(\d+)/post_att(n|ention)_norm", r"model.layers.\1.post_attention_layernorm"),
+           (r"layers/(\d+)/(pre|post)_ffw_norm", r"model.layers.\1.\2_feedforward_layernorm"),
+           (r"embedder", "model.embed_tokens"),
+           (r"final_norm", "model.norm")),
+    splits=((r"layers/(\d+)/attn/qkv_einsum", (r"model.layers.\1.self_attn.q_proj",
+                                                r"model.layers.\1.self_attn.k_proj",
+                                                r"model.layers.\1.self_attn.v_proj")),
+            (r"layers/(\d+)/attn/kv_einsum", (r"model.layers.\1.self_attn.k_proj",
+                                               r"model.layers.\1.self_attn.v_proj"))),
+    leaves={**_LEAVES, "w": "weight", "input_embedding": "weight"},
+    matmul_leaves=("kernel", "w"), kernel_names=("input_embedding",))
+"""tunix's NNX Gemma 2 (``tunix.models.gemma``) and Gemma 3 (``tunix.models.gemma3``)
+to transformers' ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` names. tunix
+fuses the projections: ``attn/qkv_einsum`` ``[3, heads, embed, head_dim]``
+(when there are as many key/value heads as query heads) holds ``q_proj``,
+``k_proj`` and ``v_proj``; else ``attn/q_einsum`` is ``q_proj`` and
+``attn/kv_einsum`` ``[2, kv_heads, embed, head_dim]`` holds ``k_proj`` and
+``v_proj`` (see ``splits``). ``attn_vec_einsum`` is ``o_proj``; the norms map
+to ``input_layernorm``, ``post_attention_layernorm``,
+``pre/post_feedforward_layernorm`` and Gemma 3's ``q_norm``/``k_norm``. The
+embedding is tied: the logits use ``embedder/input_embedding`` too."""

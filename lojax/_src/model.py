@@ -187,6 +187,10 @@ class Variant:
   """
 
   name: str = "variant"
+  # Whether a target's adapter splits along an output axis into independent adapters of the
+  # slices (each slice's delta is the slice of the delta), and joins back (PEFT files of
+  # fused kernels: PeftMapping.splits).
+  splittable: bool = False
 
   def layout(self, t: TargetMeta) -> dict[str, tuple]:
     """``{param name: axis roles}`` of one target's parameters (shapes, shardings)."""
@@ -248,6 +252,11 @@ class Variant:
 
     Raises ValueError when the tensors do not fit the target.
     """
+    raise NotImplementedError
+
+  def unscaled(self, t: TargetMeta, entry: Mapping[str, Any], scaling: float) -> dict:
+    """``entry`` of a target whose scaling is ``scaling``, as the same delta at scaling 1
+    (one layer, NumPy; only for :attr:`splittable` variants)."""
     raise NotImplementedError
 
   def peft_target(self, t: TargetMeta, layer: Mapping[str, Any]) -> TargetMeta:

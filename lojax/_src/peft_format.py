@@ -255,15 +255,57 @@ def _layer_tensors(variant, t, entry) -> Iterator[tuple[int | None, dict[str, np
 
 
 def _put_factors(out: _Tensors, meta, factors, mapping: PeftMapping) -> list[tuple[Any, str]]:
-  """Writes every target's factor tensors; returns ``(target, torch name)`` per exported layer."""
+  """Writes every target's factor tensors; returns ``(target, torch name)`` per exported layer
+  (per torch module of a fused kernel, each with its own target)."""
   exported = []
   for t in meta.targets:
-    for layer, parts in _layer_tensors(meta.variant, t, factors[t.path]):
-      tn = _name_or_raise(mapping, t.path, layer)
-      for suffix, value in parts.items():
-        out.put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
-      exported.append((t, tn))
+    first = None if not t.stacked else (t.layers or (0,))[0]
+    names = mapping.torch_names(t.path, first)
+    pieces = ([(None, t, factors[t.path])] if names is None else
+              [(c, *piece) for c, piece in enumerate(_fused_pieces(meta, t, factors[t.path],
+                                                                   len(names)))])
+    for c, part_t, entry in pieces:
+      for layer, parts in _layer_tensors(meta.variant, part_t, entry):
+        tn = (_name_or_raise(mapping, t.path, layer) if c is None
+              else mapping.torch_names(t.path, layer)[c])
+        for suffix, value in parts.items():
+          out.put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
+        exported.append((part_t, tn))
   return exported
+
+
+def _fused_pieces(meta, t, entry, n: int) -> list[tuple[Any, dict]]:
+  """One ``(target, entry)`` per torch module of a fused kernel: the slices of its first axis.
+
+  Every parameter axis laid out along that kernel axis (B's, DoRA's magnitude) is sliced;
+  the others (A) are shared, so each piece's delta is that slice of the kernel's delta.
+  """
+  piece_t = _piece_target(meta.variant, t, n)
+  layout = meta.variant.layout(t)
+  pieces = []
+  for c in range(n):
+    sliced = {}
+    for k, x in entry.items():
+      roles = layout[k]
+      sliced[k] = jnp.take(x, c, axis=roles.index(0)) if 0 in roles else x
+    pieces.append((piece_t, sliced))
+  return pieces
+
+
+def _piece_target(variant, t, n: int, r: int | None = None):
+  """The target of one of the ``n`` torch modules fused along ``t``'s first kernel axis."""
+  where = f"'{t.path}' is fused ({n} torch modules in `mapping.splits`)"
+  if not variant.splittable:
+    raise ValueError(f"{where}: a {variant.name} adapter cannot be split into the "
+                     "modules' adapters (nor joined from them).")
+  if 0 not in t.out_axes or t.kernel_shape[0] != n:
+    raise ValueError(f"{where}, but its kernel {t.kernel_shape} (input axes {t.in_axes}) does "
+                     f"not have {n} slices on an output first axis.")
+  lead = 1 if t.stacked else 0
+  shifted = lambda axes: tuple(a - 1 for a in axes)
+  return dataclasses.replace(t, shape=t.shape[:lead] + t.shape[lead + 1:],
+                             in_axes=shifted(t.in_axes), expert_axes=shifted(t.expert_axes),
+                             r=t.r if r is None else r)
 
 
 def _put_biases(out: _Tensors, base, meta, deltas, mapping: PeftMapping) -> None:
@@ -562,10 +604,12 @@ def _refuse_unsupported(config: Mapping[str, Any], spec_class: type) -> None:
 
 
 class _TorchIndex(NamedTuple):
-  """The params seen by torch name: kernels (path, layer), modules, and leaves by path."""
+  """The params seen by torch name: kernels (path, layer), modules, and leaves by path;
+  ``pieces`` gives the torch modules of a fused kernel their (slice, number of slices)."""
   kernels: dict[str, tuple[str, int | None]]
   modules: dict[str, str]
   leaves: dict[str, Any]
+  pieces: dict[str, tuple[int, int]]
 
 
 def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
@@ -575,27 +619,33 @@ def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
                        example_kwargs=example_kwargs, kernel_names=mapping.kernel_names or None)
   leaf_paths, base_leaves, _ = P.flatten(base)
   clashes: list[str] = []
-  kernels = _kernel_names(infos, mapping, clashes)
+  kernels, pieces = _kernel_names(infos, mapping, clashes)
   modules = _module_names(leaf_paths, mapping, clashes)
   if clashes:
     raise ValueError("The mapping gives several modules the same torch name: " +
                      "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
-  return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)))
+  return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)), pieces)
 
 
 def _kernel_names(infos, mapping: PeftMapping, clashes: list[str]):
-  """Torch name -> (kernel path, layer or None), one per layer of a stacked kernel."""
+  """Torch name -> (kernel path, layer or None), one per layer of a stacked kernel (one per
+  torch module of a fused one); and torch name -> (slice, slices) for the fused ones."""
   kernel_names: dict[str, tuple[str, int | None]] = {}
+  pieces: dict[str, tuple[int, int]] = {}
   for path, info in infos.items():
     layers = [None] if not info["stacked"] else list(range(info["stacked"]))
     for layer in layers:
-      tn = mapping.torch_name(path, layer)
-      if tn is None:
-        continue
-      if tn in kernel_names:
-        clashes.append(f"{tn} <- {kernel_names[tn]}, {(path, layer)}")
-      kernel_names[tn] = (path, layer)
-  return kernel_names
+      fused = mapping.torch_names(path, layer)
+      names = [mapping.torch_name(path, layer)] if fused is None else list(fused)
+      for c, tn in enumerate(names):
+        if tn is None:
+          continue
+        if tn in kernel_names:
+          clashes.append(f"{tn} <- {kernel_names[tn]}, {(path, layer)}")
+        kernel_names[tn] = (path, layer)
+        if fused is not None:
+          pieces[tn] = (c, len(fused))
+  return kernel_names, pieces
 
 
 def _module_names(leaf_paths, mapping: PeftMapping, clashes: list[str]) -> dict[str, str]:
@@ -617,6 +667,7 @@ class _FileTensors(NamedTuple):
   saved: dict[str, np.ndarray]  # leaf path -> modules_to_save value
   saved_modules: set[str]
   base_copies: list[_BaseCopy]   # checked against the base once it is wrapped
+  fused: dict[str, tuple[int, float]]  # fused kernel path -> (joined rank, alpha of scaling 1)
 
 
 def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
@@ -624,7 +675,7 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
   """Sorts the tensors into LoRA parts, biases and modules_to_save; lists every misfit."""
   problems: list[str] = []
   lora_parts, other = _split_lora(tensors, index, problems)
-  found = _lora_by_path(lora_parts, index.kernels, problems)
+  found, fused = _lora_by_path(lora_parts, index, config, problems)
   biases, saved, saved_modules, base_copies = _sort_others(other, config.get("modules_to_save") or [], index,
                                               mapping, problems)
   if problems:
@@ -633,7 +684,7 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
                      "exported with and the matching base params.")
   if not found:
     raise ValueError(f"The PEFT adapter in {directory} holds no LoRA tensors.")
-  return _FileTensors(found, biases, saved, saved_modules, base_copies)
+  return _FileTensors(found, biases, saved, saved_modules, base_copies, fused)
 
 
 def _split_lora(tensors, index: _TorchIndex, problems: list[str]):
@@ -668,16 +719,89 @@ def _split_lora(tensors, index: _TorchIndex, problems: list[str]):
   return lora_parts, other
 
 
-def _lora_by_path(lora_parts, kernel_names, problems: list[str]):
-  """The LoRA parts keyed by kernel path, then layer (None if not stacked)."""
-  found: dict[str, dict[int | None, dict[str, np.ndarray]]] = {}
+class _Pieces(NamedTuple):
+  """One layer of a fused kernel in a PEFT file: its torch modules' tensors, by slice."""
+  n: int                                        # the number of torch modules fused
+  parts: dict[int, tuple[float, dict[str, np.ndarray]]]  # slice -> (scaling, PEFT tensors)
+
+  def keys(self) -> set[str]:
+    return {k for _, tensors in self.parts.values() for k in tensors}
+
+
+def _rank_of(tensors: Mapping[str, np.ndarray]) -> int | None:
+  a = tensors.get("lora_A", tensors.get("lora_A.weight", tensors.get("lora_embedding_A")))
+  return None if a is None else int(a.shape[0])
+
+
+def _lora_by_path(lora_parts, index: _TorchIndex, config, problems: list[str]):
+  """The LoRA parts keyed by kernel path, then layer (None if not stacked): a dict of PEFT
+  tensors, or :class:`_Pieces` for a fused kernel; and ``{path: (rank, alpha)}`` of the
+  fused kernels, whose torch modules' adapters are joined into one of scaling 1."""
+  found: dict[str, dict[int | None, Any]] = {}
+  fused: dict[str, dict[int | None, dict[int, tuple[str, dict]]]] = {}
   for tn, parts in lora_parts.items():
-    if tn not in kernel_names:
+    if tn not in index.kernels:
       problems.append(f"  {tn}: no kernel of these params maps to this name")
       continue
-    path, layer = kernel_names[tn]
-    found.setdefault(path, {})[layer] = parts
-  return found
+    path, layer = index.kernels[tn]
+    if tn in index.pieces:
+      fused.setdefault(path, {}).setdefault(layer, {})[index.pieces[tn][0]] = (tn, parts)
+    else:
+      found.setdefault(path, {})[layer] = parts
+  alpha0, rslora = config.get("lora_alpha", 8), bool(config.get("use_rslora"))
+  joined = {}
+  for path, layers in fused.items():
+    found[path], rank = {}, 0
+    for layer, pieces in layers.items():
+      parts = {}
+      for c, (tn, tensors) in sorted(pieces.items()):
+        r = _rank_of(tensors) or 1
+        alpha = _peft_lookup(config.get("alpha_pattern"), tn, alpha0)
+        parts[c] = (alpha / (r ** 0.5 if rslora else r), tensors)
+      n = index.pieces[next(iter(pieces.values()))[0]][1]
+      found[path][layer] = _Pieces(n, parts)
+      rank = max(rank, sum(_rank_of(x) or 0 for _, x in parts.values()))
+    joined[path] = (rank, rank ** 0.5 if rslora else float(rank))
+  return found, joined
+
+
+def _joined(t, pieces: _Pieces, variant) -> dict[str, np.ndarray]:
+  """One layer of a fused kernel's adapter from its torch modules' adapters (exact).
+
+  Module ``c``'s adapter, at scaling 1 (:meth:`Variant.unscaled`), fills slice ``c`` of
+  every parameter axis laid out along the fused kernel axis, and its own block of the rank
+  axis: ``A = [A_1 | A_2 | ...]``, ``B`` block-diagonal, so the delta of slice ``c`` is
+  module ``c``'s. A module absent from the file gets rank 0 there (its slice keeps the
+  base); the rank is zero-padded to ``t.r``. Raises ValueError if the tensors do not fit.
+  """
+  entries, offsets, ranks, offset = {}, {}, {}, 0
+  for c, (s, tensors) in pieces.parts.items():
+    r = ranks[c] = _rank_of(tensors)
+    piece_t = _piece_target(variant, t, pieces.n, r=r)
+    entry = variant.from_peft(piece_t, tensors)
+    if entry is None:
+      raise ValueError(f"slice {c} has incomplete factors ({sorted(tensors)})")
+    entries[c], offsets[c] = variant.unscaled(piece_t, entry, s), offset
+    offset += r
+  if offset > t.r:
+    raise ValueError(f"its torch modules' ranks sum to {offset}, more than {t.r}")
+  out = {}
+  for k, roles in variant.layout(t).items():
+    roles = tuple(x for x in roles if x != model.LAYER)
+    full = np.zeros(t.shape_of(roles), np.result_type(*(e[k] for e in entries.values())))
+    on_rank, on_slice = model.RANK in roles, 0 in roles
+    if on_slice and not on_rank and len(entries) != pieces.n:
+      raise ValueError(f"{k} has one value per output of every fused module, and the file "
+                       f"adapts only {len(entries)} of the {pieces.n}")
+    for c, e in entries.items():
+      at = [slice(None)] * len(roles)
+      if on_rank:
+        at[roles.index(model.RANK)] = slice(offsets[c], offsets[c] + ranks[c])
+      if on_slice:
+        at[roles.index(0)] = c
+      full[tuple(at)] = e[k]
+    out[k] = full
+  return out
 
 
 class _BaseCopy(NamedTuple):
@@ -791,12 +915,13 @@ def _spec_from_file(spec_class, config, contents: _FileTensors, mapping: PeftMap
   alpha0 = config.get("lora_alpha", 8)
   ranks, alpha_pattern = {}, {}
   for path, layers in found.items():
-    tn = mapping.torch_name(path, next(iter(layers)))
-    alpha = _peft_lookup(config.get("alpha_pattern"), tn, alpha0)
-    first = next(iter(layers.values()))
-    a = first.get("lora_A", first.get("lora_A.weight", first.get("lora_embedding_A")))
-    if a is not None:
-      ranks[path] = int(a.shape[0])
+    if path in contents.fused:
+      ranks[path], alpha = contents.fused[path]
+    else:
+      alpha = _peft_lookup(config.get("alpha_pattern"), mapping.torch_name(
+          path, next(iter(layers))), alpha0)
+      if (r := _rank_of(next(iter(layers.values())))) is not None:
+        ranks[path] = r
     if alpha != alpha0:
       alpha_pattern[re.escape(path)] = alpha
   fields = dict(
@@ -832,20 +957,24 @@ def _target_factors(t, layers, variant, problems: list[str]):
     kept = tuple(sorted(layers))
     t = dataclasses.replace(t, layers=None if len(kept) == t.stacked else kept)
   order = [None] if not t.stacked else list(t.layers or range(t.stacked))
+  keys = lambda x: x.keys() if isinstance(x, _Pieces) else set(x)
   try:
-    per = [variant.from_peft(t, layers[i]) if i in layers else None for i in order]
+    per = [None if i not in layers else _joined(t, layers[i], variant)
+           if isinstance(layers[i], _Pieces) else variant.from_peft(t, layers[i])
+           for i in order]
   except ValueError as e:  # a reshape that does not fit, or a kernel PEFT cannot adapt so
-    shapes = {k: v.shape for i in order for k, v in layers.get(i, {}).items()}
-    problems.append(f"  {t.path}: file gives shapes {shapes}, which do not fit the kernel "
-                    f"{t.shape} (in axes {t.in_axes}): {e}")
+    shapes = {k: v.shape for i in order if isinstance(layers.get(i), dict)
+              for k, v in layers[i].items()}
+    problems.append(f"  {t.path}: file gives shapes {shapes or 'of fused modules'}, which do "
+                    f"not fit the kernel {t.shape} (in axes {t.in_axes}): {e}")
     return None
   if any(p is None for p in per):
-    have = sorted({k for i in order for k in layers.get(i, {})})
+    have = sorted({k for i in order if i in layers for k in keys(layers[i])})
     problems.append(f"  {t.path}: incomplete factors in the file (it has {have})")
     return None
   t = variant.peft_target(t, per[0])
   used = set(variant.to_peft(t, per[0]))
-  if extra := sorted({k for i in order for k in layers[i]} - used):
+  if extra := sorted({k for i in order for k in keys(layers[i])} - used):
     problems.append(f"  {t.path}: the file has {extra}, which a {variant.name} adapter does "
                     f"not hold (it holds {sorted(used)}); check `peft_type` and `use_dora` in "
                     f"{CONFIG_NAME}")
