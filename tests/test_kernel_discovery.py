@@ -107,7 +107,7 @@ def test_a_bare_array_used_as_a_matmul_weight_is_its_own_module():
   params, fn, x = bare_array_model()
   found = lojax.kernel_paths(params, apply_fn=fn, example_args=(x,))
   assert found["mlp/proj"] == {"leaf": "", "shape": (D, F), "kind": "dense", "in_axes": (0,),
-                               "expert_axes": (), "stacked": None}
+                               "expert_axes": (), "stacked": None, "tied": False}
   # `scale` is the weight of `gate @ scale` (contracted with the gate): found by use too.
   assert "mlp/scale" in found and "mlp/router" in found
   # "all-linear" takes a bare projection too (no expert axes: a PEFT Linear); an expert

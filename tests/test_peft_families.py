@@ -4,7 +4,8 @@ For every family a tiny transformers model (torch, random weights) and its
 Flax counterpart hold identical weights: the Flax model is built from the
 torch model's own safetensors file by the Flax library's loader (tunix's
 ``create_model_from_safe_tensors`` for Llama, Mistral, Qwen 2 and Qwen 3; the
-MiniLM example's ``convert`` for BERT; GPT-2 is the oracle's own,
+MiniLM example's ``convert`` for BERT; ``tests/t5.py``'s ``params_from_torch``
+for T5, a linen T5 1.1 in t5x's param layout; GPT-2 is the oracle's own,
 ``tests/test_peft_oracle.py``). The frozen models must agree first (logits to
 float32 rounding), then, with the family's mapping:
 
@@ -62,6 +63,8 @@ class Family:
   peft: dict                              # LoraConfig options (torch names)
   spec: dict                              # LoraSpec options (lojax names)
   logits: Callable[[Any], Any] = lambda out: out.logits
+  # token ids -> the model's inputs by torch keyword; the Flax fn takes them in this order
+  inputs: Callable[[np.ndarray], dict] = lambda ids: {"input_ids": ids}
 
 
 def _randomised(model, torch, seed=0):
@@ -226,6 +229,52 @@ BERT_SPEC = dict(r=2, lora_alpha=4, target_modules=["query", "key", "value", "ou
                  modules_to_save=["LayerNorm", "attention_norm", "output_norm"],
                  init_lora_weights=False)
 
+# ------------------------------------------------------------------------ T5 (t5x layout) ---
+
+def _t5():
+  sys.path.insert(0, os.path.dirname(__file__))
+  import t5
+  return t5
+
+
+def _hf_t5():
+  torch, transformers, _ = _torch_stack()
+  cfg = transformers.T5Config(**_t5().T5Config().transformers_kwargs(), tie_word_embeddings=False)
+  model = transformers.T5ForConditionalGeneration(cfg)
+  # transformers 5 ties `lm_head` to `shared` whatever the config says (tie_word_embeddings=False
+  # only drops the d_model**-0.5 scaling of the decoder output); T5 1.1's head is its own: untie
+  model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+  return _randomised(model, torch)
+
+
+def _t5_flax(directory):
+  from safetensors.numpy import load_file
+  t5 = _t5()
+  cfg = t5.T5Config()
+  params = t5.params_from_torch(load_file(os.path.join(directory, "model.safetensors")), cfg)
+  model = t5.T5(cfg)
+
+  def fn(p, ids, decoder_ids):
+    return model.apply(p, ids, decoder_ids)
+  return params, fn
+
+
+def _t5_inputs(ids):
+  """The decoder reads the encoder's first tokens shifted right after the start token 0 (a
+  shorter sequence than the encoder's, so a swapped cross-attention shape cannot pass)."""
+  return {"input_ids": ids,
+          "decoder_input_ids": np.concatenate([np.zeros_like(ids[:, :1]), ids[:, :T - 3]], 1)}
+
+
+T5_PEFT = dict(r=2, lora_alpha=4, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo",
+                                                   "lm_head"],
+               modules_to_save=["final_layer_norm", "relative_attention_bias"],
+               init_lora_weights=False)
+T5_SPEC = dict(r=2, lora_alpha=4, target_modules=["query", "key", "value", "out", "wi_0", "wi_1",
+                                                   "wo", "logits_dense"],
+               modules_to_save=["encoder_norm", "decoder_norm", "relpos_bias"],
+               init_lora_weights=False)
+
 FAMILIES = {
     "llama": Family("llama", _hf("LlamaConfig", "LlamaForCausalLM"), _tunix("llama3"),
                     lojax.LLAMA_MAPPING, DECODER_PEFT, DECODER_SPEC),
@@ -241,6 +290,7 @@ FAMILIES = {
                      lojax.GEMMA_MAPPING, GEMMA_PEFT, _gemma_spec(["q_einsum", "kv_einsum"])),
     "bert": Family("bert", _minilm_torch, _minilm_flax, lojax.BERT_MAPPING, BERT_PEFT, BERT_SPEC,
                    logits=lambda out: out.last_hidden_state),
+    "t5": Family("t5", _hf_t5, _t5_flax, lojax.T5_MAPPING, T5_PEFT, T5_SPEC, inputs=_t5_inputs),
 }
 
 
@@ -250,8 +300,13 @@ def _ids():
 
 def _torch_out(family, model, ids):
   torch, _, _ = _torch_stack()
+  inputs = {k: torch.from_numpy(v).long() for k, v in family.inputs(ids).items()}
   with torch.no_grad():
-    return family.logits(model(torch.from_numpy(ids).long())).numpy()
+    return family.logits(model(**inputs)).numpy()
+
+
+def _flax_args(family, ids) -> tuple:
+  return tuple(jnp.asarray(v) for v in family.inputs(ids).values())
 
 
 def _both(family, tmp_path):
@@ -276,9 +331,10 @@ def test_family_mapping_round_trips_through_peft(name, tmp_path):
   family = FAMILIES[name]
   model, params, fn = _both(family, tmp_path)
   ids = _ids()
-  assert_close(jax.jit(fn)(params, jnp.asarray(ids)), _torch_out(family, model, ids),
+  args = _flax_args(family, ids)
+  assert_close(jax.jit(fn)(params, *args), _torch_out(family, model, ids),
                f"{name}: the frozen Flax and torch models differ (their weights or code do)")
-  how = dict(mapping=family.mapping, apply_fn=fn, example_args=(jnp.asarray(ids),))
+  how = dict(mapping=family.mapping, apply_fn=fn, example_args=args)
   forward = jax.jit(lojax.lorafy(fn))
 
   # PEFT -> lojax
@@ -296,18 +352,18 @@ def test_family_mapping_round_trips_through_peft(name, tmp_path):
     warnings.simplefilter("ignore")
     tuned.save_pretrained(tmp_path / "peft")
   back = lojax.load_peft(tmp_path / "peft", params, **how)
-  assert_close(forward(back, jnp.asarray(ids)), want, f"{name}: lojax's logits of PEFT's file")
+  assert_close(forward(back, *args), want, f"{name}: lojax's logits of PEFT's file")
 
   # lojax -> PEFT
   lora = lojax.wrap(params, lojax.LoraSpec(**family.spec), key=jax.random.key(0),
-                    apply_fn=fn, example_args=(jnp.asarray(ids),))
+                    apply_fn=fn, example_args=args)
   saved = lora.adapters["default"]["modules_to_save"]
   assert saved, "the spec saves no module"
   rng = np.random.default_rng(3)
   moved = {p: x + jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
            for p, x in saved.items()}
   lora = lora.with_trainable({"default": dict(lora.trainable["default"], modules_to_save=moved)})
-  ours = np.asarray(forward(lora, jnp.asarray(ids)))
+  ours = np.asarray(forward(lora, *args))
   lojax.save_peft(tmp_path / "lojax", lora, mapping=family.mapping)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -317,3 +373,18 @@ def test_family_mapping_round_trips_through_peft(name, tmp_path):
   assert _peft_modules(theirs) >= adapted
   assert {m for m in _peft_modules(theirs) if not m.endswith(("norm", "LayerNorm"))} == adapted
   assert_close(_torch_out(family, theirs, ids), ours, f"{name}: PEFT's logits of lojax's file")
+
+
+def test_an_embedding_adapter_on_tied_embeddings_is_refused(tmp_path):
+  """PEFT's default adapts a tied table's lookup only; lojax adapts every use: refuse."""
+  torch, _, peft = _torch_stack()
+  family = FAMILIES["gemma3"]
+  _, params, fn = _both(family, tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    tuned = peft.get_peft_model(family.torch_model(), peft.LoraConfig(
+        r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+    tuned.save_pretrained(tmp_path / "peft")
+  with pytest.raises(ValueError, match="embedder: this embedding table also computes the logits"):
+    lojax.load_peft(tmp_path / "peft", params, mapping=family.mapping, apply_fn=fn,
+                    example_args=(jnp.asarray(_ids()),))

@@ -55,6 +55,8 @@ class KernelUse:
   stacked: int | None            # size of the leading layer axis, if stacked
   reason: str = ""               # why kind is unknown
   expert_axes: tuple[int, ...] = ()  # per-layer axes that index experts
+  tied: bool = False             # an embedding table the function also multiplies by (the
+                                 # logits of a model with tied embeddings)
 
 
 def _is_dynamic(x) -> bool:
@@ -201,7 +203,9 @@ def _decide(leaf: str, shape: tuple[int, ...], uses: list[tuple]) -> KernelUse:
     return KernelUse("unknown", (), stacked,
                      f"it is indexed along axes {sorted(experts)} before a {kind}: lojax adapts "
                      "expert axes of matmul kernels only")
-  return KernelUse(kind, tuple(sorted(in_axes)), stacked, expert_axes=tuple(sorted(experts)))
+  tied = kind == "embed" and bool(kinds & {"dot_general", "ragged_dot"})
+  return KernelUse(kind, tuple(sorted(in_axes)), stacked, expert_axes=tuple(sorted(experts)),
+                   tied=tied)
 
 
 def kernel_infos(tree, spec, apply_fn=None, args=(), kwargs=None):

@@ -610,6 +610,7 @@ class _TorchIndex(NamedTuple):
   modules: dict[str, str]
   leaves: dict[str, Any]
   pieces: dict[str, tuple[int, int]]
+  tied: frozenset[str]     # embedding tables the function also multiplies by (tied logits)
 
 
 def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
@@ -624,7 +625,8 @@ def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
   if clashes:
     raise ValueError("The mapping gives several modules the same torch name: " +
                      "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
-  return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)), pieces)
+  tied = frozenset(p for p, info in infos.items() if info["tied"])
+  return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)), pieces, tied)
 
 
 def _kernel_names(infos, mapping: PeftMapping, clashes: list[str]):
@@ -676,6 +678,13 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
   problems: list[str] = []
   lora_parts, other = _split_lora(tensors, index, problems)
   found, fused = _lora_by_path(lora_parts, index, config, problems)
+  for path in sorted(set(found) & index.tied):
+    problems.append(
+        f"  {path}: this embedding table also computes the logits (tied embeddings), and "
+        "lojax adapts every use of a kernel, but PEFT (without `ensure_weight_tying`, its "
+        "default) adapted the lookup only and left the tied head as it was: loading the file "
+        "would give another model. Train it in PEFT without the embedding in "
+        "`target_modules`, or on a model with untied embeddings.")
   biases, saved, saved_modules, base_copies = _sort_others(other, config.get("modules_to_save") or [], index,
                                               mapping, problems)
   if problems:

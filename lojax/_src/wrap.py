@@ -223,14 +223,16 @@ def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
   names that mark a kernel, as :attr:`LoraSpec.kernel_names` does.
 
   Returns:
-    ``{module path: {"leaf", "shape", "kind", "in_axes", "expert_axes", "stacked"}}``
-    where kind is dense, conv, embed, unknown (N-D kernel not traced) or
-    unused, and ``expert_axes`` are the axes that index a MoE layer's experts
-    (each expert gets its own factors).
+    ``{module path: {"leaf", "shape", "kind", "in_axes", "expert_axes", "stacked",
+    "tied"}}`` where kind is dense, conv, embed, unknown (N-D kernel not
+    traced) or unused, ``expert_axes`` are the axes that index a MoE layer's
+    experts (each expert gets its own factors), and ``tied`` says that an
+    embedding table is also multiplied by (tied output logits: lojax adapts
+    both uses).
 
   >>> import jax.numpy as jnp, lojax
   >>> lojax.kernel_paths({"enc": {"query": {"kernel": jnp.ones((4, 2))}}})
-  {'enc/query': {'leaf': 'kernel', 'shape': (4, 2), 'kind': 'dense', 'in_axes': (0,), 'expert_axes': (), 'stacked': None}}
+  {'enc/query': {'leaf': 'kernel', 'shape': (4, 2), 'kind': 'dense', 'in_axes': (0,), 'expert_axes': (), 'stacked': None, 'tied': False}}
   """
   check_trace_args(apply_fn, example_args, example_kwargs)
   spec = spec_lib.LoraSpec(target_modules="all-linear", kernel_names=kernel_names)
@@ -238,7 +240,8 @@ def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
                                          example_kwargs)
   return {i.path: {"leaf": i.leaf, "shape": i.shape, "kind": layouts[i.path].kind,
                    "in_axes": layouts[i.path].in_axes,
-                   "expert_axes": layouts[i.path].expert_axes, "stacked": layouts[i.path].stacked}
+                   "expert_axes": layouts[i.path].expert_axes, "stacked": layouts[i.path].stacked,
+                   "tied": layouts[i.path].tied}
           for i in infos}
 
 
