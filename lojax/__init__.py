@@ -26,6 +26,7 @@ from lojax._src.training import partition_labels
 from lojax._src.training import print_trainable_parameters
 from lojax._src.training import set_adapter
 from lojax._src.training import trainable_mask
+from lojax._src.loraplus import loraplus
 
 # Several adapters on one base: delete, disable, combine, mixed batches.
 from lojax._src.adapters import adapter_ids
@@ -104,6 +105,7 @@ __all__ = (
     "load_peft",
     "lora_shardings",
     "lorafy",
+    "loraplus",
     "merge",
     "opt_state_shardings",
     "partition_labels",
