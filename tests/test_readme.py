@@ -229,6 +229,7 @@ SETUPS = {
     "apply-fn": quickstart_names, "nnx": nnx_names, "plain": lambda: {"key": jax.random.key(1)},
     "dropout": dropout_names,
     "weighted": adapters_names, "mixed": mixed_names, "optax-masks": trained_names,
+    "loraplus": trained_names,
     "adalora": quickstart_names, "quantize": quickstart_names, "checkpoint": trained_names,
     "peft": gpt2_names, "peft-pissa": gpt2_names, "equinox": equinox_names, "tunix": tunix_names,
     "recurrentgemma": recurrentgemma_names, "moe": moe_names,
@@ -346,6 +347,17 @@ def check_optax_masks(ns):
   labels = lojax.partition_labels(lora)
   assert set(jax.tree.leaves(labels)) == {"trainable", "frozen"}
   assert isinstance(ns["tx"], optax.GradientTransformation)
+
+
+def check_loraplus(ns):
+  """One step of ``tx``: lora_B moves 16x as far as plain Adam's lr would (its first step
+  is ~lr per element), lora_A ~lr."""
+  lora, tx = ns["lora"], ns["tx"]
+  grads = jax.tree.map(jnp.ones_like, lora.trainable)
+  updates, _ = tx.update(grads, ns["opt_state"], lora.trainable)
+  moved = {k: float(jnp.abs(v).max()) for p, v in jax.tree_util.tree_leaves_with_path(updates)
+           for k in ("lora_A", "lora_B") if k in jax.tree_util.keystr(p)}
+  assert abs(moved["lora_A"] - 1e-4) < 1e-6 and abs(moved["lora_B"] - 16e-4) < 1e-5, moved
 
 
 def check_adalora(ns):
