@@ -61,6 +61,7 @@ from lojax._src.mappings import GEMMA_MAPPING
 from lojax._src.mappings import GPT2_MAPPING
 from lojax._src.mappings import LLAMA_MAPPING
 from lojax._src.mappings import PeftMapping
+from lojax._src.mappings import T5_MAPPING
 from lojax._src.peft_format import load_peft
 from lojax._src.peft_format import save_peft
 
@@ -87,6 +88,7 @@ __all__ = (
     "ParameterCount",
     "PeftMapping",
     "QuantizedArray",
+    "T5_MAPPING",
     "TaskType",
     "adalora",
     "adalora_budget",

@@ -268,11 +268,13 @@ def _t5_inputs(ids):
 
 T5_PEFT = dict(r=2, lora_alpha=4, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo",
                                                    "lm_head"],
-               modules_to_save=["final_layer_norm", "relative_attention_bias"],
+               modules_to_save=["layer_norm", "final_layer_norm", "relative_attention_bias"],
                init_lora_weights=False)
 T5_SPEC = dict(r=2, lora_alpha=4, target_modules=["query", "key", "value", "out", "wi_0", "wi_1",
                                                    "wo", "logits_dense"],
-               modules_to_save=["encoder_norm", "decoder_norm", "relpos_bias"],
+               modules_to_save=["pre_attention_layer_norm", "pre_self_attention_layer_norm",
+                                "pre_cross_attention_layer_norm", "pre_mlp_layer_norm",
+                                "encoder_norm", "decoder_norm", "relpos_bias"],
                init_lora_weights=False)
 
 FAMILIES = {

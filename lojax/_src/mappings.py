@@ -219,3 +219,52 @@ fuses the projections: ``attn/qkv_einsum`` ``[3, heads, embed, head_dim]``
 to ``input_layernorm``, ``post_attention_layernorm``,
 ``pre/post_feedforward_layernorm`` and Gemma 3's ``q_norm``/``k_norm``. The
 embedding is tied: the logits use ``embedder/input_embedding`` too."""
+
+_T5_ATTENTION = (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))
+T5_MAPPING = PeftMapping(
+    names=(*((rf"(?:params/)?encoder/layers_(\d+)/attention/{f}",
+              rf"encoder.block.\1.layer.0.SelfAttention.{t}") for f, t in _T5_ATTENTION),
+           *((rf"(?:params/)?decoder/layers_(\d+)/self_attention/{f}",
+              rf"decoder.block.\1.layer.0.SelfAttention.{t}") for f, t in _T5_ATTENTION),
+           *((rf"(?:params/)?decoder/layers_(\d+)/encoder_decoder_attention/{f}",
+              rf"decoder.block.\1.layer.1.EncDecAttention.{t}") for f, t in _T5_ATTENTION),
+           (r"(?:params/)?encoder/layers_(\d+)/mlp/(wi|wi_0|wi_1|wo)",
+            r"encoder.block.\1.layer.1.DenseReluDense.\2"),
+           (r"(?:params/)?decoder/layers_(\d+)/mlp/(wi|wi_0|wi_1|wo)",
+            r"decoder.block.\1.layer.2.DenseReluDense.\2"),
+           (r"(?:params/)?encoder/layers_(\d+)/pre_attention_layer_norm",
+            r"encoder.block.\1.layer.0.layer_norm"),
+           (r"(?:params/)?encoder/layers_(\d+)/pre_mlp_layer_norm",
+            r"encoder.block.\1.layer.1.layer_norm"),
+           (r"(?:params/)?decoder/layers_(\d+)/pre_self_attention_layer_norm",
+            r"decoder.block.\1.layer.0.layer_norm"),
+           (r"(?:params/)?decoder/layers_(\d+)/pre_cross_attention_layer_norm",
+            r"decoder.block.\1.layer.1.layer_norm"),
+           (r"(?:params/)?decoder/layers_(\d+)/pre_mlp_layer_norm",
+            r"decoder.block.\1.layer.2.layer_norm"),
+           (r"(?:params/)?(encoder|decoder)/\1_norm", r"\1.final_layer_norm"),
+           (r"(?:params/)?(encoder|decoder)/relpos_bias",
+            r"\1.block.0.layer.0.SelfAttention.relative_attention_bias"),
+           (r"(?:params/)?token_embedder", "shared"),
+           (r"(?:params/)?decoder/logits_dense", "lm_head")),
+    leaves={**_LEAVES, "rel_embedding": "weight"},
+    matmul_leaves=("kernel", "rel_embedding"))
+"""t5x's minimal T5 (``t5x/examples/t5/network.py``, which its T5 1.1, mT5 and
+ByT5 configs share; the params with or without the ``params/`` level) to
+transformers' ``T5ForConditionalGeneration`` names. ``encoder/layers_{i}/attention/query``
+(``key``, ``value``, ``out``) is ``encoder.block.{i}.layer.0.SelfAttention.q``
+(``k``, ``v``, ``o``); the decoder's ``self_attention`` is ``layer.0.SelfAttention``
+and its ``encoder_decoder_attention`` ``layer.1.EncDecAttention``;
+``mlp/wi_0``, ``wi_1``, ``wo`` (``wi`` for T5 1.0's ReLU MLP) are
+``DenseReluDense`` of the last sub-layer (``layer.1`` in the encoder,
+``layer.2`` in the decoder); each ``pre_*_layer_norm`` is the ``layer_norm`` of
+the sub-layer it precedes, ``encoder_norm``/``decoder_norm`` the stack's
+``final_layer_norm``, ``token_embedder`` is ``shared`` and the untied head
+``decoder/logits_dense`` is ``lm_head``. Each stack's ``relpos_bias`` is block
+0's ``relative_attention_bias`` (t5x's ``rel_embedding`` ``[heads, buckets]`` is
+torch's weight transposed: ``matmul_leaves`` names it). t5x's ``DenseGeneral``
+kernels are stored with two axes, ``[in, out]``: ``nn.Linear``'s weight transposed.
+An adapter on ``token_embedder`` does not carry over: transformers 5 reads the
+table through ``encoder.embed_tokens`` and ``decoder.embed_tokens`` (tied to
+``shared``), so PEFT never applies an adapter on ``shared`` and makes one per
+stack of ``embed_tokens``."""
