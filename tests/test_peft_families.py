@@ -377,16 +377,42 @@ def test_family_mapping_round_trips_through_peft(name, tmp_path):
   assert_close(_torch_out(family, theirs, ids), ours, f"{name}: PEFT's logits of lojax's file")
 
 
-def test_an_embedding_adapter_on_tied_embeddings_is_refused(tmp_path):
-  """PEFT's default adapts a tied table's lookup only; lojax adapts every use: refuse."""
+def test_tied_embeddings_through_peft(tmp_path):
+  """lojax adapts every use of a tied table, as PEFT with ``ensure_weight_tying`` does.
+
+  PEFT's default (lookup only, the tied head left alone) is another model: refused. A file
+  with ``ensure_weight_tying`` (PEFT also saves the head's tied copy) loads; lojax's files say
+  ``ensure_weight_tying`` and PEFT computes lojax's logits from them.
+  """
   torch, _, peft = _torch_stack()
   family = FAMILIES["gemma3"]
   _, params, fn = _both(family, tmp_path)
+  ids = _ids()
+  how = dict(mapping=family.mapping, apply_fn=fn, example_args=(jnp.asarray(ids),))
+  forward = jax.jit(lojax.lorafy(fn))
+  for tying in (False, True):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      tuned = peft.get_peft_model(family.torch_model(), peft.LoraConfig(
+          r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False,
+          ensure_weight_tying=tying)).eval()
+      tuned.save_pretrained(tmp_path / f"peft{tying}")
+    if not tying:
+      with pytest.raises(ValueError, match="embedder: this embedding table also computes"):
+        lojax.load_peft(tmp_path / f"peft{tying}", params, **how)
+      continue
+    back = lojax.load_peft(tmp_path / f"peft{tying}", params, **how)
+    assert_close(forward(back, jnp.asarray(ids)), _torch_out(family, tuned, ids),
+                 "lojax's logits of PEFT's ensure_weight_tying file")
+
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["embedder", "q_einsum"],
+                                           kernel_names=["input_embedding"],
+                                           init_lora_weights=False), key=jax.random.key(0), **{
+                                               k: v for k, v in how.items() if k != "mapping"})
+  lojax.save_peft(tmp_path / "lojax", lora, mapping=family.mapping)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    tuned = peft.get_peft_model(family.torch_model(), peft.LoraConfig(
-        r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
-    tuned.save_pretrained(tmp_path / "peft")
-  with pytest.raises(ValueError, match="embedder: this embedding table also computes the logits"):
-    lojax.load_peft(tmp_path / "peft", params, mapping=family.mapping, apply_fn=fn,
-                    example_args=(jnp.asarray(_ids()),))
+    theirs = peft.PeftModel.from_pretrained(family.torch_model(), str(tmp_path / "lojax")).eval()
+  assert_close(_torch_out(family, theirs, ids), forward(lora, jnp.asarray(ids)),
+               "PEFT's logits of lojax's file with a tied embedding adapter")

@@ -369,6 +369,9 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
       "layers_to_transform": None,
       "layers_pattern": None,
       "alpha_pattern": {tn: t.alpha for t, tn in exported if t.alpha != spec.lora_alpha},
+      # lojax adapts every use of a table: with tied embeddings, PEFT must tie the head's
+      # adapter to it (without tied embeddings PEFT ignores this)
+      "ensure_weight_tying": any(t.kind == "embed" for t, _ in exported),
       "loftq_config": dict(spec.loftq_config),
       **spec.peft_fields({tn: t.r for t, tn in exported}),
   }
@@ -433,6 +436,7 @@ _CONFIG_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "lora_alpha": ("a number", _is_number),
     "lora_dropout": ("a number or null", lambda x: x is None or _is_number(x)),
     "use_rslora": ("true or false", lambda x: isinstance(x, bool)),
+    "ensure_weight_tying": ("true or false", lambda x: isinstance(x, bool)),
     "use_dora": ("true or false", lambda x: isinstance(x, bool)),
     "fan_in_fan_out": ("true or false", lambda x: isinstance(x, bool)),
     "inference_mode": ("true or false", lambda x: isinstance(x, bool)),
@@ -610,7 +614,8 @@ class _TorchIndex(NamedTuple):
   modules: dict[str, str]
   leaves: dict[str, Any]
   pieces: dict[str, tuple[int, int]]
-  tied: frozenset[str]     # embedding tables the function also multiplies by (tied logits)
+  tied: dict[str, str]     # embedding tables the function also multiplies by (tied logits):
+                           # module path -> leaf path
 
 
 def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
@@ -625,7 +630,8 @@ def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
   if clashes:
     raise ValueError("The mapping gives several modules the same torch name: " +
                      "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
-  tied = frozenset(p for p, info in infos.items() if info["tied"])
+  tied = {p: f"{p}/{info['leaf']}" if info["leaf"] else p for p, info in infos.items()
+          if info["tied"]}
   return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)), pieces, tied)
 
 
@@ -677,8 +683,11 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
   """Sorts the tensors into LoRA parts, biases and modules_to_save; lists every misfit."""
   problems: list[str] = []
   lora_parts, other = _split_lora(tensors, index, problems)
+  tying = bool(config.get("ensure_weight_tying"))
+  if tying:
+    _drop_tied_copies(lora_parts, other, index, problems)
   found, fused = _lora_by_path(lora_parts, index, config, problems)
-  for path in sorted(set(found) & index.tied):
+  for path in sorted(set(found) & set(index.tied)) if not tying else ():
     problems.append(
         f"  {path}: this embedding table also computes the logits (tied embeddings), and "
         "lojax adapts every use of a kernel, but PEFT (without `ensure_weight_tying`, its "
@@ -694,6 +703,36 @@ def _sort_tensors(directory: str, tensors, config, index: _TorchIndex,
   if not found:
     raise ValueError(f"The PEFT adapter in {directory} holds no LoRA tensors.")
   return _FileTensors(found, biases, saved, saved_modules, base_copies, fused)
+
+
+def _drop_tied_copies(lora_parts, other, index: _TorchIndex, problems: list[str]) -> None:
+  """Checks and drops the tied head's copy of an embedding adapter (``ensure_weight_tying``).
+
+  PEFT then saves, beside the table's ``lora_embedding_A/B``, the head's tied adapter
+  (``lora_A.weight`` = ``lora_embedding_B`` transposed, ``lora_B.weight`` =
+  ``lora_embedding_A`` transposed) and its ``base_layer.weight`` (the table): lojax's
+  adapter of the table already computes both uses.
+  """
+  embeds = {tn: parts for tn, parts in lora_parts.items()
+            if tn in index.kernels and index.kernels[tn][0] in index.tied
+            and {"lora_embedding_A", "lora_embedding_B"} <= set(parts)}
+  for tn, parts in list(lora_parts.items()):
+    if tn in index.kernels or set(parts) != {"lora_A.weight", "lora_B.weight"}:
+      continue
+    a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+    source = next((e for e, ep in embeds.items()
+                   if a.shape == ep["lora_embedding_B"].T.shape and b.shape ==
+                   ep["lora_embedding_A"].T.shape and np.array_equal(a, ep["lora_embedding_B"].T)
+                   and np.array_equal(b, ep["lora_embedding_A"].T)), None)
+    if source is None:
+      continue
+    del lora_parts[tn]
+    copy = other.pop(f"{tn}.base_layer.weight", None)
+    table = np.asarray(index.leaves[index.tied[index.kernels[source][0]]])
+    if copy is not None and (copy.shape != table.shape or not np.array_equal(
+        copy.astype(table.dtype), table)):
+      problems.append(f"  {PREFIX}{tn}.base_layer.weight: the tied head's copy of the "
+                      f"embedding table of {source} differs from the params' table")
 
 
 def _split_lora(tensors, index: _TorchIndex, problems: list[str]):
