@@ -17,6 +17,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
@@ -266,3 +267,31 @@ def test_dora_magnitude_follows_the_output_axes():
       params)
   s = lojax.lora_shardings(lora, base, mesh=MESH)
   assert s.adapters["default"]["lora"]["params/h_0/mlp/c_fc"]["lora_magnitude"].spec == P("model")
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4-dq", "int8"])
+def test_quantized_base_shards_its_stored_arrays(method):
+  """A quantized kernel's codes and scales get shardings of their own ranks (a kernel's
+  3-axis spec on NF4's [L, blocks] scales could not be placed), following the kernel's
+  axes where the layout does; lojax.shard places them."""
+  stack = {"h": {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (2, 64, 256))}}}
+  def fn(p, x):   # each layer's kernel in a scan: a stacked [L, in, out] kernel
+    return jax.lax.scan(lambda c, w: (c, c @ w), x, p["h"]["mlp"]["kernel"])[1]
+  lora = lojax.wrap(stack, lojax.LoraSpec(r=2, target_modules=["mlp"]),
+                    key=jax.random.key(1), quantize=method, apply_fn=fn,
+                    example_args=(jnp.ones((4, 64)),))
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
+  shardings = lojax.lora_shardings(lora, {"h": {"mlp": {"kernel": P(None, "fsdp", "tp")}}},
+                                   mesh=mesh)
+  node = shardings.base["h"]["mlp"]["kernel"]
+  got = {n: s.spec for n, s in node.data.items()}
+  if method == "int8":
+    want = {"codes": P(None, "fsdp", "tp"), "scales": P(None, None, "tp")}
+  else:
+    want = {n: P(None, "fsdp") for n in node.data if n != "scales_mean"}
+    if method == "nf4-dq":
+      want["scales_mean"] = P()
+  assert got == want
+  placed = lojax.shard(lora, shardings)
+  np.testing.assert_array_equal(lojax.merge(placed)["h"]["mlp"]["kernel"],
+                                lojax.merge(lora)["h"]["mlp"]["kernel"])

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,16 @@ class EncodedArray:
   def encode_like(self, x: Any) -> "EncodedArray":
     """``x`` (a float kernel of this shape) stored the way this leaf is."""
     raise NotImplementedError
+
+  def stored_specs(self, kernel_spec: Sequence[Any]) -> "EncodedArray":
+    """This leaf with a partition-spec entry list for each stored array in place of the
+    array, given the entries (one per kernel axis) a float kernel would be sharded by.
+
+    The default replicates every stored array; a subclass whose layout follows the
+    kernel's axes shards them like the kernel.
+    """
+    children, treedef = jax.tree_util.tree_flatten(self)
+    return jax.tree_util.tree_unflatten(treedef, [[None] * np.ndim(c) for c in children])
 
 
 def is_encoded(x: Any) -> bool:

@@ -122,6 +122,25 @@ class QuantizedArray(model.EncodedArray):
     return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
                for x in self.data.values())
 
+  def stored_specs(self, kernel_spec):
+    """int8 codes are sharded like the kernel, its scales likewise but not on the input
+    axes (size 1 there). NF4's row-major blocks follow the kernel's first per-layer axis
+    (a split of it is a contiguous run of blocks); the scales of NF4-dq's quantized
+    scales, and ``scales_mean``, keep the layer axis only."""
+    entries = list(kernel_spec) + [None] * (len(self.shape) - len(kernel_spec))
+    lead, per = entries[:int(self.stacked)], entries[int(self.stacked):]
+    if self.method == "int8":
+      in_axes = set(self.in_axes if self.in_axes is not None else range(len(per) - 1))
+      specs = {"codes": entries,
+               "scales": lead + [None if i in in_axes else e for i, e in enumerate(per)]}
+    else:
+      rows = per[:1] if per else [None]
+      specs = {n: lead + (rows + [None] * (np.ndim(x) - len(lead) - 1) if n != "scales_mean"
+                          else [])
+               for n, x in self.data.items()}
+    return QuantizedArray(specs, method=self.method, shape=self.shape, dtype=self.dtype,
+                          stacked=self.stacked, in_axes=self.in_axes)
+
   def dequantize(self, dtype: Any = None):
     """The kernel as a ``jax.numpy`` array (see :func:`dequantize`)."""
     return dequantize(self, dtype)

@@ -137,11 +137,22 @@ def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None
   by_path, mesh = _base_specs(lora, base_shardings, mesh)
   paths, leaves, treedef = P.flatten(lora.base)
   base = jax.tree_util.tree_unflatten(
-      treedef, [_named(mesh, by_path[p], np.shape(x)) for p, x in zip(paths, leaves)])
+      treedef, [_encoded_sharding(mesh, by_path[p], x) if model.is_encoded(x)
+                else _named(mesh, by_path[p], np.shape(x)) for p, x in zip(paths, leaves)])
   adapters = {name: _adapter_shardings(lora.meta.adapter(name), ad, by_path, mesh, replicate,
                                        override)
               for name, ad in lora.adapters.items()}
   return LoraParams(base, adapters, lora.meta)
+
+
+def _encoded_sharding(mesh, spec: PartitionSpec, x):
+  """An encoded (quantized) kernel's node with a NamedSharding for each stored array."""
+  specs = x.stored_specs(_padded(spec, len(x.shape)))
+  is_spec = lambda e: isinstance(e, list)
+  arrays = jax.tree_util.tree_leaves(x)
+  entries, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+  return jax.tree_util.tree_unflatten(
+      treedef, [NamedSharding(mesh, _fit(mesh, e, np.shape(a))) for e, a in zip(entries, arrays)])
 
 
 def _named(mesh, spec: PartitionSpec, shape) -> NamedSharding:
