@@ -50,6 +50,21 @@ class PeftMapping:
       import the torch modules' adapters become one adapter of their summed
       rank: ``A = [A_1 | A_2 | ...]``, ``B`` block-diagonal with each
       module's scaling folded in, and the scaling 1 (exact).
+    parameter_order: Torch parameter names (the last part of a target
+      parameter's name, see :meth:`parameter_name`) in the order a torch
+      module registers them. PEFT wraps the adapted parameters of one module
+      in that order, each wrapper around the previous one, so the last one's
+      tensors are ``<module>.lora_A.weight`` and each one before it has one
+      more ``.base_layer`` (``<module>.base_layer.lora_A.weight``, ...). Two
+      adapted parameters of one module that this does not order are an
+      error. The default is transformers' order for MoE experts.
+    swapped_parameters: Regexes (``re.fullmatch`` on the module path, without
+      ``[i]``) of target parameters that PEFT reads with input and output
+      swapped. PEFT reads a 3-D parameter as ``[E, out, in]`` (``nn.Linear``'s
+      layout per expert) unless its module sets ``is_transposed`` (then
+      ``[E, in, out]``), and a 2-D one as ``[out, in]``; a parameter stored
+      the other way round (transformers' Llama 4 experts: ``[E, in, out]``
+      without ``is_transposed``) gets PEFT's ``lora_A`` on its output side.
 
   >>> PeftMapping(names=[(r"params/(.*)", r"model/\\1")]).torch_name("params/h_0/q")
   'model.h_0.q'
@@ -63,6 +78,8 @@ class PeftMapping:
   matmul_leaves: Sequence[str] = ("kernel",)
   kernel_names: Sequence[str] = ()
   splits: Sequence[tuple[str, Sequence[str]]] = ()
+  parameter_order: Sequence[str] = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+  swapped_parameters: Sequence[str] = ()
 
   def __post_init__(self):
     if not callable(self.names):
@@ -79,10 +96,17 @@ class PeftMapping:
     object.__setattr__(self, "leaves", dict(self.leaves))
     object.__setattr__(self, "matmul_leaves", tuple(self.matmul_leaves))
     object.__setattr__(self, "kernel_names", tuple(self.kernel_names))
+    for field in ("swapped_parameters", "parameter_order"):
+      value = getattr(self, field)
+      if isinstance(value, str):
+        raise TypeError(f"`{field}` must be a list of str, got the str {value!r}.")
+      object.__setattr__(self, field, tuple(str(x) for x in value))
+    _check_patterns("swapped_parameters", self.swapped_parameters)
 
   def __hash__(self):
     return hash((self.names, self.fan_in_fan_out, tuple(sorted(self.leaves.items())),
-                 self.matmul_leaves, self.kernel_names, self.splits))
+                 self.matmul_leaves, self.kernel_names, self.splits, self.parameter_order,
+                 self.swapped_parameters))
 
   def torch_names(self, path: str, layer: int | None = None) -> tuple[str, ...] | None:
     """The torch modules fused in ``path`` (layer ``layer``), in kernel order, or None.
@@ -112,6 +136,25 @@ class PeftMapping:
           name = m.expand(repl)
           break
     return None if name is None else name.replace("/", ".")
+
+  def parameter_name(self, path: str, layer: int | None = None, leaf: str = "") -> str | None:
+    """The torch name ``<module>.<parameter>`` of a kernel PEFT adapts as a target parameter
+    (an expert kernel, or a bare array found by its use), or None.
+
+    A bare array (``leaf=""``) is its own module path, so its :meth:`torch_name` names the
+    parameter; a kernel held by a module is that module's parameter :meth:`torch_leaf`.
+
+    >>> m = PeftMapping()
+    >>> m.parameter_name("moe/wi"), m.parameter_name("moe/experts", leaf="kernel")
+    ('moe.wi', 'moe.experts.weight')
+    """
+    name = self.torch_name(path, layer)
+    return name if name is None or not leaf else f"{name}.{self.torch_leaf(leaf)}"
+
+  def swapped(self, path: str) -> bool:
+    """Whether PEFT reads target parameter ``path`` with input and output swapped
+    (:attr:`swapped_parameters`)."""
+    return any(re.fullmatch(p, path) for p in self.swapped_parameters)
 
   def torch_leaf(self, leaf: str) -> str:
     """The torch parameter name of Flax leaf ``leaf``."""
@@ -217,8 +260,10 @@ fuses the projections: ``attn/qkv_einsum`` ``[3, heads, embed, head_dim]``
 ``attn/kv_einsum`` ``[2, kv_heads, embed, head_dim]`` holds ``k_proj`` and
 ``v_proj`` (see ``splits``). ``attn_vec_einsum`` is ``o_proj``; the norms map
 to ``input_layernorm``, ``post_attention_layernorm``,
-``pre/post_feedforward_layernorm`` and Gemma 3's ``q_norm``/``k_norm``. The
-embedding is tied: the logits use ``embedder/input_embedding`` too."""
+``pre/post_feedforward_layernorm`` and Gemma 3's ``q_norm``/``k_norm`` (Gemma 1
+names its pre-MLP norm ``post_attention_layernorm``, tunix's ``pre_ffw_norm``:
+its projections map, its norms do not). The embedding is tied: the logits use
+``embedder/input_embedding`` too (see ``ensure_weight_tying`` in the README)."""
 
 _T5_ATTENTION = (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))
 T5_MAPPING = PeftMapping(
