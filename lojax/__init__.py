@@ -11,6 +11,7 @@ from lojax._src.spec import TaskType
 from lojax._src.model import LoraParams
 from lojax._src.wrap import kernel_paths
 from lojax._src.wrap import wrap
+from lojax._src.eva import eva_init
 
 # Computing with adapters: factorized inside any function of the params.
 from lojax._src.apply import lorafy
@@ -102,6 +103,7 @@ __all__ = (
     "delete_adapter",
     "dequantize",
     "disable_adapters",
+    "eva_init",
     "hotswap",
     "kernel_paths",
     "load_peft",
