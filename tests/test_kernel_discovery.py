@@ -6,6 +6,7 @@ tunix (``Einsum`` modules holding ``w``) and hand-written MoE-style code (bare a
 store their weights. References are float64 NumPy with the delta written out.
 """
 
+import json
 import warnings
 
 import jax
@@ -181,13 +182,18 @@ def test_two_named_kernels_in_one_dict_are_two_modules():
                              rtol=1e-5, atol=1e-5)
 
 
-def test_a_bare_array_target_is_refused_by_save_peft(tmp_path):
+def test_a_bare_array_target_is_a_peft_target_parameter(tmp_path):
+  """In a PEFT file a bare array is parameter ``proj`` of torch module ``mlp``
+  (``target_parameters``; the layout: tests/test_moe_peft.py)."""
   params, fn, x = bare_array_model()
-  spec = lojax.LoraSpec(r=2, target_modules=["mlp/proj", "router"])
+  spec = lojax.LoraSpec(r=2, target_modules=["mlp/proj", "router"], init_lora_weights=False)
   lora = lojax.wrap(params, spec, key=jax.random.key(1), apply_fn=fn, example_args=(x,))
-  with pytest.raises(ValueError, match=r"\['mlp/proj'\].*target_parameters"):
-    lojax.save_peft(tmp_path / "out", lora)
-  assert not (tmp_path / "out").exists()  # nothing half-written
+  lojax.save_peft(tmp_path / "out", lora, mapping=lojax.PeftMapping())
+  config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+  assert config["target_modules"] == ["mlp.router"] and config["target_parameters"] == ["mlp.proj"]
+  back = lojax.load_peft(tmp_path / "out", params, apply_fn=fn, example_args=(x,))
+  np.testing.assert_array_equal(jax.jit(lojax.lorafy(fn))(back, x),
+                                jax.jit(lojax.lorafy(fn))(lora, x))
 
 
 def test_head_rule_reads_the_traced_output_axis():

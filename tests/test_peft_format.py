@@ -355,7 +355,6 @@ def test_tensors_that_would_be_dropped_or_misread_are_refused(tmp_path, damage):
 
 
 @pytest.mark.parametrize("option", [{"layer_replication": [[0, 2]]},
-                                    {"target_parameters": ["mlp.experts.gate_up_proj"]},
                                     {"trainable_token_indices": [3, 4]},
                                     {"lora_bias": True}, {"some_future_option": "on"}])
 def test_unsupported_peft_options_are_refused_by_name(tmp_path, option):

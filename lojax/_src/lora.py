@@ -88,6 +88,50 @@ class Lora(model.Variant):
     return {A: a.reshape(r, -1).T.reshape(_in_shape(t) + (r,)),
             B: b.reshape(-1, r).T.reshape((r,) + _out_shape(t))}
 
+  # PEFT's `target_parameters` (lora.ParamWrapper): an expert kernel, or a bare array. Per
+  # expert e, PEFT's delta is lora_B_e @ lora_A_e in its view of the parameter, [out, in].
+  def to_peft_parameter(self, t, layer, *, swapped: bool = False):
+    """PEFT's layout of a target parameter: with ``E`` experts (1 for a 2-D parameter) and
+    rank ``r``, ``lora_A.weight [E*r, in]`` expert-major (row ``e*r + k`` is expert ``e``'s
+    ``A[e, :, k]``) and ``lora_B.weight [out, r*E]`` rank-major (column ``k*E + e`` is
+    ``B[e, k, :]``). ``swapped``: PEFT's input and output are the kernel's output and input,
+    so ``lora_A`` holds ``B`` and ``lora_B`` holds ``A``."""
+    self._check_parameter_target(t)
+    n, r = t.n_experts, t.r
+    a = np.asarray(layer[A]).reshape(n, -1, r)       # [E, in, r]
+    b = np.asarray(layer[B]).reshape(n, r, -1)       # [E, r, out]
+    x, y = (b, a) if swapped else (a.transpose(0, 2, 1), b.transpose(0, 2, 1))
+    # x [E, r, PEFT in], y [E, PEFT out, r]
+    return {"lora_A.weight": x.reshape(n * r, -1),
+            "lora_B.weight": y.transpose(1, 2, 0).reshape(y.shape[1], r * n)}
+
+  def from_peft_parameter(self, t, tensors, *, swapped: bool = False):
+    """One layer's ``{lora_A, lora_B}`` from PEFT's target-parameter tensors
+    (:meth:`to_peft_parameter`); None if one is missing."""
+    self._check_parameter_target(t)
+    a, b = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
+    if a is None or b is None:
+      return None
+    n, n_in, n_out = t.n_experts, t.fan_in, t.fan_out
+    n_a, n_b = (n_out, n_in) if swapped else (n_in, n_out)
+    r = a.shape[0] // n if a.ndim == 2 else 0
+    if (a.ndim != 2 or b.ndim != 2 or r < 1 or a.shape != (n * r, n_a)
+        or b.shape != (n_b, r * n)):
+      raise ValueError(f"a target parameter with {n} expert(s) has factors lora_A [{n}*r, "
+                       f"{n_a}] and lora_B [{n_b}, r*{n}] in PEFT, got {a.shape} and {b.shape}")
+    x = a.reshape(n, r, n_a)                          # [E, r, PEFT in]
+    y = b.reshape(n_b, r, n).transpose(2, 0, 1)       # [E, PEFT out, r]
+    fa, fb = (y, x) if swapped else (x.transpose(0, 2, 1), y.transpose(0, 2, 1))
+    experts = tuple(t.kernel_shape[i] for i in t.expert_axes)
+    return {A: fa.reshape(experts + _in_shape(t) + (r,)),
+            B: fb.reshape(experts + (r,) + _out_shape(t))}
+
+  def _check_parameter_target(self, t):
+    if type(self) is not Lora:
+      raise ValueError(f"'{t.path}' would be a PEFT target parameter, which PEFT adapts with "
+                       f"plain LoRA only (its lora.ParamWrapper refuses {self.name}); use a "
+                       "plain LoraSpec.")
+
 
 def _in_shape(t: TargetMeta) -> tuple[int, ...]:
   return tuple(t.kernel_shape[i] for i in t.in_axes)

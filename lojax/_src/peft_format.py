@@ -16,8 +16,14 @@ embed B ``[r, dim]``      ``lora_embedding_B``     ``[dim, r]``
 AdaLoRA P, E, Q           ``lora_A/lora_E/lora_B`` ``[r, in]``/``[r, 1]``/``[out, r]``
 ========================  =======================  ==========================
 
-A layer of a stacked (``nn.scan``) kernel is exported as its own torch
-module, and restacked on import. Trained biases are written as full values
+An expert kernel ``[E, in..., out...]`` (one expert axis) and a bare array
+found by its use are PEFT ``target_parameters`` (PEFT's ``lora.ParamWrapper``):
+with ``E`` experts (1 for a 2-D array), ``lora_A.weight [E*r, in]`` (row
+``e*r + k``) and ``lora_B.weight [out, r*E]`` (column ``k*E + e``), named after
+the module holding the parameter; several adapted parameters of one module
+nest, each earlier one (``mapping.parameter_order``) one ``.base_layer``
+deeper. A layer of a stacked (``nn.scan``) kernel is exported as its own torch
+module (or parameter), and restacked on import. Trained biases are written as full values
 (base + delta): ``<name>.base_layer.bias`` for an adapted module (PEFT wraps
 it), ``<name>.bias`` otherwise. ``modules_to_save`` copies are written as
 PEFT writes them, ``<name>.<leaf>`` (PEFT strips its
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -113,7 +120,10 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
       ``adapter_model.safetensors`` are (over)written.
     lora: the :class:`LoraParams`.
     mapping: lojax module paths to torch module names (e.g.
-      ``lojax.GPT2_MAPPING``). Without it the names are the lojax paths with
+      ``lojax.GPT2_MAPPING``); an expert kernel or a bare array is written as
+      PEFT's ``target_parameters`` entry :meth:`PeftMapping.parameter_name`
+      (see :attr:`PeftMapping.parameter_order` and
+      :attr:`PeftMapping.swapped_parameters`). Without it the names are the lojax paths with
       "/" written ".", which no transformers model has, and a warning says
       so; pass ``PeftMapping()`` when those already are the torch names.
     adapter_name: the adapter to write (default: the only active one).
@@ -131,7 +141,10 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   Raises:
     ValueError: the mapping misses a module or maps two to one name; an
       AdaLoRA adapter on a non-dense kernel; ``initial`` given for another
-      kind of adapter, or not the adapter's own initial state.
+      kind of adapter, or not the adapter's own initial state; an expert
+      kernel or bare array that PEFT cannot adapt as a target parameter
+      (several expert axes, a conv or lookup use, ``lora_dropout``, not plain
+      LoRA, a module whose parameters' order the mapping does not give).
 
   >>> import tempfile, jax, jax.numpy as jnp, lojax
   >>> from lojax._src.peft_format import save_peft
@@ -147,16 +160,6 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
                     f"{type(mapping).__name__}.")
   name = _single_adapter(lora, adapter_name)
   meta = lora.meta.adapter(name)
-  if experts := [t.path for t in meta.targets if t.expert_axes]:
-    raise ValueError(
-        f"Cannot write {experts} to a PEFT file yet: their expert axes give each expert its "
-        "own factors, which PEFT stores as `target_parameters` (not written by lojax yet). "
-        "Save with lojax.save_adapters, or lojax.save_merged for plain params.")
-  if bare := [t.path for t in meta.targets if not t.leaf]:
-    raise ValueError(
-        f"Cannot write {bare} to a PEFT file: each is a bare array found by its use, not the "
-        "weight of a module (PEFT's `target_parameters`, which lojax does not write yet). "
-        "Save with lojax.save_adapters, or lojax.save_merged for plain params.")
   if mapping is None:
     mapping = DEFAULT_MAPPING
     example = next((t.path for t in meta.targets), "params/h_0/attn/q")
@@ -170,6 +173,7 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   factors = ad["lora"]
   if initial is not None:
     meta, factors = _as_plain_lora(meta, factors, lora.base, initial)
+  _check_parameter_targets(meta, mapping)
   out = _Tensors()
   exported = _put_factors(out, meta, factors, mapping)
   _put_biases(out, lora.base, meta, ad["bias"], mapping)
@@ -246,32 +250,135 @@ class _Tensors:
     self.arrays[key], self._owner[key] = value, source
 
 
-def _layer_tensors(variant, t, entry) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+def _layer_tensors(to_peft, t, entry) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
   """``(layer, {suffix: tensor})`` of each exported layer of one target, in PEFT's layout."""
   entry = {k: _np(x) for k, x in entry.items()}
   layers = [None] if not t.stacked else (t.layers or tuple(range(t.stacked)))
   for j, layer in enumerate(layers):
-    yield layer, variant.to_peft(t, entry if layer is None else {k: x[j] for k, x in entry.items()})
+    yield layer, to_peft(t, entry if layer is None else {k: x[j] for k, x in entry.items()})
+
+
+def _is_parameter(t) -> bool:
+  """Whether PEFT stores ``t``'s adapter as one of its ``target_parameters`` (a
+  ``lora.ParamWrapper``): an expert kernel, or a bare array (no module holds it)."""
+  return bool(t.expert_axes) or not t.leaf
+
+
+def _peft_io(variant, t, mapping: PeftMapping):
+  """``(to_peft, from_peft)`` of target ``t``: its variant's module layout, or the layout of a
+  target parameter."""
+  if not _is_parameter(t):
+    return variant.to_peft, variant.from_peft
+  to_p, from_p = (getattr(variant, k, None) for k in ("to_peft_parameter", "from_peft_parameter"))
+  if to_p is None or from_p is None:
+    raise ValueError(f"'{t.path}' would be a PEFT target parameter, which a {variant.name} "
+                     "adapter cannot be written as; use a plain LoraSpec.")
+  swapped = mapping.swapped(t.path)
+  return (lambda t, x: to_p(t, x, swapped=swapped)), (lambda t, x: from_p(t, x, swapped=swapped))
+
+
+def _layers(t) -> list[int | None]:
+  """The exported layers of ``t``: None when not stacked."""
+  return [None] if not t.stacked else list(t.layers or range(t.stacked))
+
+
+def _check_parameter_targets(meta, mapping: PeftMapping) -> None:
+  """Raises, listing them all, for targets PEFT cannot adapt as ``target_parameters``."""
+  problems = []
+  for t in meta.targets:
+    if not _is_parameter(t):
+      continue
+    what = "an expert kernel" if t.expert_axes else "a bare array found by its use"
+    if t.kind != "dense":
+      problems.append(f"  {t.path}: {what} used as a {t.kind} kernel; PEFT's target_parameters "
+                      "adapt matmul weights only")
+    elif len(t.expert_axes) > 1:
+      problems.append(f"  {t.path}: {len(t.expert_axes)} expert axes {list(t.expert_axes)}; "
+                      "PEFT adapts 2-D and 3-D parameters (one expert axis) only")
+    elif mapping.torch_names(t.path, _layers(t)[0]) is not None:
+      problems.append(f"  {t.path}: fused in `mapping.splits`, which target parameters cannot "
+                      "be")
+    elif (name := mapping.parameter_name(t.path, _layers(t)[0], t.leaf)) and "." not in name:
+      problems.append(f"  {t.path}: its torch name {name!r} is a parameter of the top-level "
+                      "module, which PEFT cannot adapt; map it into a module")
+  if problems:
+    raise ValueError("Cannot write these adapters as PEFT `target_parameters` (the form of "
+                     "expert kernels and bare arrays):\n" + "\n".join(problems) +
+                     "\nSave with lojax.save_adapters, or lojax.save_merged for plain params.")
+  if meta.spec.lora_dropout and any(_is_parameter(t) for t in meta.targets):
+    raise ValueError(
+        f"`lora_dropout={meta.spec.lora_dropout}`, but PEFT's target_parameters (the form of "
+        f"{[t.path for t in meta.targets if _is_parameter(t)]}) take no dropout: PEFT would "
+        "refuse the file. Save with lojax.save_adapters, or train with lora_dropout=0.")
+
+
+def _wrappers(names, mapping: PeftMapping) -> dict[str, str]:
+  """PEFT's module name for the adapter of each target parameter in ``names``.
+
+  PEFT wraps the adapted parameters of one module in the order the module registers them
+  (``mapping.parameter_order``), each wrapper around the previous: the last one is
+  ``<module>``, the one before it ``<module>.base_layer``, and so on. Raises ValueError when
+  that order is not known.
+  """
+  by_module: dict[str, list[str]] = {}
+  for name in dict.fromkeys(names):
+    module, _, param = name.rpartition(".")
+    by_module.setdefault(module, []).append(param)
+  order, out, unordered = mapping.parameter_order, {}, []
+  for module, params in by_module.items():
+    if len(params) > 1:
+      if missing := [p for p in params if p not in order]:
+        unordered.append(f"  {module}: {params} ({missing} not in it)")
+        continue
+      params = sorted(params, key=order.index)
+    for i, param in enumerate(params):
+      out[f"{module}.{param}"] = module + ".base_layer" * (len(params) - 1 - i)
+  if unordered:
+    raise ValueError(
+        "These torch modules have several adapted target parameters, and "
+        "`mapping.parameter_order` does not say in which order the module registers them "
+        "(PEFT nests its wrappers in that order, and the nesting names the tensors):\n" +
+        "\n".join(unordered) + "\nPass `PeftMapping(parameter_order=[...])` with the "
+        "parameter names in the order the torch module registers them.")
+  return out
 
 
 def _put_factors(out: _Tensors, meta, factors, mapping: PeftMapping) -> list[tuple[Any, str]]:
   """Writes every target's factor tensors; returns ``(target, torch name)`` per exported layer
   (per torch module of a fused kernel, each with its own target)."""
   exported = []
+  wrappers = _wrappers([_parameter_name_or_raise(mapping, t, layer) for t in meta.targets
+                        if _is_parameter(t) for layer in _layers(t)], mapping)
   for t in meta.targets:
+    if _is_parameter(t):
+      to_peft = _peft_io(meta.variant, t, mapping)[0]
+      for layer, parts in _layer_tensors(to_peft, t, factors[t.path]):
+        name = _parameter_name_or_raise(mapping, t, layer)
+        for suffix, value in parts.items():
+          out.put(f"{PREFIX}{wrappers[name]}.{suffix}", np.ascontiguousarray(value), t.path)
+        exported.append((t, name))
+      continue
     first = None if not t.stacked else (t.layers or (0,))[0]
     names = mapping.torch_names(t.path, first)
     pieces = ([(None, t, factors[t.path])] if names is None else
               [(c, *piece) for c, piece in enumerate(_fused_pieces(meta, t, factors[t.path],
                                                                    len(names)))])
     for c, part_t, entry in pieces:
-      for layer, parts in _layer_tensors(meta.variant, part_t, entry):
+      for layer, parts in _layer_tensors(meta.variant.to_peft, part_t, entry):
         tn = (_name_or_raise(mapping, t.path, layer) if c is None
               else mapping.torch_names(t.path, layer)[c])
         for suffix, value in parts.items():
           out.put(f"{PREFIX}{tn}.{suffix}", np.ascontiguousarray(value), t.path)
         exported.append((part_t, tn))
   return exported
+
+
+def _parameter_name_or_raise(mapping: PeftMapping, t, layer) -> str:
+  """The torch parameter name of target ``t`` (layer ``layer``); raises if the mapping has
+  none."""
+  if mapping.torch_name(t.path, layer) is None:
+    _name_or_raise(mapping, t.path, layer)
+  return mapping.parameter_name(t.path, layer, t.leaf)
 
 
 def _fused_pieces(meta, t, entry, n: int) -> list[tuple[Any, dict]]:
@@ -348,6 +455,8 @@ def _put_saved_modules(out: _Tensors, modules, copies, mapping: PeftMapping) -> 
 def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mapping: PeftMapping,
             base_model_name_or_path: str | None) -> dict[str, Any]:
   """The content of ``adapter_config.json``."""
+  modules = [(t, tn) for t, tn in exported if not _is_parameter(t)]
+  parameters = sorted({tn for t, tn in exported if _is_parameter(t)})
   return {
       "task_type": None if spec.task_type is None else spec_lib.TaskType(spec.task_type).value,
       "base_model_name_or_path": base_model_name_or_path,
@@ -356,11 +465,14 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
       "r": spec.r,
       "lora_alpha": spec.lora_alpha,
       "lora_dropout": spec.lora_dropout,
-      "target_modules": sorted({tn for _, tn in exported}),
+      "target_modules": sorted({tn for _, tn in modules}),
+      # expert kernels and bare arrays (PEFT's lora.ParamWrapper); written only when there are
+      # some, so that a PEFT without the field reads the other files
+      **({"target_parameters": parameters} if parameters else {}),
       "exclude_modules": None,
       # PEFT sets it per module as it wraps them (Conv1D True, nn.Linear False, embeddings
       # untouched) and saves the value of the last one; it corrects it per module on load.
-      "fan_in_fan_out": next((not mapping.transposed(t.path) for t, _ in reversed(exported)
+      "fan_in_fan_out": next((not mapping.transposed(t.path) for t, _ in reversed(modules)
                               if t.kind != "embed"), False),
       "bias": spec.bias,
       "use_rslora": spec.use_rslora,
@@ -371,7 +483,7 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
       "alpha_pattern": {tn: t.alpha for t, tn in exported if t.alpha != spec.lora_alpha},
       # lojax adapts every use of a table: with tied embeddings, PEFT must tie the head's
       # adapter to it (without tied embeddings PEFT ignores this)
-      "ensure_weight_tying": any(t.kind == "embed" for t, _ in exported),
+      "ensure_weight_tying": any(t.kind == "embed" for t, _ in modules),
       "loftq_config": dict(spec.loftq_config),
       **spec.peft_fields({tn: t.r for t, tn in exported}),
   }
@@ -445,6 +557,7 @@ _CONFIG_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "init_lora_weights": ("true, false or a string", lambda x: isinstance(x, (bool, str))),
     "target_modules": ("a string, a list of strings or null",
                        lambda x: x is None or isinstance(x, str) or _is_names(x)),
+    "target_parameters": ("a list of strings or null", lambda x: x is None or _is_names(x)),
     "exclude_modules": ("a string, a list of strings or null",
                         lambda x: x is None or isinstance(x, str) or _is_names(x)),
     "modules_to_save": ("a list of strings or null", lambda x: x is None or _is_names(x)),
@@ -498,7 +611,10 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   ``alpha_pattern`` (PEFT's lookup rule), and the weights are filled in.
   Biases are read as full values (the delta to ``params`` is stored). An
   AdaLoRA adapter keeps its file ranks with ``ranknum = init_r`` and gets
-  ``adalora_step = total_step`` (its ranks were allocated by PEFT).
+  ``adalora_step = total_step`` (its ranks were allocated by PEFT). The
+  config's ``target_parameters`` (PEFT's rule: a parameter's name or a
+  suffix of it) select expert kernels and bare arrays, found by tracing
+  ``apply_fn``; their tensors are read as :func:`save_peft` writes them.
 
   Args:
     directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -536,10 +652,10 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   spec_class = _spec_class(config)
   _refuse_unsupported(config, spec_class)
   base = params.base if isinstance(params, LoraParams) else params
-  index = _torch_index(base, mapping, apply_fn=apply_fn, example_args=example_args,
+  index = _torch_index(base, mapping, config, apply_fn=apply_fn, example_args=example_args,
                        example_kwargs=example_kwargs)
   contents = _sort_tensors(directory, tensors, config, index, mapping)
-  spec = _spec_from_file(spec_class, config, contents, mapping)
+  spec = _spec_from_file(spec_class, config, contents, index, mapping)
   if str(spec.init_lora_weights).startswith("pissa_niter_"):
     warnings.warn(
         f"{directory} was trained with init_lora_weights={spec.init_lora_weights!r}: its "
@@ -562,7 +678,8 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
                  apply_fn=apply_fn, example_args=example_args, example_kwargs=example_kwargs)
   meta = wrapped.meta.adapter(adapter_name)
   problems: list[str] = []
-  targets, weights = _fill_factors(meta.targets, contents.lora, meta.variant, problems)
+  targets, weights = _fill_factors(meta.targets, contents.lora, meta.variant, mapping,
+                                   problems)
   base = _rebuilt_base(wrapped.base, spec, targets) if rebuilds else wrapped.base
   _check_base_copies(contents.base_copies, base,
                      {t.leaf_path for t in targets} if rebuilds else set(), mapping, problems)
@@ -616,9 +733,11 @@ class _TorchIndex(NamedTuple):
   pieces: dict[str, tuple[int, int]]
   tied: dict[str, str]     # embedding tables the function also multiplies by (tied logits):
                            # module path -> leaf path
+  parameters: dict[str, tuple[str, int]]   # the config's target parameters: kernel path ->
+                                           # (leaf, number of experts)
 
 
-def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
+def _torch_index(base, mapping: PeftMapping, config, *, apply_fn, example_args,
                  example_kwargs) -> _TorchIndex:
   """Torch names -> lojax paths, from the params and the mapping; a shared name is an error."""
   infos = kernel_paths(base, apply_fn=apply_fn, example_args=example_args,
@@ -626,13 +745,16 @@ def _torch_index(base, mapping: PeftMapping, *, apply_fn, example_args,
   leaf_paths, base_leaves, _ = P.flatten(base)
   clashes: list[str] = []
   kernels, pieces = _kernel_names(infos, mapping, clashes)
+  parameters = _parameter_names(infos, mapping, config.get("target_parameters") or [], kernels,
+                                clashes)
   modules = _module_names(leaf_paths, mapping, clashes)
   if clashes:
     raise ValueError("The mapping gives several modules the same torch name: " +
                      "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
   tied = {p: f"{p}/{info['leaf']}" if info["leaf"] else p for p, info in infos.items()
           if info["tied"]}
-  return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)), pieces, tied)
+  return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)), pieces, tied,
+                     parameters)
 
 
 def _kernel_names(infos, mapping: PeftMapping, clashes: list[str]):
@@ -641,6 +763,8 @@ def _kernel_names(infos, mapping: PeftMapping, clashes: list[str]):
   kernel_names: dict[str, tuple[str, int | None]] = {}
   pieces: dict[str, tuple[int, int]] = {}
   for path, info in infos.items():
+    if _is_parameter_info(info):   # named by the config's target_parameters
+      continue
     layers = [None] if not info["stacked"] else list(range(info["stacked"]))
     for layer in layers:
       fused = mapping.torch_names(path, layer)
@@ -654,6 +778,50 @@ def _kernel_names(infos, mapping: PeftMapping, clashes: list[str]):
         if fused is not None:
           pieces[tn] = (c, len(fused))
   return kernel_names, pieces
+
+
+def _is_parameter_info(info) -> bool:
+  """:func:`_is_parameter` of a :func:`lojax.kernel_paths` entry."""
+  return bool(info["expert_axes"]) or not info["leaf"]
+
+
+def _parameter_names(infos, mapping: PeftMapping, entries: Sequence[str], kernels,
+                     clashes: list[str]) -> dict[str, tuple[str, int]]:
+  """Adds to ``kernels`` PEFT's module name of each target parameter the config's
+  ``target_parameters`` select (PEFT's rule: the name, or a suffix of it after a "."), per
+  layer; returns ``{kernel path: (leaf, number of experts)}`` of those kernels.
+
+  Raises ValueError for an entry that selects nothing these params map to.
+  """
+  selected: dict[str, tuple[str, int | None]] = {}
+  parameters: dict[str, tuple[str, int]] = {}
+  hits = dict.fromkeys(entries, 0)
+  for path, info in infos.items():
+    if not _is_parameter_info(info):
+      continue
+    kernel_shape = info["shape"][1:] if info["stacked"] else info["shape"]
+    for layer in [None] if not info["stacked"] else list(range(info["stacked"])):
+      name = mapping.parameter_name(path, layer, info["leaf"])
+      matched = [e for e in entries if name is not None and (name == e or
+                                                             name.endswith("." + e))]
+      for e in matched:
+        hits[e] += 1
+      if matched:
+        selected[name] = (path, layer)
+        parameters[path] = (info["leaf"], math.prod(kernel_shape[a] for a in info["expert_axes"]))
+  if unmatched := [e for e, n in hits.items() if not n]:
+    names = sorted(n for p, i in infos.items() if _is_parameter_info(i) for n in [
+        mapping.parameter_name(p, 0 if i["stacked"] else None, i["leaf"])] if n)
+    raise ValueError(
+        f"`target_parameters` entries {unmatched} in {CONFIG_NAME} select no parameter that "
+        f"these params map to (expert kernels and bare arrays found by use; they map to "
+        f"{names[:8] or 'none'}). Pass the `mapping` the file was written with, and "
+        "`apply_fn`/`example_args` so that lojax finds the expert kernels by tracing.")
+  for name, wrapper in _wrappers(selected, mapping).items():
+    if wrapper in kernels:
+      clashes.append(f"{wrapper} <- {kernels[wrapper]}, {selected[name]}")
+    kernels[wrapper] = selected[name]
+  return parameters
 
 
 def _module_names(leaf_paths, mapping: PeftMapping, clashes: list[str]) -> dict[str, str]:
@@ -957,7 +1125,8 @@ def _sort_others(other, saved_entries, index: _TorchIndex, mapping: PeftMapping,
   return bias_values, saved_values, saved_modules, base_copies
 
 
-def _spec_from_file(spec_class, config, contents: _FileTensors, mapping: PeftMapping):
+def _spec_from_file(spec_class, config, contents: _FileTensors, index: _TorchIndex,
+                    mapping: PeftMapping):
   """A spec that selects exactly the modules in the file, with the file's ranks and alphas."""
   found = contents.lora
   alpha0 = config.get("lora_alpha", 8)
@@ -966,10 +1135,12 @@ def _spec_from_file(spec_class, config, contents: _FileTensors, mapping: PeftMap
     if path in contents.fused:
       ranks[path], alpha = contents.fused[path]
     else:
-      alpha = _peft_lookup(config.get("alpha_pattern"), mapping.torch_name(
-          path, next(iter(layers))), alpha0)
+      leaf, experts = index.parameters.get(path, (None, 1))
+      name = (mapping.torch_name(path, next(iter(layers))) if leaf is None else
+              mapping.parameter_name(path, next(iter(layers)), leaf))
+      alpha = _peft_lookup(config.get("alpha_pattern"), name, alpha0)
       if (r := _rank_of(next(iter(layers.values())))) is not None:
-        ranks[path] = r
+        ranks[path] = max(r // experts, 1)   # a target parameter's lora_A is [E*r, in]
     if alpha != alpha0:
       alpha_pattern[re.escape(path)] = alpha
   fields = dict(
@@ -983,7 +1154,7 @@ def _spec_from_file(spec_class, config, contents: _FileTensors, mapping: PeftMap
   return spec_class.from_peft_fields(config, fields, ranks)
 
 
-def _fill_factors(targets, found, variant, problems: list[str]):
+def _fill_factors(targets, found, variant, mapping: PeftMapping, problems: list[str]):
   """The file's factors of the spec's targets: ``(targets, {path: factors})``."""
   kept, weights = [], {}
   for t in targets:
@@ -991,7 +1162,7 @@ def _fill_factors(targets, found, variant, problems: list[str]):
     if layers is None:
       problems.append(f"  {t.path}: selected by the spec but absent from the file")
       continue
-    filled = _target_factors(t, layers, variant, problems)
+    filled = _target_factors(t, layers, variant, mapping, problems)
     if filled is not None:
       t, entry = filled
       weights[t.path] = entry
@@ -999,8 +1170,13 @@ def _fill_factors(targets, found, variant, problems: list[str]):
   return kept, weights
 
 
-def _target_factors(t, layers, variant, problems: list[str]):
+def _target_factors(t, layers, variant, mapping: PeftMapping, problems: list[str]):
   """``(target, factors)`` of one target from its file tensors; None after a problem."""
+  try:
+    to_peft, from_peft = _peft_io(variant, t, mapping)
+  except ValueError as e:
+    problems.append(f"  {e}")
+    return None
   if t.stacked:
     kept = tuple(sorted(layers))
     t = dataclasses.replace(t, layers=None if len(kept) == t.stacked else kept)
@@ -1008,7 +1184,7 @@ def _target_factors(t, layers, variant, problems: list[str]):
   keys = lambda x: x.keys() if isinstance(x, _Pieces) else set(x)
   try:
     per = [None if i not in layers else _joined(t, layers[i], variant)
-           if isinstance(layers[i], _Pieces) else variant.from_peft(t, layers[i])
+           if isinstance(layers[i], _Pieces) else from_peft(t, layers[i])
            for i in order]
   except ValueError as e:  # a reshape that does not fit, or a kernel PEFT cannot adapt so
     shapes = {k: v.shape for i in order if isinstance(layers.get(i), dict)
@@ -1021,7 +1197,7 @@ def _target_factors(t, layers, variant, problems: list[str]):
     problems.append(f"  {t.path}: incomplete factors in the file (it has {have})")
     return None
   t = variant.peft_target(t, per[0])
-  used = set(variant.to_peft(t, per[0]))
+  used = set(to_peft(t, per[0]))
   if extra := sorted({k for i in order for k in keys(layers[i])} - used):
     problems.append(f"  {t.path}: the file has {extra}, which a {variant.name} adapter does "
                     f"not hold (it holds {sorted(used)}); check `peft_type` and `use_dora` in "
