@@ -201,7 +201,7 @@ def collect_inputs(ctx: rules.Context, targets: Mapping[str, Any], mask, found: 
 
 
 def statistics_fn(lora: LoraParams, apply_fn: Callable, targets: Mapping[str, Any]):
-  """``step(base_leaves, args, kwargs, mask) -> ({path: group}, {group: moments})``, jitted.
+  """``run(batch, mask) -> ({path: [group]}, [moments per group])``, one jitted step.
 
   Runs ``apply_fn`` on the (decoded) base with the ``targets`` tagged; the
   output of ``apply_fn`` is dropped, so XLA keeps only what the statistics need.
@@ -211,17 +211,17 @@ def statistics_fn(lora: LoraParams, apply_fn: Callable, targets: Mapping[str, An
   layout: dict = {}
 
   @jax.jit
-  def step(leaves, args, kwargs, mask):
+  def step(leaves, batch, mask):
     leaves = [jax.lax.stop_gradient(model.decode(x)) for x in leaves]
 
-    def flat_fn(tree_leaves, a, kw):
-      return apply_fn(jax.tree_util.tree_unflatten(treedef, tree_leaves), *a, **kw)
+    def flat_fn(tree_leaves, b):
+      return apply_fn(jax.tree_util.tree_unflatten(treedef, tree_leaves), b)
 
-    closed = jax.make_jaxpr(flat_fn)(leaves, args, kwargs)
+    closed = jax.make_jaxpr(flat_fn)(leaves, batch)
     invals = list(leaves)
     for i, t in index.items():
       invals[i] = tg.Tagged(leaves[i], t.path, None, (), tuple(range(np.ndim(leaves[i]))))
-    dyn = jax.tree_util.tree_leaves((args, kwargs))
+    dyn = jax.tree_util.tree_leaves(batch)
     found, groups = {}, {}
     ctx = rules.Context()
     ctx.record = collect_inputs(ctx, targets, mask, found, groups)
@@ -230,10 +230,10 @@ def statistics_fn(lora: LoraParams, apply_fn: Callable, targets: Mapping[str, An
     layout["found"] = {p: [keys.index(g) for g in gs] for p, gs in found.items()}
     return [groups[g] for g in keys]
 
-  def run(args, kwargs, mask):
+  def run(batch, mask):
     leaves = P.flatten(lora.base)[1]
     try:
-      stats = step(leaves, args, kwargs, mask)
+      stats = step(leaves, batch, mask)
     except jax.errors.UnexpectedTracerError as e:
       raise ValueError("EVA: a targeted kernel is used inside a transformation lojax's EVA "
                        "cannot collect from (remat, cond, while): its statistics would leave "
@@ -288,14 +288,6 @@ class _Kernel:
       self.converged = cos >= self.tau
 
 
-def _as_call(batch):
-  if isinstance(batch, Mapping):
-    return (), dict(batch)
-  if isinstance(batch, tuple):
-    return batch, {}
-  return (batch,), {}
-
-
 def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
              eva_config: Mapping[str, Any] | None = None,
              token_mask: Callable[[Any], Any] | None = None,
@@ -305,10 +297,10 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
   Args:
     lora: :class:`LoraParams` from :func:`lojax.wrap` (any init): its targets
       and ranks (``r``, ``rank_pattern``) set the rank budget.
-    apply_fn: the function of the params the data runs through (``model.apply``).
-    batches: a few batches, each the inputs of ``apply_fn`` after the params: a
-      tuple of positional arguments, a dict of keyword arguments, or one array.
-      They are cycled until every kernel has converged.
+    apply_fn: ``apply_fn(params, batch)``, the function the data runs through
+      (e.g. ``lambda p, b: model.apply(p, b["input_ids"])``; its output is unused).
+    batches: a few batches (pytrees of arrays), cycled until every kernel has
+      converged (as PEFT cycles its dataloader).
     eva_config: PEFT's ``EvaConfig`` values: ``rho`` (>= 1, default 2.0),
       ``tau`` (default 0.99), ``whiten`` (False), ``adjust_scaling_factors`` (True).
     token_mask: optional ``batch -> bool array`` over the leading token axes of
@@ -365,8 +357,7 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
   mask_of = (lambda b: None) if token_mask is None else token_mask
 
   # The first pass decides which kernels share an input (PEFT hashes the inputs).
-  args, kwargs = _as_call(batches[0])
-  found, _ = run(args, kwargs, mask_of(batches[0]))
+  found, _ = run(batches[0], mask_of(batches[0]))
   missing = [p for p in dense if p not in found]
   if missing:
     raise ValueError(f"EVA: no matmul of `apply_fn` on these batches reads {missing}.")
@@ -399,8 +390,7 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
       raise ValueError(f"EVA: the components have not converged after {steps} batches "
                        f"(tau={config['tau']}); pass more data, a lower tau or `max_steps`.")
     steps += 1
-    args, kwargs = _as_call(batch)
-    found, stats = run(args, kwargs, mask_of(batch))
+    found, stats = run(batch, mask_of(batch))
     for h, hook in hooks.items():
       if active[h]:
         for g in found[h]:
