@@ -235,6 +235,7 @@ SETUPS = {
     "recurrentgemma": recurrentgemma_names, "moe": moe_names,
     "transformers": transformers_names, "gemma": gemma_names,
     "decode": serving_names, "hotswap": serving_names,
+    "eva": quickstart_names,
 }
 
 
@@ -371,6 +372,21 @@ def check_quantize(ns):
   assert type(kernel).__name__ == "QuantizedArray"
   merged = lojax.merge(ns["lora"])["params"]["h_0"]["attn"]["query"]["kernel"]
   assert isinstance(merged, jax.Array) and merged.dtype == jnp.float32
+
+
+def check_eva(ns):
+  lora, ranks = ns["lora"], {}
+  for t in lora.meta.adapter("default").targets:
+    ranks[t.path] = t.r
+    entry = lora.adapters["default"]["lora"][t.path]
+    a = np.asarray(entry["lora_A"], np.float64)
+    np.testing.assert_allclose(a.T @ a, np.eye(t.r), atol=1e-5)    # orthonormal components
+    assert not np.any(np.asarray(entry["lora_B"]))
+  assert sum(ranks.values()) == 6 * 8 and len(set(ranks.values())) > 1   # redistributed
+  for i in range(3):   # query and value read the same input: one PCA, the same rank
+    assert ranks[f"params/h_{i}/attn/query"] == ranks[f"params/h_{i}/attn/value"]
+  np.testing.assert_allclose(lojax.lorafy(ns["model"].apply)(lora, ns["x"]),
+                             ns["model"].apply(ns["params"], ns["x"]), atol=1e-5)
 
 
 def check_checkpoint(ns):
