@@ -71,7 +71,7 @@ def test_components_are_the_pca_of_the_masked_inputs_seen():
   params = mlp_params(rng)
   params["a"]["kernel"] = params["a"]["kernel"] * 0.1   # b's input keeps a clear spectrum
   mix = spectrum(rng, 8, 0.5, 3.0)
-  xs = [rng.standard_normal((3, 10, 8)) @ mix for _ in range(2)]
+  xs = [rng.standard_normal((3, 10, 8)) @ mix + 2.0 for _ in range(2)]   # mean != 0
   xs.append(100.0 * rng.standard_normal((3, 10, 8)))
   masks = [rng.random((3, 10)) < 0.7 for _ in xs]
   batches = [{"x": jnp.asarray(x, jnp.float32), "mask": jnp.asarray(m)} for x, m in zip(xs, masks)]
@@ -179,6 +179,20 @@ def test_convergence_rule():
   noisy = [jnp.asarray(rng.standard_normal((4, 5)), jnp.float32) for _ in range(3)]
   with pytest.raises(ValueError, match="not converged after 7 batches"):
     lojax.eva_init(lora, mlp, noisy, eva_config={"tau": 1.0}, max_steps=7)
+  # A kernel that converged stops collecting while another goes on: a sees batches 1 and 2
+  # only (batch 3 would turn its components), b (isotropic input) needs more passes.
+  params = mlp_params(rng, n_in=5, n_hid=6)
+  xs = [rng.standard_normal((64, 5)) @ mix for _ in range(2)] + [
+      100 * rng.standard_normal((64, 5)) for _ in range(2)]
+  batches = [{"x": jnp.asarray(x, jnp.float32),
+              "z": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)} for x in xs]
+
+  def f(p, b):
+    return b["x"] @ p["a"]["kernel"], b["z"] @ p["b"]["kernel"]
+
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["a", "b"]), key=jax.random.key(0))
+  out = lojax.eva_init(lora, f, batches, eva_config={"rho": 1.0, "tau": 0.99})
+  assert_rows(rows_of(out, "a"), ref_pca(np.concatenate(xs[:2]), 2)[0], 1e-4)
 
 
 def test_refusals():
