@@ -244,6 +244,8 @@ def test_statistics_step_holds_no_kernel_sized_buffer():
   x = jnp.ones((4, n_in))
   found, stats = run(x, None)
   assert found == {"a": [0], "c": [1]}
+  run(x + 1, None)
+  assert run.step._cache_size() == 1   # one compiled step per batch shape
   leaves = jax.tree_util.tree_leaves(lora.base)
   assert [tuple(o.shape) for o in jax.tree_util.tree_leaves(run.step.eval_shape(
       leaves, x, None))] == [(), (16,), (16, 16), (), (8,), (8, 8)]
@@ -358,7 +360,8 @@ def test_matches_peft_on_gpt2_with_padding(exact, monkeypatch):
              show_progress_bar=False)
   model = oracle.flax_model(False)
   lora = lojax.wrap(oracle.flax_params(False),
-                    lojax.LoraSpec(r=4, lora_alpha=8, target_modules=targets), key=jax.random.key(0))
+                    lojax.LoraSpec(r=4, lora_alpha=8, target_modules=targets),
+                    key=jax.random.key(0))
   out = lojax.eva_init(lora, lambda p, b: model.apply(p, b["input_ids"]),
                        [jax.tree.map(jnp.asarray, b) for b in batches],
                        eva_config={"rho": 2.0, "tau": 0.99},

@@ -315,6 +315,20 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
     whose rank is 0 is no longer adapted), ``lora_A`` from the components and
     ``lora_B = 0``. Targets EVA does not handle (embeddings, convs) keep their
     init, with a warning, as in PEFT.
+
+  Raises:
+    ValueError: for a bad ``eva_config``, no data, more components than input
+      features, a target the data never reaches, stacked-layer or expert
+      kernels, or no convergence within ``max_steps``.
+
+  >>> import jax, jax.numpy as jnp, lojax
+  >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+  >>> lora = lojax.wrap(params, lojax.LoraSpec(r=1, target_modules=["dense"]),
+  ...                   key=jax.random.key(0))
+  >>> x = jax.random.normal(jax.random.key(1), (2, 8, 4))
+  >>> lora = lojax.eva_init(lora, lambda p, x: x @ p["dense"]["kernel"], [x[:1], x[1:]])
+  >>> lora.adapters["default"]["lora"]["dense"]["lora_A"].shape
+  (4, 1)
   """
   if not isinstance(lora, LoraParams):
     raise TypeError(f"`lora` must be the LoraParams returned by lojax.wrap, got "
