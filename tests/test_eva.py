@@ -335,7 +335,7 @@ class ExactPCA:
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["peft_ipca", "peft_loop_exact_pca"])
-def test_matches_peft_on_gpt2_with_padding(exact, monkeypatch):
+def test_matches_peft_on_gpt2_with_padding(exact, monkeypatch, tmp_path):
   """The tiny GPT-2 (every c_attn, c_proj, c_fc), right-padded batches: PEFT drops the
   padding with its default attention-mask functions, lojax with ``token_mask``. Same ranks
   and alphas; the rows agree to |cos| >= 0.97 (PEFT's truncated, randomized IPCA on the
@@ -378,3 +378,17 @@ def test_matches_peft_on_gpt2_with_padding(exact, monkeypatch):
     cos = np.abs(np.sum(a * want, 1)) / (np.linalg.norm(a, axis=1) * np.linalg.norm(want, axis=1))
     worst = min(worst, cos.min())
   assert worst >= (1 - 1e-5 if exact else 0.97), worst
+  if not exact:
+    return
+  # The EVA ranks and alphas travel through PEFT files both ways.
+  lojax.save_peft(tmp_path / "lojax", out, mapping=lojax.GPT2_MAPPING)
+  back = peft.PeftModel.from_pretrained(oracle.torch_base_model(), str(tmp_path / "lojax"))
+  pm.save_pretrained(str(tmp_path / "peft"))
+  again = lojax.load_peft(tmp_path / "peft", oracle.flax_params(False),
+                          mapping=lojax.GPT2_MAPPING)
+  assert _targets(again) == got
+  for path, (r, alpha, _) in got.items():
+    mod = back.get_submodule("base_model.model." + oracle.torch_module(path))
+    assert (mod.r["default"], mod.lora_alpha["default"]) == (r, alpha), path
+    np.testing.assert_allclose(mod.lora_A["default"].weight.detach().numpy(),
+                               rows_of(out, path), rtol=1e-6, atol=1e-7)

@@ -464,7 +464,8 @@ _PEFT_KEYS = frozenset({
     "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
     "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
     "loftq_config", "use_dora", "megatron_core", "qalora_group_size", "runtime_config",
-    "ensure_weight_tying", "target_parameters"})
+    "ensure_weight_tying", "target_parameters",
+    "eva_config"})   # EVA only chose the factors and ranks the file holds (lojax.eva_init)
 
 
 def _check_numbers(spec: LoraSpec, set_, p: list[str]) -> None:
