@@ -230,9 +230,12 @@ def statistics_fn(lora: LoraParams, apply_fn: Callable, targets: Mapping[str, An
     layout["found"] = {p: [keys.index(g) for g in gs] for p, gs in found.items()}
     return [groups[g] for g in keys]
 
-  def run(batch, mask):
+  def run(batch, mask, *, trace_only: bool = False):
     leaves = P.flatten(lora.base)[1]
     try:
+      if trace_only:   # which kernels read which input: tracing tells, nothing runs
+        jax.eval_shape(step, leaves, batch, mask)
+        return layout["found"], None
       stats = step(leaves, batch, mask)
     except jax.errors.UnexpectedTracerError as e:
       raise ValueError("EVA: a targeted kernel is used inside a transformation lojax's EVA "
@@ -360,7 +363,7 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
   rho = config["rho"]
   if rho > _RHO_THRESHOLD:
     rho = min(rho, max(max(np.shape(x), default=0) for x in P.flatten(lora.base)[1])
-              // min(t.r for t in meta.targets))
+              // meta.spec.r)
   max_comp = {p: round(t.r * rho) for p, t in dense.items()}
   budget = sum(t.r for t in dense.values())
   for p, t in dense.items():
@@ -370,8 +373,8 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
   run = statistics_fn(lora, apply_fn, dense)
   mask_of = (lambda b: None) if token_mask is None else token_mask
 
-  # The first pass decides which kernels share an input (PEFT hashes the inputs).
-  found, _ = run(batches[0], mask_of(batches[0]))
+  # Which kernels read the same input (PEFT hashes the inputs of a first pass).
+  found, _ = run(batches[0], mask_of(batches[0]), trace_only=True)
   missing = [p for p in dense if p not in found]
   if missing:
     raise ValueError(f"EVA: no matmul of `apply_fn` on these batches reads {missing}.")
