@@ -168,6 +168,8 @@ def collect_inputs(ctx: rules.Context, targets: Mapping[str, Any], mask, found: 
   :func:`batch_moments` (once per distinct input value), in ``groups``
   (``{id: moments}``), and notes ``found[path] = id``.
   """
+  alive = []   # the inputs keyed by id(): kept so that no id is reused within the trace
+
   def record(k: tg.Tagged, op: str, **info):
     if op not in ("dot_general", "ragged_dot", "conv", "gather") or k.path not in targets:
       return
@@ -193,6 +195,7 @@ def collect_inputs(ctx: rules.Context, targets: Mapping[str, Any], mask, found: 
       free_shape = [x.shape[a] for a in free]
       x2 = jnp.transpose(x, free + feat).reshape(math.prod(free_shape), t.fan_in)
       groups[key] = batch_moments(x2, _token_weights(mask, free_shape, k.path))
+      alive.append(x)
     found.setdefault(k.path, [])
     if key not in found[k.path]:
       found[k.path].append(key)
