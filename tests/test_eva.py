@@ -217,8 +217,41 @@ def test_refusals():
 
   lora = lojax.wrap(stacked, lojax.LoraSpec(r=2, target_modules=["w"]), key=jax.random.key(0),
                     apply_fn=scanned, example_args=(jnp.ones((4, 8)),))
-  with pytest.raises(ValueError, match="stacked"):
-    lojax.eva_init(lora, scanned, x)
+  with pytest.raises(ValueError, match="layers of a stacked kernel share one rank"):
+    lojax.eva_init(lora, scanned, x)   # rho = 2 would give each layer its own rank
+
+
+@pytest.mark.parametrize("layers", [None, [1]], ids=["all_layers", "layers_to_transform"])
+def test_stacked_layers_match_unrolled(layers):
+  """The tiny GPT with its blocks in one nn.scan stack (rho = 1): each adapted layer of a
+  stacked kernel gets the components its unrolled twin gets, and the model is unchanged."""
+  import test_peft_oracle as oracle
+  rng = np.random.default_rng(1)
+  batches = [{"input_ids": jnp.asarray(rng.integers(0, oracle.VOCAB, (8, 12))),
+              "attention_mask": jnp.asarray(np.arange(12)[None] < rng.integers(4, 13, 8)[:, None])}
+             for _ in range(4)]
+  spec = lojax.LoraSpec(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                        layers_to_transform=layers)
+  out = {}
+  for scan in (False, True):
+    model = oracle.flax_model(scan)
+    lora = lojax.wrap(oracle.flax_params(scan), spec, key=jax.random.key(0), apply_fn=model.apply,
+                      example_args=(batches[0]["input_ids"],))
+    out[scan] = lojax.eva_init(lora, lambda p, b, m=model: m.apply(p, b["input_ids"]), batches,
+                               eva_config={"rho": 1.0, "tau": 0.99},
+                               token_mask=lambda b: b["attention_mask"])
+  kept = layers or [0, 1]
+  for name in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"):
+    a = out[True].adapters["default"]["lora"][f"params/h/{name}"]["lora_A"]
+    assert a.shape[0] == len(kept)
+    for j, i in enumerate(kept):
+      np.testing.assert_allclose(
+          a[j], out[False].adapters["default"]["lora"][f"params/h_{i}/{name}"]["lora_A"],
+          atol=1e-6, err_msg=f"{name} layer {i}")
+  ids = batches[0]["input_ids"]
+  model = oracle.flax_model(True)
+  np.testing.assert_allclose(jax.jit(lojax.lorafy(model.apply))(out[True], ids),
+                             model.apply(oracle.flax_params(True), ids), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -37,6 +37,14 @@ kernel saw, where PEFT's ``IncrementalPCA`` truncates to the kept components
 (and uses a randomized SVD) after each batch. Kernels that read the same
 input (the same traced value, e.g. q, k and v of one attention block) share
 one set of statistics, as PEFT's input hashing arranges.
+
+A stacked kernel (``nn.scan``) is one PEFT module per layer: each adapted
+layer has its own PCA and convergence. Its layers share one rank in lojax, so
+it needs ``rho=1`` (each layer then keeps its rank, as every kernel does). Inside
+the scan the moments cannot be returned by the step; they reach the host
+through ``jax.debug.callback`` with the layer's index, which the kernel carries
+as a marker term (``a`` = index + 1, ``b`` = 0: it adds nothing to the output).
+Expert kernels, embeddings and convs are not handled (PEFT's EVA has none).
 """
 
 from __future__ import annotations
@@ -161,12 +169,16 @@ def _read(env, v):
 
 
 def collect_inputs(ctx: rules.Context, targets: Mapping[str, Any], mask, found: dict,
-                   groups: dict) -> Callable:
+                   groups: dict, sink: Callable) -> Callable:
   """The ``Context.record`` hook of the data pass.
 
   At each ``dot_general`` on a tagged kernel it reduces the kernel's input to
   :func:`batch_moments` (once per distinct input value), in ``groups``
-  (``{id: moments}``), and notes ``found[path] = id``.
+  (``{id: moments}``), and notes ``found[path] = id``. Inside a scan over a
+  stacked kernel the moments cannot leave the scan's trace: they go to the host
+  through ``jax.debug.callback(sink, group, layer, *moments)``, the layer read
+  from the kernel's marker term (see :func:`statistics_fn`), and ``groups``
+  gets ``None``.
   """
   alive = []   # the inputs keyed by id(): kept so that no id is reused within the trace
 
@@ -177,14 +189,16 @@ def collect_inputs(ctx: rules.Context, targets: Mapping[str, Any], mask, found: 
     if op != "dot_general":
       raise ValueError(f"EVA: '{k.path}' is used by a {op}; lojax's EVA (as PEFT's) adapts "
                        "dense (matmul) kernels only.")
-    if k.stack or info["batch"]:
-      raise ValueError(f"EVA: '{k.path}' is used inside a scan over stacked layers or as a "
-                       "batched matmul (experts); lojax's EVA does not support these yet.")
+    if info["batch"] or len(k.stack) > 1 or (k.stack and not k.terms):
+      raise ValueError(f"EVA: '{k.path}' is used as a batched matmul (experts), by nested "
+                       "scans, or sliced by a scan without being a stacked target; lojax's EVA "
+                       "does not support these yet.")
+    off = 1 if t.stacked else 0
     eqn = ctx.site.eqn
     lhs, rhs = (_read(ctx.site.env, v) for v in eqn.invars[:2])
     (lc, rc), _ = eqn.params["dimension_numbers"]
     x, xc = (lhs, lc) if rhs is k else (rhs, rc)
-    leaf_axes = [k.kaxes[j] for j in info["contract"]]
+    leaf_axes = [k.kaxes[j] - off for j in info["contract"]]
     if sorted(leaf_axes) != list(t.in_axes):
       raise ValueError(f"EVA: '{k.path}' is contracted on axes {sorted(leaf_axes)}, not on "
                        f"its input axes {list(t.in_axes)}.")
@@ -194,8 +208,13 @@ def collect_inputs(ctx: rules.Context, targets: Mapping[str, Any], mask, found: 
       free = [a for a in range(x.ndim) if a not in xc]
       free_shape = [x.shape[a] for a in free]
       x2 = jnp.transpose(x, free + feat).reshape(math.prod(free_shape), t.fan_in)
-      groups[key] = batch_moments(x2, _token_weights(mask, free_shape, k.path))
+      moments = batch_moments(x2, _token_weights(mask, free_shape, k.path))
       alive.append(x)
+      if k.stack:
+        layer = jnp.max(k.terms[0].a).astype(jnp.int32) - 1   # -1: a layer not adapted
+        jax.debug.callback(sink, len(groups), layer, *moments)
+        moments = None
+      groups[key] = moments
     found.setdefault(k.path, [])
     if key not in found[k.path]:
       found[k.path].append(key)
@@ -212,6 +231,11 @@ def statistics_fn(lora: LoraParams, apply_fn: Callable, targets: Mapping[str, An
   paths, _, treedef = P.flatten(lora.base)
   index = {paths.index(t.leaf_path): t for t in targets.values()}
   layout: dict = {}
+  received: dict = {}
+
+  def sink(group, layer, n, mean, scatter):
+    if int(layer) >= 0:
+      received[(int(group), int(layer))] = (n, mean, scatter)
 
   @jax.jit
   def step(leaves, batch, mask):
@@ -224,14 +248,26 @@ def statistics_fn(lora: LoraParams, apply_fn: Callable, targets: Mapping[str, An
     invals = list(leaves)
     for i, t in index.items():
       invals[i] = tg.Tagged(leaves[i], t.path, None, (), tuple(range(np.ndim(leaves[i]))))
+      if t.stacked:   # a marker term, a = layer + 1 (0: not adapted), b = 0: adds nothing
+        mark = np.zeros(t.stacked, np.float32)
+        adapted = list(t.layers if t.layers is not None else range(t.stacked))
+        mark[adapted] = np.arange(1, len(adapted) + 1)   # position in the adapted layers
+        in_dims = [t.kernel_shape[a] for a in t.in_axes]
+        out_dims = [t.kernel_shape[a] for a in t.out_axes]
+        a = jnp.broadcast_to(jnp.asarray(mark).reshape((-1,) + (1,) * (len(in_dims) + 1)),
+                             (t.stacked, *in_dims, 1))
+        term = tg.Term(a, jnp.zeros((t.stacked, 1, *out_dims), jnp.float32), name=t.leaf_path)
+        invals[i] = tg.Tagged(leaves[i], t.path, t.sides(), (term,),
+                              tuple(range(np.ndim(leaves[i]))))
     dyn = jax.tree_util.tree_leaves(batch)
     found, groups = {}, {}
     ctx = rules.Context()
-    ctx.record = collect_inputs(ctx, targets, mask, found, groups)
+    ctx.record = collect_inputs(ctx, targets, mask, found, groups, sink)
     interpret.run_closed(closed, invals + dyn, ctx)
     keys = list(groups)
     layout["found"] = {p: [keys.index(g) for g in gs] for p, gs in found.items()}
-    return [groups[g] for g in keys]
+    layout["stacked"] = {keys.index(g) for g in keys if groups[g] is None}
+    return [groups[g] for g in keys if groups[g] is not None]
 
   def run(batch, mask, *, trace_only: bool = False):
     leaves = P.flatten(lora.base)[1]
@@ -244,7 +280,15 @@ def statistics_fn(lora: LoraParams, apply_fn: Callable, targets: Mapping[str, An
       raise ValueError("EVA: a targeted kernel is used inside a transformation lojax's EVA "
                        "cannot collect from (remat, cond, while): its statistics would leave "
                        f"that trace. ({str(e)[:200]})") from None
-    return layout["found"], jax.device_get(stats)
+    stats = jax.device_get(stats)
+    jax.effects_barrier()
+    it = iter(stats)
+    per_group = [None if g in layout["stacked"] else next(it) for g in range(
+        max((g for gs in layout["found"].values() for g in gs), default=-1) + 1)]
+    for (g, layer), m in received.items():
+      per_group[g] = {**(per_group[g] or {}), layer: m}
+    received.clear()
+    return layout["found"], per_group
 
   run.step = step
   return run
@@ -324,8 +368,8 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
 
   Raises:
     ValueError: for a bad ``eva_config``, no data, more components than input
-      features, a target the data never reaches, stacked-layer or expert
-      kernels, or no convergence within ``max_steps``.
+      features, a target the data never reaches, expert kernels, stacked
+      kernels with ``rho != 1``, or no convergence within ``max_steps``.
 
   >>> import jax, jax.numpy as jnp, lojax
   >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -360,19 +404,27 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
   if others:
     warnings.warn(f"EVA adapts dense kernels only (as PEFT); these targets keep their init: "
                   f"{others}", stacklevel=2)
-  bad = [t.path for t in dense.values() if t.stacked or t.expert_axes]
+  bad = [t.path for t in dense.values() if t.expert_axes]
   if bad:
-    raise ValueError(f"EVA does not support stacked-layer or expert kernels yet: {bad}.")
+    raise ValueError(f"EVA does not support expert kernels yet: {bad}.")
+  stacked = [t.path for t in dense.values() if t.stacked]
+  if stacked and config["rho"] != 1.0:
+    raise ValueError(
+        f"EVA with `rho={config['rho']}` gives each layer its own rank, but the layers of a "
+        f"stacked kernel share one rank in lojax: {stacked}. Use `rho=1.0` (each layer keeps "
+        "its rank; EVA still picks the components) or unrolled layers.")
+  # One unit per PEFT layer module: (path, None), or (path, i) for the i-th adapted layer.
+  units = [(p, i) for p, t in dense.items() for i in (range(t.n_layers) if t.stacked else [None])]
   rho = config["rho"]
   if rho > _RHO_THRESHOLD:
     rho = min(rho, max(max(np.shape(x), default=0) for x in P.flatten(lora.base)[1])
               // meta.spec.r)
-  max_comp = {p: round(t.r * rho) for p, t in dense.items()}
-  budget = sum(t.r for t in dense.values())
+  max_comp = {u: round(dense[u[0]].r * rho) for u in units}
+  budget = sum(dense[u[0]].r for u in units)
   for p, t in dense.items():
-    if max_comp[p] > t.fan_in:
-      raise ValueError(f"EVA: '{p}' would keep {max_comp[p]} components (r * rho), more than "
-                       f"its {t.fan_in} input features; lower `rho` or its rank.")
+    if round(t.r * rho) > t.fan_in:
+      raise ValueError(f"EVA: '{p}' would keep {round(t.r * rho)} components (r * rho), more "
+                       f"than its {t.fan_in} input features; lower `rho` or its rank.")
   run = statistics_fn(lora, apply_fn, dense)
   mask_of = (lambda b: None) if token_mask is None else token_mask
 
@@ -381,15 +433,15 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
   missing = [p for p in dense if p not in found]
   if missing:
     raise ValueError(f"EVA: no matmul of `apply_fn` on these batches reads {missing}.")
-  group_of = {p: tuple(found[p]) for p in dense}
-  hook_of: dict[tuple, str] = {}
-  for p in dense:
-    hook_of.setdefault(group_of[p], p)
-  equal = {p: hook_of[group_of[p]] for p in dense if hook_of[group_of[p]] != p}
+  group_of = {u: (tuple(found[u[0]]), u[1]) for u in units}
+  hook_of: dict[tuple, Any] = {}
+  for u in units:
+    hook_of.setdefault(group_of[u], u)
+  equal = {u: hook_of[group_of[u]] for u in units if hook_of[group_of[u]] != u}
   for g, h in hook_of.items():
-    max_comp[h] = max(max_comp[p] for p in dense if group_of[p] == g)
-  for p, h in equal.items():
-    max_comp[p] = max_comp[h]
+    max_comp[h] = max(max_comp[u] for u in units if group_of[u] == g)
+  for u, h in equal.items():
+    max_comp[u] = max_comp[h]
   hooks = {h: _Kernel(max_comp[h], config["tau"]) for h in hook_of.values()}
   active = {h: True for h in hooks}
   done = {h: False for h in hooks}
@@ -411,18 +463,21 @@ def eva_init(lora: LoraParams, apply_fn: Callable, batches: Iterable[Any], /, *,
                        f"(tau={config['tau']}); pass more data, a lower tau or `max_steps`.")
     steps += 1
     found, stats = run(batch, mask_of(batch))
-    for h, hook in hooks.items():
-      if active[h]:
-        for g in found[h]:
-          hook.update(*stats[g])
+    for (path, layer), hook in hooks.items():
+      if active[(path, layer)]:
+        for g in found[path]:
+          m = stats[g] if layer is None else stats[g].get(layer)
+          if m is not None:
+            hook.update(*m)
     if any(hook.components is None for hook in hooks.values()):
       continue
-    ratios = {p: hooks[hook_of[group_of[p]]].ratio[:max_comp[p]] for p in dense}
+    ratios = {u: hooks[hook_of[group_of[u]]].ratio[:max_comp[u]] for u in units}
     ranks = rank_distribution(ratios, budget, equal)
-  return _rebuild(lora, adapter_name, meta, dense, hooks, hook_of, group_of, ranks, config)
+  return _rebuild(lora, adapter_name, meta, dense, units,
+                  {u: hooks[hook_of[group_of[u]]] for u in units}, ranks, config)
 
 
-def _rebuild(lora, name, meta, dense, hooks, hook_of, group_of, ranks, config):
+def _rebuild(lora, name, meta, dense, units, hook, ranks, config):
   """The LoraParams with the EVA factors and ranks of ``name``."""
   rslora = bool(getattr(meta.spec, "use_rslora", False))
   entries = dict(lora.adapters[name][model.LORA])
@@ -431,23 +486,28 @@ def _rebuild(lora, name, meta, dense, hooks, hook_of, group_of, ranks, config):
     if t.path not in dense:
       targets.append(t)
       continue
-    hook = hooks[hook_of[group_of[t.path]]]
-    k = ranks[t.path]
-    if not np.all(hook.converged[:k]):
-      raise AssertionError(f"EVA: '{t.path}' got rank {k} before converging")
+    mine = [u for u in units if u[0] == t.path]
+    k = ranks[mine[0]]
+    assert all(ranks[u] == k for u in mine), (t.path, [ranks[u] for u in mine])
+    for u in mine:
+      if not np.all(hook[u].converged[:k]):
+        raise AssertionError(f"EVA: '{t.path}' got rank {k} before converging")
     old = entries.pop(t.path)
     if k == 0:
       continue
     alpha = t.alpha * k / t.r if config["adjust_scaling_factors"] and k != t.r else t.alpha
     nt = dataclasses.replace(t, r=k, alpha=alpha,
                              scaling=alpha / (math.sqrt(k) if rslora else k))
-    u = hook.components[:k]
-    if config["whiten"]:
-      u = u / np.sqrt(hook.singular[:k])[:, None]
-    dtype = old["lora_A"].dtype
     in_dims = [t.kernel_shape[a] for a in t.in_axes]
+    a = []
+    for u in mine:
+      rows = hook[u].components[:k]
+      if config["whiten"]:
+        rows = rows / np.sqrt(hook[u].singular[:k])[:, None]
+      a.append(rows.T.reshape(*in_dims, k))
+    a = np.stack(a) if t.stacked else a[0]
     entries[t.path] = {**{key: v for key, v in old.items() if key not in ("lora_A", "lora_B")},
-                       "lora_A": jnp.asarray(u.T.reshape(*in_dims, k), dtype),
+                       "lora_A": jnp.asarray(a, old["lora_A"].dtype),
                        "lora_B": jnp.zeros(nt.b_shape(), old["lora_B"].dtype)}
     targets.append(nt)
   new_meta = dataclasses.replace(meta, targets=tuple(targets))
