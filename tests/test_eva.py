@@ -11,7 +11,9 @@
   the right-singular vectors of the stacked, masked, centered inputs of the
   batches seen before convergence; the convergence and redistribution rules on
   constructed data.
+* Stacked kernels (``nn.scan``, rho = 1): each layer gets its unrolled twin's components.
 * Memory: the jitted statistics step holds no kernel-sized ``[in, out]`` buffer.
+* PEFT files: lojax's EVA adapter loads in PEFT with its ranks and alphas, and back.
 """
 
 import re
