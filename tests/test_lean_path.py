@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import collections
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,3 +241,62 @@ def test_forward_mode_matches_the_dense_formula_and_a_finite_difference(small):
   shift = lambda s: jax.tree.map(lambda x, v: x + s * eps * v, lora.trainable, tangent)
   fd = (np.asarray(f(shift(1.0)), np.float64) - np.asarray(f(shift(-1.0)), np.float64)) / (2 * eps)
   np.testing.assert_allclose(dout, fd, atol=2e-2 * scale)
+
+
+def _perturbed(lora, key=3):
+  """``lora`` with every trainable leaf moved off its init (m != n: the DoRA scale is not 1)."""
+  leaves, treedef = jax.tree.flatten(lora.trainable)
+  keys = jax.random.split(jax.random.key(key), len(leaves))
+  return lora.with_trainable(jax.tree.unflatten(treedef, [
+      x * (1 + 0.3 * jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)]))
+
+
+def test_dora_takes_the_lean_path_with_the_plain_paths_numbers(small, monkeypatch):
+  """DoRA (one term, no dropout) runs through ``fused.dense`` at every Dense use, its input
+  recomputed as LoRA's is, and gives the plain path's (PEFT's formula) loss and gradients,
+  and the merged DoRA kernel's output."""
+  model, params, ids, _ = small
+  lora = _perturbed(_wrap(model, params, use_dora=True))
+  spy = _Spy(monkeypatch)
+  lean = jax.jit(jax.value_and_grad(_loss_fn(lojax.lorafy(model.apply), lora, ids)))
+  lean.lower(lora.trainable)
+  assert len(spy.calls) == 8, [w for _, w, _ in spy.calls]
+  assert all(rc is not None for _, _, rc in spy.calls), [w for _, w, rc in spy.calls if rc is None]
+  plain = jax.jit(jax.value_and_grad(_loss_fn(lojax.lorafy(model.apply, remat=False), lora, ids)))
+  (l1, g1), (l2, g2) = lean(lora.trainable), plain(lora.trainable)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  mags = [g["lora_magnitude"] for g in g1["default"]["lora"].values()]
+  assert len(mags) == 8 and min(float(jnp.abs(m).max()) for m in mags) > 0
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+  out = jax.jit(lojax.lorafy(model.apply))(lora, ids)
+  np.testing.assert_allclose(out, model.apply(lojax.merge(lora), ids), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_step_keeps_one_output_per_kernel_beyond_lora():
+  """m's gradient is colsum(dy * z) / n, z = x@W + s(x@A)@B the lean op's output: beyond
+  LoRA's residuals a DoRA step keeps z ([N, D]) for each adapted kernel and [D] vectors, and
+  nothing kernel-sized; the compiled temp memory stays within one f32 [N, D] per kernel of
+  LoRA's. Measured: LoRA 35.8 MiB, DoRA 42.4 MiB (bound 44.8); the plain path's DoRA, which
+  keeps x@W, (x@A)@B and the kernel input of every kernel, 54.3 MiB."""
+  model = gpt.GPT(vocab=512, d=128, heads=4, layers=2, max_len=128)
+  params, ids = gpt.init(model, batch=8, seq=128)
+  fns = gpt.step_fns(model, ids)
+  steps = {}
+  for name, kw in (("lora", {}), ("dora", {"use_dora": True})):
+    lora = _perturbed(lojax.wrap(params, lojax.LoraSpec(
+        r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **kw),
+        key=jax.random.key(0)))
+    _, f_vjp = jax.vjp(_loss_fn(lojax.lorafy(model.apply), lora, ids), lora.trainable)
+    kept = collections.Counter((x.shape, x.dtype) for x in jax.tree.leaves(f_vjp))
+    steps[name] = (lora, kept, _temp_bytes(fns["lora"], lora, fns["tx"].init(lora.trainable), ids))
+  (_, lora_kept, lora_temp), (dora, dora_kept, dora_temp) = steps["lora"], steps["dora"]
+  targets = dora.meta.adapters[0].targets
+  outs = [(ids.size, math.prod(t.kernel_shape[a] for a in t.out_axes)) for t in targets]
+  bound = lora_temp + sum(4 * math.prod(o) for o in outs)
+  mib = lambda x: f"{x / 2**20:.1f} MiB"  # noqa: E731
+  assert dora_temp <= bound, dict(dora=mib(dora_temp), lora=mib(lora_temp), bound=mib(bound))
+  assert not lora_kept - dora_kept, lora_kept - dora_kept
+  extra = dora_kept - lora_kept
+  big = collections.Counter({k: n for k, n in extra.items() if math.prod(k[0]) > model.d * 4})
+  assert big == collections.Counter((o, jnp.dtype(jnp.float32)) for o in outs), extra

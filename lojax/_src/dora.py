@@ -6,7 +6,10 @@ per layer for stacked kernels) and ``m`` initialised to that norm, so the
 model is unchanged at init. In training lojax computes
 ``(m/n) * (x@W + s*(x@A)@B)`` without forming ``W + s*A@B``: ``n`` comes from
 ``||W||²``, ``AᵀW`` and ``AᵀA`` (no token factor) and is a constant for the
-gradient, as in the DoRA paper (section 4.3). With ``lora_dropout`` in
+gradient, as in the DoRA paper (section 4.3). On the memory-lean path
+(``rules._dot_fused``) the scale ``m/n`` multiplies the one output of
+``fused.dense``: the backward keeps that output (for m's gradient) and
+per-column vectors, nothing kernel-sized. With ``lora_dropout`` in
 training the step computes PEFT's (and the paper's) placement,
 ``x@W + (m/n - 1)*(drop(x)@W) + (m/n)*s*(drop(x)@A)@B``: one extra frozen
 matmul on the dropped input, still no kernel-sized temporary.
