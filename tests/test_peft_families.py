@@ -92,25 +92,30 @@ DECODER_SIZES = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hid
                      max_position_embeddings=64)
 
 
+def _causal(model):
+  """(state, fn(state, ids) -> logits) of a tunix causal LM over a full causal mask."""
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+
+  def fn(s, ids):
+    return nnx.merge(graphdef, s)(ids, pos, None, mask)[0]
+  return state, fn
+
+
 def _tunix(module: str, config_kw: dict | None = None):
   """A loader of tunix's ``module`` (llama3, qwen2, qwen3) from a safetensors dir."""
   def load(directory):
     pytest.importorskip("tunix", reason="tunix: see .ci/run")
     import importlib
-    from flax import nnx
     lib = importlib.import_module(f"tunix.models.{module}.model")
     params_lib = importlib.import_module(f"tunix.models.{module}.params")
     cfg = lib.ModelConfig(num_layers=2, vocab_size=V, embed_dim=32, hidden_dim=64, num_heads=4,
                           head_dim=8, num_kv_heads=2, rope_theta=1_000_000, norm_eps=1e-6,
                           **(config_kw or {}))
     model = params_lib.create_model_from_safe_tensors(directory, cfg)
-    graphdef, state = nnx.split(model)
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-
-    def fn(s, ids):
-      return nnx.merge(graphdef, s)(ids, pos, None, mask)[0]
-    return state, fn
+    return _causal(model)
   return load
 
 
@@ -166,7 +171,6 @@ def _tunix_gemma(name):
   def load(directory):
     pytest.importorskip("tunix", reason="tunix: see .ci/run")
     import importlib
-    from flax import nnx
     module = {"gemma2": "gemma", "gemma3": "gemma3"}[name]
     lib = importlib.import_module(f"tunix.models.{module}.model")
     params_lib = importlib.import_module(f"tunix.models.{module}.params_safetensors")
@@ -182,13 +186,7 @@ def _tunix_gemma(name):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       model = params_lib.create_model_from_safe_tensors(directory, cfg)
-    graphdef, state = nnx.split(model)
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-
-    def fn(s, ids):
-      return nnx.merge(graphdef, s)(ids, pos, None, mask)[0]
-    return state, fn
+    return _causal(model)
   return load
 
 
