@@ -62,6 +62,7 @@ class Row:
   family: str                 # "linen" or "nnx": ratios are against that family's limit
   fn: Callable | None = None  # a jitted function, timed as fn(*args)
   args: tuple = ()
+  jitted: bool = True         # False: a plain callable (torch), no XLA analysis
   opt_state_bytes: int | None = None
   note: str = ""
   result: dict = dataclasses.field(default_factory=dict)
@@ -225,6 +226,36 @@ def qwix_row(cfg: Config) -> Row:
   return Row(name, "nnx", fn, tuple(args), nbytes(args[1]), note=f"qwix {version('qwix')}")
 
 
+PEFT_ROW = "PEFT LoRA (torch)"
+
+
+def peft_rows(cfg: Config) -> list[Row]:
+  """The PEFT-torch candidates (eager, torch.compile); ``pick_peft`` keeps the faster."""
+  try:
+    import peft_row as p
+  except Exception as e:  # noqa: BLE001 - the reason is reported in the row
+    return [Row(PEFT_ROW, "linen", note=f"not measured: cannot import benchmarks/peft_row.py ({e!r})")]
+  return [Row(name, "linen", fn, (), jitted=False, result=result, note=note)
+          for name, fn, result, note in p.candidates(cfg, R, ALPHA, LR)]
+
+
+def pick_peft(rows: list[Row]) -> list[Row]:
+  """Replace the timed PEFT candidates by one ``PEFT LoRA (torch)`` row, the faster one."""
+  variants = [r for r in rows if r.name.startswith("PEFT LoRA (torch") and r.name != PEFT_ROW]
+  if not variants:
+    return rows
+  import peft_row as p
+  same = {r.name: {k: r.result[k] for k in ("step_s", "step_s_all")} for r in rows
+          if r.name in ("lojax LoRA", "frozen limit") and "step_s" in r.result}
+  best, result, note = p.pick({r.name: r.result if r.fn is not None else r.note
+                               for r in variants}, same)
+  fn = next((r.fn for r in variants if r.name == best), None)
+  at = rows.index(variants[0])
+  row = Row(PEFT_ROW, "linen", fn, jitted=False, result=result, note=note)
+  return [r for r in rows[:at] if r not in variants] + [row] + [
+      r for r in rows[at:] if r not in variants]
+
+
 # --------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------
@@ -246,7 +277,8 @@ def analyse(row: Row):
 def time_rows(rows: list[Row], steps: int):
   live = [r for r in rows if r.fn is not None]
   for r in live:
-    analyse(r)
+    if r.jitted:
+      analyse(r)
     jax.block_until_ready(r.fn(*r.args))  # warm-up
   times = {r.name: [] for r in live}
   for _ in range(steps):
@@ -266,7 +298,8 @@ def ratios(rows: list[Row]):
     if r.fn is None or lim is None or lim.fn is None:
       continue
     r.result["step_ratio_to_limit"] = r.result["step_s"] / lim.result["step_s"]
-    r.result["flops_ratio_to_limit"] = r.result["flops"] / lim.result["flops"]
+    if "flops" in r.result:
+      r.result["flops_ratio_to_limit"] = r.result["flops"] / lim.result["flops"]
 
 
 def mixed_batch(cfg: Config, steps: int) -> dict:
@@ -366,6 +399,15 @@ def targets(rows: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
   else:
     out.append(("lojax LoRA step <= 0.8 x qwix LoRA step (NNX model)",
                 rows.get("qwix LoRA (NNX)", {}).get("note", "no qwix row"), None))
+  p = rows.get(PEFT_ROW, {})
+  lj = p.get("same_run", {}).get("lojax LoRA", lora).get("step_s")
+  if p.get("step_s") and lj:
+    out.append(("lojax LoRA step <= 0.5 x PEFT-torch LoRA step",
+                f"{lj / p['step_s']:.3f}x ({lj:.3f} s vs {p['step_s']:.3f} s, same run)",
+                lj / p["step_s"] <= 0.5))
+  else:
+    out.append(("lojax LoRA step <= 0.5 x PEFT-torch LoRA step", p.get("note", "no PEFT row"),
+                None))
   a = get("lojax AdaLoRA (init_r 16)", "step_s")
   if a and lora:
     out.append(("AdaLoRA step <= 1.15 x lojax LoRA step", f"{a / lora['step_s']:.3f}x",
@@ -396,12 +438,15 @@ def markdown(res: dict) -> str:
       lines.append(f"| {name} | — | — | — | — | — | — | — | — | {r.get('note', '')}"
                    .rstrip(" |") + " |")
       continue
-    opt = r.get("opt_state_bytes")
+    cell = lambda key, f: "—" if r.get(key) is None else f(r[key])
     lines.append(
-        f"| {name} | {r['step_s']:.3f} | {r.get('step_ratio_to_limit', float('nan')):.3f} | "
-        f"{r['flops'] / 1e9:.1f} | {r.get('flops_ratio_to_limit', float('nan')):.3f} | "
-        f"{r['temp_bytes'] / 2**20:.0f} | {r['arg_bytes'] / 2**20:.0f} | "
-        f"{'—' if opt is None else f'{opt / 2**20:.2f}'} | {r['compile_s']:.1f} |")
+        f"| {name} | {r['step_s']:.3f} | {cell('step_ratio_to_limit', '{:.3f}'.format)} | "
+        f"{cell('flops', lambda x: f'{x / 1e9:.1f}')} | "
+        f"{cell('flops_ratio_to_limit', '{:.3f}'.format)} | "
+        f"{cell('temp_bytes', lambda x: f'{x / 2**20:.0f}')} | "
+        f"{cell('arg_bytes', lambda x: f'{x / 2**20:.0f}')} | "
+        f"{cell('opt_state_bytes', lambda x: f'{x / 2**20:.2f}')} | "
+        f"{cell('compile_s', '{:.1f}'.format)} |")
   notes = [f"- {n}: {r['note']}" for n, r in res["rows"].items() if r.get("note")]
   lines += [""] + notes if notes else []
   lines += ["", "| target | measured | met |", "|---|---|---|"]
@@ -484,6 +529,17 @@ cost analysis, temp/arg MiB from its memory analysis.
   norm comes from ||W||², AᵀW and AᵀA (no token factor).
 - **frozen limit (NNX)**, **lojax LoRA (NNX)**, **qwix LoRA (NNX)**: the same on the NNX model;
   qwix (`qwix.LoraProvider` + `apply_lora_to_model`) is installed as the `bench` extra.
+- **PEFT LoRA (torch)**: the same GPT as transformers' `GPT2LMHeadModel` (the same architecture:
+  tanh GELU, LayerNorm epsilon 1e-6, untied bias-free head, dropout 0, float32) wrapped with
+  `peft.get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["c_attn",
+  "c_proj", "c_fc"]))`, the same four linears per block; a step is forward, cross-entropy,
+  backward and `torch.optim.AdamW` on the adapters, with `torch.set_num_threads` at the core
+  count (`peft_row.py`). Eager (SDPA attention) and `torch.compile` are both timed, interleaved
+  with the lojax LoRA row, and the row is the faster; `check_equal_work` builds both models with
+  the same weights and non-zero adapters and matches logits, loss and adapter gradients
+  (`tests/test_peft_row.py`). It needs torch, transformers and peft (the `peft-oracle` extra);
+  without them the row says so. `python benchmarks/run.py --peft-only` re-measures just this row
+  (with the limit and lojax LoRA) into the results JSON.
 - **Mixed-adapter batch**: a forward of the batch with 4 adapters, each example using its own
   (`lora_adapter_ids`), against 4 separate forwards of the sub-batches.
 - **Sweep**: lojax LoRA against the limit for r in {4, 16, 64} and d_model in {256, 512, 1024}.
@@ -503,9 +559,9 @@ computes.
 ## Targets
 
 lojax LoRA FLOPs <= 1.05 x the limit; lojax LoRA step time <= 1.25 x the limit; lojax LoRA step
-<= 0.8 x qwix's on the NNX model; AdaLoRA step <= 1.15 x lojax LoRA; lojax LoRA compiled temp
-memory <= full fine-tuning's, and an optimizer state the size of the adapters only; DoRA step
-FLOPs <= 1.10 x the limit.
+<= 0.8 x qwix's on the NNX model; lojax LoRA step <= 0.5 x PEFT-torch's on the same GPT;
+AdaLoRA step <= 1.15 x lojax LoRA; lojax LoRA compiled temp memory <= full fine-tuning's, and an
+optimizer state the size of the adapters only; DoRA step FLOPs <= 1.10 x the limit.
 
 ## Results
 """
@@ -516,6 +572,36 @@ def write_readme():
   for f in sorted((HERE / "results").glob("*.md")):
     parts.append(f.read_text())
   (HERE / "README.md").write_text("\n".join(parts))
+
+
+def peft_only(args):
+  """``--peft-only``: time limit, lojax LoRA and PEFT; merge the PEFT row into the results JSON."""
+  warnings.simplefilter("ignore", UserWarning)
+  cfg = Config()
+  path = HERE / "results" / f"{args.out or device_name()}.json"
+  res = json.loads(path.read_text())
+  table = [r for r in linen_rows(cfg) if r.name in ("frozen limit", "lojax LoRA")]
+  table += peft_rows(cfg)
+  time_rows(table, args.steps)
+  ratios(table)
+  table = pick_peft(table)
+  for r in table:
+    print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
+                                  else r.note), flush=True)
+  peft = table[-1]
+  new = dict(peft.result, family=peft.family, **({"note": peft.note} if peft.note else {}))
+  if peft.fn is not None:
+    new["note"] += f" (a --peft-only run, median of {args.steps} steps)"
+  rows = {n: r for n, r in res["rows"].items() if n != PEFT_ROW}
+  linen = [n for n, r in rows.items() if r.get("family") == "linen"]
+  at = list(rows).index(linen[-1]) + 1 if linen else len(rows)
+  items = list(rows.items())
+  res["rows"] = dict(items[:at] + [(PEFT_ROW, new)] + items[at:])
+  res["targets"] = targets(res["rows"])
+  path.write_text(json.dumps(res, indent=1, default=float))
+  (path.parent / f"{res['device']}.md").write_text(markdown(res))
+  write_readme()
+  print("\n".join(f"{t}: {m} ({ok})" for t, m, ok in res["targets"]))
 
 
 def main():
@@ -530,7 +616,14 @@ def main():
                   help="only re-render the table, plot and README from a results JSON")
   ap.add_argument("--serving-only", action="store_true",
                   help="only (re)measure the serving rows into the device's results JSON")
+  ap.add_argument("--no-peft", action="store_true", help="skip the PEFT-torch row")
+  ap.add_argument("--peft-only", action="store_true",
+                  help="only (re)measure the PEFT-torch row, interleaved with the frozen limit and "
+                       "lojax LoRA, into the device's results JSON (other rows kept)")
   args = ap.parse_args()
+  if args.peft_only:
+    peft_only(args)
+    return
   if args.serving_only:
     path = HERE / "results" / f"{args.out or device_name()}.json"
     res = json.loads(path.read_text())
@@ -554,12 +647,14 @@ def main():
   dev = args.out or device_name()
   print(f"device {dev} ({jax.devices()[0].device_kind}), {cfg}", flush=True)
   rows = []
-  builds = [lambda: linen_rows(cfg)] + ([] if args.no_nnx else [lambda: nnx_rows(cfg)])
+  builds = [lambda: linen_rows(cfg) + ([] if args.no_peft else peft_rows(cfg))]
+  builds += [] if args.no_nnx else [lambda: nnx_rows(cfg)]
   builds += [] if args.no_minilm else [minilm_rows]
   for build in builds:
     table = build()
     time_rows(table, args.steps)
     ratios(table)
+    table = pick_peft(table)
     for r in table:
       print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
                                     else r.note), flush=True)
