@@ -94,7 +94,8 @@ def load_linen_params(model, params, lora=None):
   t = lambda a: torch.from_numpy(np.array(a, np.float32))
   sd = {"transformer.wte.weight": t(p["wte"]["embedding"]),
         "transformer.wpe.weight": t(p["wpe"]["embedding"]),
-        "transformer.ln_f.weight": t(p["ln_f"]["scale"]), "transformer.ln_f.bias": t(p["ln_f"]["bias"]),
+        "transformer.ln_f.weight": t(p["ln_f"]["scale"]),
+        "transformer.ln_f.bias": t(p["ln_f"]["bias"]),
         "lm_head.weight": t(p["lm_head"]["kernel"]).T}
   layers = sorted(int(k[2:]) for k in p if k.startswith("h_"))
   for i in layers:
@@ -343,7 +344,7 @@ def pick(variants: dict, same_run: dict):
 
 @functools.lru_cache(maxsize=None)
 def peft_unavailable_reason() -> str | None:
-  """None if torch, transformers and peft import and build the model here, else a one-line reason."""
+  """None if torch, transformers and peft import and build the model here, else a reason."""
   try:
     import torch  # noqa: F401
     import peft  # noqa: F401
@@ -351,7 +352,8 @@ def peft_unavailable_reason() -> str | None:
     m = peft_model(Config(vocab=16, d=8, heads=2, layers=1, seq=4, batch=1), r=2, alpha=4.0)
     n = sum(1 for q in m.parameters() if q.requires_grad)
     if n != 8:
-      return f"peft {peft.__version__}: expected 8 trainable LoRA tensors on a 1-layer GPT-2, got {n}"
+      return (f"peft {peft.__version__}: expected 8 trainable LoRA tensors on a 1-layer GPT-2, "
+              f"got {n}")
     return None
   except Exception as e:  # noqa: BLE001 - the reason is the point
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]

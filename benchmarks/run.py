@@ -234,7 +234,8 @@ def peft_rows(cfg: Config) -> list[Row]:
   try:
     import peft_row as p
   except Exception as e:  # noqa: BLE001 - the reason is reported in the row
-    return [Row(PEFT_ROW, "linen", note=f"not measured: cannot import benchmarks/peft_row.py ({e!r})")]
+    return [Row(PEFT_ROW, "linen",
+                note=f"not measured: cannot import benchmarks/peft_row.py ({e!r})")]
   return [Row(name, "linen", fn, (), jitted=False, result=result, note=note)
           for name, fn, result, note in p.candidates(cfg, R, ALPHA, LR)]
 
