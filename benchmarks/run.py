@@ -62,9 +62,9 @@ class Row:
   family: str                 # "linen" or "nnx": ratios are against that family's limit
   fn: Callable | None = None  # a jitted function, timed as fn(*args)
   args: tuple = ()
-  jitted: bool = True         # False: a plain callable (torch), no XLA analysis
   opt_state_bytes: int | None = None
   note: str = ""
+  jitted: bool = True         # False: a plain callable (torch), no XLA analysis
   result: dict = dataclasses.field(default_factory=dict)
 
 
