@@ -575,6 +575,18 @@ def write_readme():
   (HERE / "README.md").write_text("\n".join(parts))
 
 
+def measured(table: list[Row], steps: int) -> list[Row]:
+  """The rows timed (interleaved), their ratios to their limit, the PEFT candidates reduced to
+  one row; printed."""
+  time_rows(table, steps)
+  ratios(table)
+  table = pick_peft(table)
+  for r in table:
+    print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
+                                  else r.note), flush=True)
+  return table
+
+
 def peft_only(args):
   """``--peft-only``: time limit, lojax LoRA and PEFT; merge the PEFT row into the results JSON."""
   warnings.simplefilter("ignore", UserWarning)
@@ -583,12 +595,7 @@ def peft_only(args):
   res = json.loads(path.read_text())
   table = [r for r in linen_rows(cfg) if r.name in ("frozen limit", "lojax LoRA")]
   table += peft_rows(cfg)
-  time_rows(table, args.steps)
-  ratios(table)
-  table = pick_peft(table)
-  for r in table:
-    print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
-                                  else r.note), flush=True)
+  table = measured(table, args.steps)
   peft = table[-1]
   new = dict(peft.result, family=peft.family, **({"note": peft.note} if peft.note else {}))
   if peft.fn is not None:
@@ -653,12 +660,7 @@ def main():
   builds += [] if args.no_minilm else [minilm_rows]
   for build in builds:
     table = build()
-    time_rows(table, args.steps)
-    ratios(table)
-    table = pick_peft(table)
-    for r in table:
-      print(f"  {r.name:36s} " + (f"{r.result['step_s']:.3f} s" if "step_s" in r.result
-                                    else r.note), flush=True)
+    table = measured(table, args.steps)
     rows += table
   res = {
       "device": dev, "device_kind": jax.devices()[0].device_kind,

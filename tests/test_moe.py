@@ -255,20 +255,25 @@ def test_a_kernel_indexed_on_one_axis_and_batched_on_another_is_refused():
                example_args=(_x((E, T, D)),))
 
 
-def test_stacked_layers_of_experts_under_scan():
-  """``[L, E, in, out]`` experts scanned over layers: factors ``[L, E, in, r]``, ``[L, E, r,
-  out]``; the rank-r deltas of every (layer, expert) pair are their own."""
-  layers = 3
+def scanned_experts(layers, e, d, f):
+  """``{"wi": [L, E, d, f], "wo": [L, E, f, d]}`` and a residual MoE MLP scanned over layers."""
   k = jax.random.split(jax.random.key(5), 2)
-  params = {"wi": jax.random.normal(k[0], (layers, E, D, F)) / math.sqrt(D),
-            "wo": jax.random.normal(k[1], (layers, E, F, D)) / math.sqrt(F)}
+  params = {"wi": jax.random.normal(k[0], (layers, e, d, f)) / math.sqrt(d),
+            "wo": jax.random.normal(k[1], (layers, e, f, d)) / math.sqrt(f)}
 
   def fn(p, x):
     def body(x, w):
       h = jax.nn.relu(jnp.einsum("etd,edf->etf", x, w["wi"]))
       return x + jnp.einsum("etf,efd->etd", h, w["wo"]), None
     return jax.lax.scan(body, x, p)[0]
+  return params, fn
 
+
+def test_stacked_layers_of_experts_under_scan():
+  """``[L, E, in, out]`` experts scanned over layers: factors ``[L, E, in, r]``, ``[L, E, r,
+  out]``; the rank-r deltas of every (layer, expert) pair are their own."""
+  layers = 3
+  params, fn = scanned_experts(layers, E, D, F)
   x = _x((E, T, D))
   spec = lojax.LoraSpec(r=R, lora_alpha=R * S, target_modules=["wi", "wo"],
                         init_lora_weights=False, layers_to_transform=[0, 2])

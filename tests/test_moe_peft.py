@@ -25,6 +25,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import lojax
+from test_moe import scanned_experts
 
 E, D, F, T, R = 4, 16, 24, 8, 2
 ALPHA = 6.0
@@ -132,16 +133,7 @@ def test_expert_adapter_round_trips_through_a_peft_file(tmp_path, swapped):
 
 def test_stacked_expert_layers_are_one_target_parameter_per_layer(tmp_path):
   layers = 3
-  k = jax.random.split(jax.random.key(5), 2)
-  params = {"wi": jax.random.normal(k[0], (layers, E, D, F)) / math.sqrt(D),
-            "wo": jax.random.normal(k[1], (layers, E, F, D)) / math.sqrt(F)}
-
-  def fn(p, x):
-    def body(x, w):
-      h = jax.nn.relu(jnp.einsum("etd,edf->etf", x, w["wi"]))
-      return x + jnp.einsum("etf,efd->etd", h, w["wo"]), None
-    return jax.lax.scan(body, x, p)[0]
-
+  params, fn = scanned_experts(layers, E, D, F)
   x = _x()
   spec = lojax.LoraSpec(r=R, lora_alpha=ALPHA, target_modules=["wi", "wo"],
                         init_lora_weights=False, layers_to_transform=[0, 2])
