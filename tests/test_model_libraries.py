@@ -100,11 +100,13 @@ def check_model(params, fn, ids, embed_path, *, expect_targets, tokens_per_exper
 # tunix (NNX): Llama 3 and Qwen3, dense and MoE
 # --------------------------------------------------------------------------
 
-def _tunix_fn(model):
+def _tunix_fn(model, batch=None, length=None):
+  """(state, fn(state, ids) -> logits) of a tunix causal LM over a full causal mask."""
   from flax import nnx
+  b, t = batch or B, length or T
   graphdef, state = nnx.split(model)
-  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
 
   def fn(s, ids):
     return nnx.merge(graphdef, s)(ids, pos, None, mask)[0]

@@ -93,15 +93,8 @@ DECODER_SIZES = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hid
 
 
 def _causal(model):
-  """(state, fn(state, ids) -> logits) of a tunix causal LM over a full causal mask."""
-  from flax import nnx
-  graphdef, state = nnx.split(model)
-  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-
-  def fn(s, ids):
-    return nnx.merge(graphdef, s)(ids, pos, None, mask)[0]
-  return state, fn
+  from test_model_libraries import _tunix_fn
+  return _tunix_fn(model, B, T)
 
 
 def _tunix(module: str, config_kw: dict | None = None):
