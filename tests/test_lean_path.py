@@ -268,7 +268,9 @@ def test_dora_takes_the_lean_path_with_the_plain_paths_numbers(small, monkeypatc
   mags = [g["lora_magnitude"] for g in g1["default"]["lora"].values()]
   assert len(mags) == 8 and min(float(jnp.abs(m).max()) for m in mags) > 0
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+    # float32 sums in two orders: entries near zero (1e-3 of the largest) differ by a few ulp
+    # of the largest, which only an absolute tolerance covers
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
   out = jax.jit(lojax.lorafy(model.apply))(lora, ids)
   np.testing.assert_allclose(out, model.apply(lojax.merge(lora), ids), rtol=1e-5, atol=1e-5)
 

@@ -158,6 +158,17 @@ CASES = (
          **_same(r=3, lora_alpha=8, use_rslora=True, target_modules=["c_attn", "mlp.c_proj"],
                  use_dora=True, rank_pattern={"h.1.mlp.c_proj": 1})),
     Case("adalora", adalora=True, **_same(**ADALORA)),
+    # trainable_token_indices: a list goes to the input embedding (wte, not wpe), or by name.
+    Case("trainable_tokens", **_same(r=2, target_modules=["c_attn"],
+                                     trainable_token_indices=[1, 9, 56])),
+    Case("trainable_tokens_by_name_scan", scan=True,
+         **_same(r=2, target_modules=["c_fc"], trainable_token_indices={"wte": [4, 63]})),
+    # lora_bias: PEFT's lora_B has a bias; the head has none to merge it into.
+    Case("lora_bias", **_same(r=2, lora_alpha=8, target_modules=["c_attn", "c_fc", "lm_head"],
+                              lora_bias=True, bias="lora_only")),
+    Case("lora_bias_scan", scan=True,
+         **_same(r=2, target_modules=["c_attn", "mlp.c_proj"], lora_bias=True,
+                 layers_to_transform=[1], layers_pattern="h")),
     # PiSSA / OLoRA rewrite the base: a file loads onto the original base by rebuilding the
     # residual (issue 15 item 3). PEFT's OLoRA takes the QR of a Conv1D weight as if it were
     # [out, in] (its shapes then fit square kernels only), so OLoRA adapts nn.Linear lm_head.
@@ -344,9 +355,11 @@ def leaves(lora: lojax.LoraParams) -> list[Leaf]:
         suffix = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[param]
       elif param == "lora_magnitude":
         suffix = "lora_magnitude_vector.weight"
+      elif param == "lora_B_bias":
+        suffix = "lora_B.bias"
       else:
         suffix = param if adalora else param + ".weight"
-      layout = {"lora_E": "col", "lora_magnitude": "same"}.get(param, "T")
+      layout = {"lora_E": "col", "lora_magnitude": "same", "lora_B_bias": "same"}.get(param, "T")
       names = tuple(f"{torch_module(key, i)}.{suffix}" for i in layers)
       out.append(Leaf("lora", key, param, names, bool(t.stacked), layout))
   for group in ("bias", "modules_to_save"):
@@ -368,6 +381,9 @@ def leaves(lora: lojax.LoraParams) -> list[Leaf]:
 
       layout = "T" if leaf == "kernel" and path == "params/lm_head" else "same"  # nn.Linear
       out.append(Leaf(group, key, None, tuple(name(i) for i in layers), stacked, layout))
+  for key in ad.get("trainable_tokens", {}):   # the rows themselves, [n, dim] on both sides
+    name = f"{torch_module(key.rsplit('/', 1)[0])}.token_adapter.trainable_tokens_delta"
+    out.append(Leaf("trainable_tokens", key, None, (name,), False, "same"))
   return out
 
 
@@ -645,7 +661,7 @@ def peft_targets(model) -> dict[str, tuple[int, float]]:
   from peft.tuners.tuners_utils import BaseTunerLayer
   out = {}
   for n, m in model.named_modules():
-    if isinstance(m, BaseTunerLayer) and "default" in m.r:
+    if isinstance(m, BaseTunerLayer) and hasattr(m, "r") and "default" in m.r:
       s = m.scaling["default"]
       if hasattr(m, "ranknum"):   # AdaLoRA: scaling / (ranknum + 1e-5)
         s = s / (float(m.ranknum["default"]) + 1e-5)

@@ -109,8 +109,9 @@ class AdaLoraSpec(spec_lib.LoraSpec):
     if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not (
         math.isfinite(w) and w >= 0):
       p.append(f"`orth_reg_weight` must be a finite number >= 0; got {w!r}.")
-    if self.use_rslora is True or self.use_dora is True:   # other values: the shared checks
-      p.append("AdaLoRA does not combine with `use_rslora` or `use_dora`; set them to False.")
+    if self.use_rslora is True or self.use_dora is True or self.lora_bias is True:
+      p.append("AdaLoRA does not combine with `use_rslora`, `use_dora` or `lora_bias`; set "
+               "them to False.")   # other values: the shared checks
     if self.init_lora_weights is not True:
       p.append("AdaLoRA initialises E = 0 and P, Q ~ N(0, 0.02); `init_lora_weights` must "
                f"stay True, got {self.init_lora_weights!r}.")

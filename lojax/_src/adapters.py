@@ -177,6 +177,9 @@ def _check_combination(lora, adapters, weights, adapter_name, combination_type):
   if saving:
     raise ValueError(f"Adapters {saving} hold modules_to_save copies, which cannot be combined "
                      "into a low-rank adapter.")
+  if tokens := [m.name for m in metas if m.tokens]:
+    raise ValueError(f"Adapters {tokens} train embedding rows (trainable_token_indices), which "
+                     "replace the rows rather than add to them and cannot be weighted.")
   return metas
 
 
@@ -196,10 +199,11 @@ def _parts(lora, metas, weights, path: str) -> list:
     if t is None:
       continue
     f = model.factors(m, t, lora.adapters[m.name][model.LORA][path])
-    if f.m is not None:
-      raise ValueError(f"Adapter {m.name!r} rescales '{path}' by a learned magnitude "
-                       f"({m.variant.name}), which is not a low-rank delta and cannot be "
-                       "combined; merge it instead (lojax.merge).")
+    if f.m is not None or f.bias is not None:
+      how = (f"rescales '{path}' by a learned magnitude" if f.m is not None
+             else f"adds a LoRA bias to the output of '{path}'")
+      raise ValueError(f"Adapter {m.name!r} {how} ({m.variant.name}), which is not a low-rank "
+                       "delta and cannot be combined; merge it instead (lojax.merge).")
     parts.append((w, t, f.a, f.b))
   layouts = {(t.shape, t.in_axes, t.stacked) for _, t, _, _ in parts}
   if len(layouts) != 1:

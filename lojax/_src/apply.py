@@ -17,6 +17,7 @@ from lojax._src import model
 from lojax._src import paths as P
 from lojax._src import rules
 from lojax._src import tagged as tg
+from lojax._src import tokens
 from lojax._src.model import LoraParams, TargetMeta
 
 
@@ -43,6 +44,12 @@ def check_fit(lora: LoraParams, paths: list[str], leaves: list[Any]):
         have = tuple(np.shape(entry[k])) if k in entry else None
         if have != want:
           problems.append(f"  [{name}] {t.path}/{k}: shape {have}, expected {want}")
+    for p, rows in meta.tokens:
+      x = params.get(model.TOKENS, {}).get(p)
+      want = (len(rows),) + shapes.get(p, (0,))[1:]
+      if x is None or tuple(np.shape(x)) != want:
+        problems.append(f"  [{name}] trainable tokens {p}: shape "
+                        f"{None if x is None else tuple(np.shape(x))}, expected {want}")
     for group in (model.BIAS, model.SAVED):
       for p, x in params.get(group, {}).items():
         if p not in shapes:
@@ -84,7 +91,16 @@ def view(lora: LoraParams):
       leaves[index[p]] = x + meta.expand_bias(p, d.astype(x.dtype), x.shape)
     for t in meta.targets:
       f = model.factors(meta, t, params[model.LORA][t.path])
-      terms.setdefault(index[t.leaf_path], []).append((t, f.a, f.b, name, f.m))
+      terms.setdefault(index[t.leaf_path], []).append((t, f, name))
+    for p, rows in meta.tokens:   # trainable tokens: a one-hot-by-rows low-rank delta
+      i = index[p]
+      f = tokens.factors(leaves[i], rows, params[model.TOKENS][p])
+      terms.setdefault(i, []).append((tokens.target(p, np.shape(leaves[i]), rows), f, name))
+  tokens.check_disjoint([lora.meta.adapter(n) for n in lora.meta.active])
+  for ts in terms.values():
+    if len({t.sides() for t, *_ in ts}) > 1:
+      raise ValueError(f"The adapters {[n for *_, n in ts]} read '{ts[0][0].leaf_path}' "
+                       "with different input axes; wrap them with the same layout.")
   return paths, leaves, treedef, terms
 
 
@@ -217,12 +233,13 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
       sides = t0.sides()
       invals[i] = tg.Tagged(
           leaves[i], t0.leaf_path, sides,
-          tuple(tg.Term(a, b, dropout=t.dropout if rng is not None else 0.0, name=t.leaf_path,
-                        index=lora.meta.active.index(name), m=m)
-                for t, a, b, name, m in ts),
+          tuple(tg.Term(f.a, f.b, dropout=t.dropout if rng is not None else 0.0,
+                        name=t.leaf_path, index=lora.meta.active.index(name), m=f.m,
+                        bias=f.bias, rows=f.rows)
+                for t, f, name in ts),
           tuple(range(len(sides))))
-    if lora_adapter_ids is not None and any(m is not None for ts in terms.values()
-                                            for *_, m in ts):
+    if lora_adapter_ids is not None and any(f.m is not None for ts in terms.values()
+                                            for _, f, _ in ts):
       raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "
                        "rescales the base output of every example); run them separately.")
     ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)),

@@ -159,7 +159,7 @@ def _adapter_json(meta: AdapterMeta) -> dict:
   return {"name": meta.name, "spec_class": cls, "spec": meta.spec.to_dict(),
           "targets": [_target_json(t) for t in meta.targets],
           "modules_to_save": list(meta.modules_to_save), "bias_paths": list(meta.bias_paths),
-          "heads": list(meta.heads)}
+          "heads": list(meta.heads), "tokens": [[p, list(rows)] for p, rows in meta.tokens]}
 
 
 def _adapter_from_json(d: Mapping) -> AdapterMeta:
@@ -169,7 +169,8 @@ def _adapter_from_json(d: Mapping) -> AdapterMeta:
     raise ValueError(f"unknown spec class {d['spec_class']!r} (known: {known})")
   return AdapterMeta(d["name"], cls.from_dict(d["spec"]),
                      tuple(_target_from_json(t) for t in d["targets"]),
-                     tuple(d["modules_to_save"]), tuple(d["bias_paths"]), tuple(d["heads"]))
+                     tuple(d["modules_to_save"]), tuple(d["bias_paths"]), tuple(d["heads"]),
+                     tuple((p, tuple(int(i) for i in rows)) for p, rows in d.get("tokens", ())))
 
 
 def _names(lora: LoraParams, adapter_names) -> tuple[str, ...]:
@@ -190,6 +191,7 @@ def _fingerprint(lora: LoraParams, names) -> dict:
     meta = lora.meta.adapter(name)
     wanted += [t.leaf_path for t in meta.targets]
     wanted += list(lora.adapters[name]["bias"]) + list(lora.adapters[name]["modules_to_save"])
+    wanted += [p for p, _ in meta.tokens]
   return {p: _describe(by_path[p], False) for p in dict.fromkeys(wanted)}
 
 
@@ -462,7 +464,7 @@ def _diff_meta(saved: Sequence[AdapterMeta], active, template: LoraParams) -> li
           if getattr(ta[p], f) != getattr(tb[p], f):
             problems.append(f"  [{a.name}] target {p}.{f}: checkpoint {getattr(ta[p], f)!r}, "
                             f"given {getattr(tb[p], f)!r}")
-    for f in ("modules_to_save", "bias_paths"):
+    for f in ("modules_to_save", "bias_paths", "tokens"):
       if getattr(a, f) != getattr(b, f):
         problems.append(f"  [{a.name}] {f}: checkpoint {list(getattr(a, f))}, given "
                         f"{list(getattr(b, f))}")

@@ -71,4 +71,11 @@ def _tagged_eqn(eqn, invals, ctx):
     if out is not None:
       return out
   name = eqn.primitive.name
+  for x in invals:
+    if isinstance(x, Tagged) and any(t.bias is not None for t in x.terms):
+      raise ValueError(
+          f"The adapted kernel '{x.path}' has a LoRA bias (`lora_bias=True`), which lojax adds "
+          f"to the output of the matmul or conv that consumes the kernel; here it is used by "
+          f"`{name}`, which lojax cannot factorize, so there is no such output. Leave this "
+          "module out of the targets, or use `lora_bias=False`.")
   return primitives.bind(eqn, [primitives.merged(ctx, x, name) for x in invals])

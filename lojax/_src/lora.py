@@ -20,6 +20,7 @@ from lojax._src import tagged as tg
 from lojax._src.model import Factors, TargetMeta
 
 A, B = "lora_A", "lora_B"
+BIAS = "lora_B_bias"   # lora_bias: PEFT's lora_B.bias
 
 
 def delta(t: TargetMeta, f: Factors, dtype) -> Any:
@@ -141,4 +142,57 @@ def _out_shape(t: TargetMeta) -> tuple[int, ...]:
   return tuple(t.kernel_shape[i] for i in t.out_axes)
 
 
+class BiasedLora(Lora):
+  """``lora_bias=True``: ``W + s*A@B`` and ``s*b`` added to the module's output.
+
+  PEFT's ``lora_B`` is then a linear (or conv) layer with a bias ``b`` ``[out]``: the
+  module computes ``x@W + s*((x@A)@B + b)``, the bias outside the dropout. lojax adds
+  ``s*b`` to the output of each matmul or conv that consumes the kernel (never to the
+  kernel); merging adds it to the module's own bias. As in PEFT: dense and conv kernels
+  only (no embeddings, no expert kernels), ``b`` starts at zero.
+  """
+
+  name = "lora_bias"
+  splittable = False
+
+  def check_target(self, t):
+    if t.kind == "embed":
+      return [f"  {t.path}: `lora_bias=True` does not adapt embedding tables (PEFT has no "
+              "bias for lora_embedding_B either)"]
+    return self._refuse_experts(t, "lora_bias")
+
+  def layout(self, t):
+    return dict(super().layout(t), **{BIAS: t.b_roles()[:1] + t.out_axes if t.stacked
+                                      else t.out_axes})
+
+  def init(self, spec, key, t, kernel, dtype, quantize):
+    entry, new = super().init(spec, key, t, kernel, dtype, quantize)
+    entry[BIAS] = jnp.zeros(self.shapes(t)[BIAS], dtype)
+    return entry, new
+
+  def factors(self, t, entry):
+    f = super().factors(t, entry)
+    c = t.expand_layers(entry[BIAS]) * jnp.asarray(t.scaling, entry[BIAS].dtype)
+    return Factors(f.a, f.b, bias=jnp.expand_dims(c, 1 if t.stacked else 0))
+
+  def bias_delta(self, t, entry):
+    return t.expand_layers(entry[BIAS]) * jnp.asarray(t.scaling, entry[BIAS].dtype)
+
+  def unscaled(self, t, entry, scaling):
+    return dict(super().unscaled(t, entry, scaling), **{BIAS: entry[BIAS] * scaling})
+
+  def to_peft(self, t, layer):
+    """Plain LoRA's tensors plus ``lora_B.bias [out]``."""
+    return dict(super().to_peft(t, layer), **{"lora_B.bias": np.reshape(layer[BIAS], -1)})
+
+  def from_peft(self, t, tensors):
+    entry, c = super().from_peft(t, tensors), tensors.get("lora_B.bias")
+    if entry is None or c is None:
+      return None
+    if c.ndim != 1 or c.shape[0] != t.fan_out:
+      raise ValueError(f"lora_B.bias is [{t.fan_out}] for this kernel, got {c.shape}")
+    return dict(entry, **{BIAS: c.reshape(_out_shape(t))})
+
+
 LORA = Lora()
+LORA_BIAS = BiasedLora()

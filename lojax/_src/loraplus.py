@@ -59,6 +59,8 @@ def _factor_group(t: model.TargetMeta, param: str, roles: tuple) -> str:
     return EMBEDDING        # PEFT: every factor of a LoRA Embedding layer
   if param == lora_lib.B:
     return B
+  if param == lora_lib.BIAS:
+    return B_NO_DECAY       # PEFT: lora_B.bias, a "bias" name: not decayed
   if has_rank:
     return A                # lora_A, and rank-axis vectors (PEFT's [r, 1] lora_E)
   return B                  # a vector per output feature (PEFT: 1-D, decayed)
@@ -80,7 +82,8 @@ def _adapter_labels(meta: model.AdapterMeta, ad: Any, problems: list[str]) -> An
     return ad
   state = set(meta.variant.adapter_state(meta.spec))
   groups = {model.LORA, model.BIAS, model.SAVED}
-  if extra := sorted(set(map(str, ad)) - groups - state):
+  if extra := sorted(set(map(str, ad)) - groups - state - ({model.TOKENS} if meta.tokens
+                                                           else set())):
     problems.append(f"adapter {name!r} has keys {extra} that lojax adapters do not have")
   missing = sorted(groups - set(ad))
   if missing:
@@ -113,6 +116,10 @@ def _adapter_labels(meta: model.AdapterMeta, ad: Any, problems: list[str]) -> An
   out[model.SAVED] = {p: leaf(f"modules_to_save/{p}", x,
                               _saved_group(p, x) if hasattr(x, "shape") else A)
                       for p, x in _items(ad[model.SAVED], f"{name}/modules_to_save", problems)}
+  if model.TOKENS in ad:   # PEFT: trainable_tokens_delta, a 2-D parameter of no Embedding
+    out[model.TOKENS] = {p: leaf(f"trainable_tokens/{p}", x, A)
+                         for p, x in _items(ad[model.TOKENS], f"{name}/trainable_tokens",
+                                            problems)}
   return out
 
 

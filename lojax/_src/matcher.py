@@ -247,7 +247,7 @@ def layer_index(path: str, layers_pattern: Sequence[str] | None = None) -> int |
   return None
 
 
-def _list_match(entry: str) -> Callable[[str], bool]:
+def list_match(entry: str) -> Callable[[str], bool]:
   """The list rule: the path is ``entry`` or ends in ``"/" + entry`` (a PEFT name: its parts)."""
   if rx := peft_name_regex(entry):
     return re.compile(rf"(?:.*/)?(?:{rx})").fullmatch
@@ -375,7 +375,7 @@ def _requested(spec: LoraSpec, kernels: list[KernelInfo], heads: list[str],
   if isinstance(tm, str):
     rules = [(f"`target_modules` regex {tm!r}", tm, _regex_match(tm))]
   else:
-    rules = [(f"`target_modules` entry {e!r}", e, _list_match(e)) for e in tm]
+    rules = [(f"`target_modules` entry {e!r}", e, list_match(e)) for e in tm]
   matched: dict[str, KernelInfo] = {}
   for what, word, rule in rules:
     hits = [k for k in kernels if rule(k.path)]
@@ -480,7 +480,7 @@ def _saved_roots(spec: LoraSpec, all_modules: list[str], problems: list[str]) ->
   optional = set(spec.optional_modules_to_save())  # names a task adds may match nothing
   saved: set[str] = set()
   for entry in spec.effective_modules_to_save():
-    hits = [m for m in all_modules if _list_match(entry)(m)]
+    hits = [m for m in all_modules if list_match(entry)(m)]
     if not hits and entry not in optional:
       problems.append(f"`modules_to_save` entry {entry!r} matched no module path. Closest "
                       f"module paths: {_fmt(_closest(entry, all_modules))}.")
@@ -493,7 +493,7 @@ def _excluded(spec: LoraSpec, kernels: list[KernelInfo], all_modules: list[str],
   """Kernel paths that ``exclude_modules`` removes: the path or an enclosing module matches."""
   ex = spec.exclude_modules
   rules = [] if ex is None else ([(ex, _regex_match(ex))] if isinstance(ex, str)
-                                 else [(e, _list_match(e)) for e in ex])
+                                 else [(e, list_match(e)) for e in ex])
   for word, rule in rules:
     if not any(rule(m) for m in all_modules):
       kind = "regex" if isinstance(ex, str) else "entry"

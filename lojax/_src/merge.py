@@ -9,6 +9,7 @@ import numpy as np
 
 from lojax._src import model
 from lojax._src import paths as P
+from lojax._src import tokens
 from lojax._src.model import LoraParams
 
 
@@ -37,7 +38,7 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
     for name in names:
       meta, ad = lora.meta.adapter(name), lora.adapters[name]
       for p in sorted({t.leaf_path for t in meta.targets} | set(ad[model.BIAS]) |
-                      set(ad[model.SAVED])):
+                      set(ad[model.SAVED]) | {p for p, _ in meta.tokens}):
         if p not in index:
           bad.append(f"  {p}: missing")
         elif np.shape(floats[index[p]]) != shape_of[p]:
@@ -58,6 +59,16 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
         new = variant.unmerge(t, w, entry, model.decode(base_by_path[t.leaf_path]))
       floats[i] = new.astype(w.dtype)
       touched.add(t.leaf_path)
+      c = variant.bias_delta(t, entry)
+      if c is not None:   # lora_bias: into the module's own bias
+        j = _module_bias(t, index, floats, np.shape(c), name)
+        floats[j] = (floats[j] + sign * c.astype(floats[j].dtype)).astype(floats[j].dtype)
+        touched.add(paths[j])
+    for p, rows in meta.tokens:   # trainable tokens: the rows themselves (exact)
+      i = index[p]
+      values = ad[model.TOKENS][p] if sign > 0 else model.decode(base_by_path[p])[np.asarray(rows)]
+      floats[i] = tokens.write(floats[i], rows, values)
+      touched.add(p)
     for p, d in ad[model.BIAS].items():
       i = index[p]
       d = meta.expand_bias(p, d.astype(floats[i].dtype), floats[i].shape)
@@ -84,6 +95,20 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
   return jax.tree_util.tree_unflatten(treedef, floats)
 
 
+def _module_bias(t, index, floats, shape, name: str) -> int:
+  """The leaf index of the bias of ``t``'s module, which a LoRA bias merges into."""
+  p = f"{t.path}/bias" if t.leaf else None
+  if p not in index:
+    raise ValueError(
+        f"Adapter {name!r} has a LoRA bias (`lora_bias=True`) on '{t.path}', whose module has "
+        "no bias leaf to merge it into (as PEFT, lojax cannot merge it). Keep the adapter "
+        "unmerged (lojax.lorafy), or give the module a bias.")
+  if np.shape(floats[index[p]]) != tuple(shape):
+    raise ValueError(f"The bias '{p}' has shape {np.shape(floats[index[p]])}; the LoRA bias of "
+                     f"adapter {name!r} has {tuple(shape)}: they cannot be merged.")
+  return index[p]
+
+
 def _finite(x, path) -> bool:
   if isinstance(x, jax.core.Tracer):
     raise ValueError(f"`safe_merge=True` needs concrete arrays to check '{path}'; call "
@@ -95,7 +120,8 @@ def merge(lora: LoraParams, /, *, adapter_names: str | Sequence[str] | None = No
           safe_merge: bool = False) -> Any:
   """Folds adapters into the base: plain params for ``model.apply`` / export.
 
-  Each adapted kernel becomes ``W + s*A@B``, trained biases ``b + delta``,
+  Each adapted kernel becomes ``W + s*A@B`` (with ``lora_bias``, its module's
+  bias ``+ s*b``; a module without a bias raises), trained biases ``b + delta``,
   saved modules their trained copies — PEFT's ``merge_and_unload``. The
   result has the structure of ``lora.base``.
 

@@ -11,7 +11,8 @@ nothing from lojax. The pipeline it serves::
 
 * :class:`LoraParams` is the pytree: ``base`` (the user's param tree, never
   trained) and ``adapters`` ``{name: {"lora": {module path: {param: array}},
-  "bias": {leaf path: delta}, "modules_to_save": {leaf path: array}, ...}}``;
+  "bias": {leaf path: delta}, "modules_to_save": {leaf path: array},
+  "trainable_tokens": {leaf path: rows}, ...}}``;
   its static :class:`LoraMeta` says which adapters exist and which are active.
 * :class:`TargetMeta` describes one adapted leaf: where it is, its shape, which
   of its axes are input axes, which are expert axes (a MoE layer's ``[E, in,
@@ -39,6 +40,7 @@ import numpy as np
 
 DEFAULT_ADAPTER = "default"
 LORA, BIAS, SAVED = "lora", "bias", "modules_to_save"   # the groups of one adapter's dict
+TOKENS = "trainable_tokens"   # a group present only when the spec trains embedding rows
 
 # The roles of a parameter's axes (see Variant.layout): a stacked layer axis,
 # the rank axis, or an int: that axis of the (per-layer) kernel (an input,
@@ -181,11 +183,17 @@ class Factors:
   ``a`` is ``[L?, E..., in..., r]``, ``b`` ``[L?, E..., r, out...]`` with the scaling
   folded in, so the delta is ``a @ b``; ``m`` (DoRA) is a magnitude laid out
   like ``b`` with a rank axis of size 1: the adapted kernel is then
-  ``m / ||W + a@b|| * (W + a@b)``, the norm over the input axes.
+  ``m / ||W + a@b|| * (W + a@b)``, the norm over the input axes. ``bias``
+  (``lora_bias``) is laid out like ``m``, the scaling folded in: it is added to
+  the output of each matmul or conv that consumes the kernel, not to the kernel.
+  ``rows`` (trainable tokens): ``a`` is the one-hot selector of these rows of the
+  kernel's input axis, so a consumer may index instead of multiplying by it.
   """
   a: Any
   b: Any
   m: Any = None
+  bias: Any = None
+  rows: tuple[int, ...] | None = None
 
 
 class Variant:
@@ -248,6 +256,11 @@ class Variant:
     """The float kernel before :meth:`merge`, given the merged one."""
     raise NotImplementedError
 
+  def bias_delta(self, t: TargetMeta, entry: Mapping) -> Any:
+    """What merging adds to the bias of ``t``'s module (``[L?, out...]``, the full stack),
+    or None when the variant holds no bias of its own."""
+    return None
+
   def check_trained(self, name: str, adapter: Mapping) -> None:
     """Warns about an adapter trained the wrong way (called before merges, resizes)."""
 
@@ -266,7 +279,7 @@ class Variant:
 
   def unscaled(self, t: TargetMeta, entry: Mapping[str, Any], scaling: float) -> dict:
     """``entry`` of a target whose scaling is ``scaling``, as the same delta at scaling 1
-    (one layer, NumPy; only for :attr:`splittable` variants)."""
+    (one layer or the whole stack; PEFT files of fused kernels, hotswap)."""
     raise NotImplementedError
 
   def peft_target(self, t: TargetMeta, layer: Mapping[str, Any]) -> TargetMeta:
@@ -290,6 +303,7 @@ class AdapterMeta:
   modules_to_save: tuple[str, ...]
   bias_paths: tuple[str, ...]
   heads: tuple[str, ...] = ()
+  tokens: tuple[tuple[str, tuple[int, ...]], ...] = ()   # (table leaf path, trained rows)
 
   @property
   def variant(self) -> Variant:

@@ -179,6 +179,7 @@ def save_peft(directory: str | os.PathLike, lora: LoraParams, /, *,
   _put_biases(out, lora.base, meta, ad["bias"], mapping)
   saved_names = _put_saved_modules(out, meta.modules_to_save, ad["modules_to_save"], mapping)
   config = _config(meta.spec, exported, saved_names, mapping, base_model_name_or_path)
+  config["trainable_token_indices"] = _put_tokens(out, meta, ad.get(model.TOKENS, {}), mapping)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
     json.dump(config, fh, indent=2, sort_keys=True)
@@ -439,6 +440,17 @@ def _put_biases(out: _Tensors, base, meta, deltas, mapping: PeftMapping) -> None
       out.put(f"{PREFIX}{_name_or_raise(mapping, module)}.{leaf}", full, leaf_path)
 
 
+def _put_tokens(out: _Tensors, meta, values, mapping: PeftMapping) -> dict | None:
+  """Writes trainable token rows as PEFT does; returns the config's
+  ``trainable_token_indices`` (``{torch module: rows}``, or None)."""
+  rows = {}
+  for p, idx in meta.tokens:
+    tn = _name_or_raise(mapping, p.rpartition("/")[0])
+    out.put(f"{PREFIX}{tn}.{TOKENS_SUFFIX}", np.ascontiguousarray(_np(values[p])), p)
+    rows[tn] = list(idx)
+  return rows or None
+
+
 def _put_saved_modules(out: _Tensors, modules, copies, mapping: PeftMapping) -> list[str]:
   """Writes the ``modules_to_save`` copies as PEFT does; returns their torch names."""
   saved_names = []
@@ -495,7 +507,9 @@ def _config(spec, exported: list[tuple[Any, str]], saved_names: list[str], mappi
 
 # An adapter tensor: `<torch module>.lora_<part>[.weight]`; which parts a layer must have (and
 # may have) is its variant's business (Variant.from_peft / to_peft).
-_LORA_KEY = re.compile(r"(.+?)\.(lora_[A-Za-z_]+(?:\.weight)?)")
+_LORA_KEY = re.compile(r"(.+?)\.(lora_[A-Za-z_]+(?:\.weight|\.bias)?)")
+# Trainable token rows: `<torch module>.token_adapter.trainable_tokens_delta` ([n, dim]).
+TOKENS_SUFFIX = "token_adapter.trainable_tokens_delta"
 
 
 def _peft_lookup(pattern: Mapping[str, Any] | None, name: str, default):
@@ -654,8 +668,11 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   base = params.base if isinstance(params, LoraParams) else params
   index = _torch_index(base, mapping, config, apply_fn=apply_fn, example_args=example_args,
                        example_kwargs=example_kwargs)
+  token_values = {k: tensors.pop(k) for k in list(tensors) if k.endswith(f".{TOKENS_SUFFIX}")}
   contents = _sort_tensors(directory, tensors, config, index, mapping)
   spec = _spec_from_file(spec_class, config, contents, index, mapping)
+  token_values, token_rows = _file_tokens(directory, token_values, config, index)
+  spec = dataclasses.replace(spec, trainable_token_indices=token_rows)
   if str(spec.init_lora_weights).startswith("pissa_niter_"):
     warnings.warn(
         f"{directory} was trained with init_lora_weights={spec.init_lora_weights!r}: its "
@@ -686,10 +703,42 @@ def load_peft(directory: str | os.PathLike, params: Any, /, *,
   bias = _fill_biases(meta.replace(targets=tuple(targets)), contents.biases, index.leaves,
                       problems)   # the targets' layers as the file has them
   saved = _fill_saved(wrapped.adapters[adapter_name]["modules_to_save"], contents.saved, problems)
+  rows = _fill_saved(wrapped.adapters[adapter_name].get(model.TOKENS, {}), token_values, problems,
+                     "trainable tokens")
   if problems:
     raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
                      "\n".join(problems))
-  return _assemble(wrapped, base, adapter_name, spec, targets, weights, bias, saved)
+  return _assemble(wrapped, base, adapter_name, spec, targets, weights, bias, saved, rows)
+
+
+def _file_tokens(directory, values, config, index: _TorchIndex):
+  """The file's trainable token rows: ``({table leaf path: rows' values}, the spec's
+  trainable_token_indices {module path: rows} or None)``."""
+  cfg = config.get("trainable_token_indices")
+  if not values and not cfg:
+    return {}, None
+  problems, out, rows = [], {}, {}
+  for key, value in values.items():
+    tn = key[len(PREFIX):-len(TOKENS_SUFFIX) - 1] if key.startswith(PREFIX) else None
+    path = index.kernels.get(tn, (None,))[0] if tn is not None else None
+    idx = (cfg if isinstance(cfg, list) else next(
+        (v for k, v in (cfg or {}).items() if tn == k or tn.endswith("." + k)), None)
+        if isinstance(cfg, dict) and tn is not None else None)
+    if path is None or path not in index.tables:
+      problems.append(f"  {key}: no embedding table of these params maps to {tn!r}")
+    elif idx is None:
+      problems.append(f"  {key}: the config's `trainable_token_indices` ({cfg!r}) names no rows "
+                      f"for {tn!r}")
+    else:
+      leaf = index.tables[path]
+      out[leaf], rows[path] = np.asarray(value), list(idx)
+  if cfg and not values:
+    problems.append(f"  the config trains tokens ({cfg!r}), but the file holds no "
+                    f"`{TOKENS_SUFFIX}` tensor")
+  if problems:
+    raise ValueError(f"The PEFT adapter in {directory} does not fit these params:\n" +
+                     "\n".join(problems))
+  return out, rows
 
 
 def _rebuilt_base(base, spec, targets):
@@ -735,6 +784,7 @@ class _TorchIndex(NamedTuple):
                            # module path -> leaf path
   parameters: dict[str, tuple[str, int]]   # the config's target parameters: kernel path ->
                                            # (leaf, number of experts)
+  tables: dict[str, str]   # embedding tables: module path -> leaf path
 
 
 def _torch_index(base, mapping: PeftMapping, config, *, apply_fn, example_args,
@@ -753,8 +803,10 @@ def _torch_index(base, mapping: PeftMapping, config, *, apply_fn, example_args,
                      "; ".join(clashes) + ". Make `mapping.names` one-to-one.")
   tied = {p: f"{p}/{info['leaf']}" if info["leaf"] else p for p, info in infos.items()
           if info["tied"]}
+  tables = {p: f"{p}/{info['leaf']}" if info["leaf"] else p for p, info in infos.items()
+            if info["kind"] == "embed"}
   return _TorchIndex(kernels, modules, dict(zip(leaf_paths, base_leaves)), pieces, tied,
-                     parameters)
+                     parameters, tables)
 
 
 def _kernel_names(infos, mapping: PeftMapping, clashes: list[str]):
@@ -1256,13 +1308,15 @@ def _fill_biases(meta, values, leaves, problems: list[str]) -> dict[str, jax.Arr
   return bias
 
 
-def _fill_saved(copies, values, problems: list[str]) -> dict[str, jax.Array]:
-  """The file's values of the ``modules_to_save`` copies, in the params' dtypes."""
+def _fill_saved(copies, values, problems: list[str],
+                what: str = "modules_to_save") -> dict[str, jax.Array]:
+  """The file's values of the ``modules_to_save`` copies (or trainable token rows), in the
+  params' dtypes."""
   saved = {}
   for p, x in copies.items():
     value = values.get(p)
     if value is None or value.shape != np.shape(x):
-      problems.append(f"  modules_to_save {p}: file gives "
+      problems.append(f"  {what} {p}: file gives "
                       f"{'nothing' if value is None else value.shape}, params have "
                       f"{np.shape(x)}")
       continue
@@ -1271,14 +1325,16 @@ def _fill_saved(copies, values, problems: list[str]) -> dict[str, jax.Array]:
 
 
 def _assemble(wrapped: LoraParams, base, adapter_name: str, spec, targets, weights, bias,
-              saved) -> LoraParams:
+              saved, rows) -> LoraParams:
   """``wrapped`` on ``base`` with adapter ``adapter_name`` holding the file's weights and
   targets."""
   meta = wrapped.meta.adapter(adapter_name)
   new_ad = dict(wrapped.adapters[adapter_name], lora=weights, bias=bias, modules_to_save=saved)
+  if rows:
+    new_ad[model.TOKENS] = rows
   new_ad.update(spec.variant().peft_state(spec))
   new_meta = AdapterMeta(meta.name, spec, tuple(targets), meta.modules_to_save,
-                         meta.bias_paths, meta.heads)
+                         meta.bias_paths, meta.heads, meta.tokens)
   metas = tuple(new_meta if m.name == adapter_name else m for m in wrapped.meta.adapters)
   return LoraParams(base, dict(wrapped.adapters, **{adapter_name: new_ad}),
                     LoraMeta(metas, wrapped.meta.active))

@@ -262,15 +262,17 @@ def _run_closed(run, closed, args, ctx):
 
 
 def _with_factors(x: Tagged, value, triples) -> Tagged:
-  """``x`` with a new value and its terms' ``(a, b, m)`` replaced."""
-  terms = tuple(dataclasses.replace(t, a=a, b=b, m=m) for t, (a, b, m) in zip(x.terms, triples))
+  """``x`` with a new value and its terms' ``(a, b, m, bias)`` replaced."""
+  terms = tuple(dataclasses.replace(t, a=a, b=b, m=m, bias=c)
+                for t, (a, b, m, c) in zip(x.terms, triples))
   return x.replace(value=value, terms=terms)
 
 
-def _pack(vals, prepare=lambda x: [(t.a, t.b, t.m) for t in x.terms], unpack=_with_factors):
+def _pack(vals, prepare=lambda x: [(t.a, t.b, t.m, t.bias) for t in x.terms],
+          unpack=_with_factors):
   """Flattens tagged values into arrays plus a rebuild function.
 
-  ``prepare(x)`` gives each term's ``(a, b, m)`` as they are flattened;
+  ``prepare(x)`` gives each term's ``(a, b, m, bias)`` as they are flattened;
   ``unpack(x, value, triples)`` makes the tagged value back from the arrays.
   """
   flat, specs = [], []
@@ -372,14 +374,15 @@ def _pack_scanned(xs):
   def leading(x: Tagged):
     triples = []
     for t in x.terms:
-      a, b, m = t.a, t.b, t.m
+      a, b, m, c = t.a, t.b, t.m, t.bias
       for f, ax in x.owners(0):
         if f == 0:
           a = jnp.moveaxis(a, ax, 0)
         else:
           b = jnp.moveaxis(b, ax, 0)
           m = None if m is None else jnp.moveaxis(m, ax, 0)
-      triples.append((a, b, m))
+          c = None if c is None else jnp.moveaxis(c, ax, 0)
+      triples.append((a, b, m, c))
     return triples
 
   return _pack(xs, leading, _scan_slice)
@@ -391,7 +394,8 @@ def _scan_slice(x: Tagged, value, pairs):
   stack = x.stack + ((x.kaxes[0],) if x.kaxes is not None else (-1,))
   if x.sides is None:
     return x.replace(value=value, kaxes=kaxes, stack=stack)
-  terms = tuple(dataclasses.replace(t, a=a, b=b, m=m) for t, (a, b, m) in zip(x.terms, pairs))
+  terms = tuple(dataclasses.replace(t, a=a, b=b, m=m, bias=c)
+                for t, (a, b, m, c) in zip(x.terms, pairs))
   return x.replace(value=value, sides=x.sides[1:], terms=terms, kaxes=kaxes, stack=stack)
 
 

@@ -76,6 +76,41 @@ def _select(ctx: Context, x, term, axis: int = 0):
   return jnp.where(keep.reshape(shape), x, jnp.zeros((), x.dtype))
 
 
+def _with_bias(ctx: Context, d, term, syms: str, out_syms: str, example_axis: int | None):
+  """``d`` (one term's delta, einsum symbols ``out_syms``) plus the term's LoRA bias.
+
+  The bias is laid out like factor B with a rank axis of size 1 (symbols ``syms``); it is
+  broadcast over the output's other axes. In a mixed-adapter batch only the term's own
+  examples (along ``example_axis`` of the output) get it.
+  """
+  if term.bias is None:
+    return d
+  keep = [j for j, c in enumerate(syms) if c in out_syms]
+  if len(keep) != term.bias.ndim - 1:
+    raise ValueError(f"The LoRA bias of '{term.name}' cannot be laid out on this use's output.")
+  kept = [syms[j] for j in keep]
+  order = sorted(range(len(kept)), key=lambda j: out_syms.index(kept[j]))
+  v = jnp.transpose(term.bias.reshape([term.bias.shape[j] for j in keep]), order)
+  sizes = dict(zip((kept[j] for j in order), v.shape))
+  v = v.reshape([sizes.get(c, 1) for c in out_syms])
+  d = d + v.astype(d.dtype)
+  if ctx.example_ids is not None:
+    if example_axis is None:
+      raise ValueError(f"A mixed-adapter batch needs the examples on a free axis of the input "
+                       f"of '{term.name}' to add its LoRA bias per example.")
+    d = _select(ctx, d, term, example_axis)
+  return d
+
+
+def _no_transposed_bias(k, first: int) -> None:
+  if first != 0 and any(t.bias is not None for t in k.terms):
+    raise ValueError(
+        f"The adapted kernel '{k.path}' has a LoRA bias (`lora_bias=True`), added to the "
+        "output of the matmuls that contract its input axes; this use contracts its output "
+        "axes (a transposed use, e.g. tied logits), where such a bias has no place. Use "
+        "`lora_bias=False` for this kernel.")
+
+
 def _gathers(ctx: Context, terms, first: int, lay, x) -> bool:
   """Whether a mixed-adapter batch can take :func:`_mixed_delta`'s single gathered pass.
 
@@ -113,6 +148,11 @@ def _mixed_delta(ctx: Context, x2, terms, c: int, d: int, dtype, kw):
   x3 = x2.reshape(batch, n // batch, c)
   t = jnp.einsum("bnc,bcr->bnr", x3, a_all[slot], **kw)
   y = jnp.einsum("bnr,brd->bnd", t.astype(dtype), b_all[slot], **kw)
+  if any(t.bias is not None for t in terms):   # lora_bias: each example its adapter's
+    zero = jnp.zeros((d,), dtype)
+    bias = jnp.stack([zero if t.bias is None else t.bias.astype(dtype).reshape(d)
+                      for t in terms] + [zero])                            # [T+1, D]
+    y = y + bias[slot][:, None, :]
   return y.reshape(n, d)
 
 
@@ -153,6 +193,7 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
   first = 0 if csides == {"I"} else 1
   side = "I" if first == 0 else "O"
   ctx.contracted.setdefault(k.path, set()).add(side)
+  _no_transposed_bias(k, first)
   fast = (not kb and not tg.n_shared(sides)
           and set(kc) == {j for j, s in enumerate(sides) if s == side})
   if any(t.m is not None for t in k.terms) and not (fast and first == 0):
@@ -196,6 +237,7 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
     xd = _dropout(ctx, _select(ctx, x, term), term.dropout)
     t = jnp.einsum(f"{xs},{fs}->{ts}", xd, f1.astype(dtype), **kw)
     d = jnp.einsum(f"{ts},{f2_s}->{os_}", t.astype(dtype), f2.astype(dtype), **kw)
+    d = _with_bias(ctx, d, term, f2_s, os_, os_.index(xs[0]) if xs[0] in os_ else None)
     out = out + d.astype(out.dtype)
   return out
 
@@ -323,9 +365,31 @@ def _dot_2d(ctx, x, k, xc, kc, k_first, first, base, precision, preferred_elemen
       f1 = term.b.astype(dtype).reshape(-1, c)                     # [r, C]
       f2 = term.a.astype(dtype).reshape(d, f1.shape[0])            # [D, r]
       t = lax.dot_general(x2, f1, (((1,), (1,)), ((), ())), **kw)
+      if term.rows is not None and not lay.k_first and len(lay.kfree_shape) == 1:
+        # trainable tokens' tied logits: A is a one-hot of rows, so @ Aᵀ adds t's columns
+        # to those rows' logits (no [N, vocab] product, nor its buffer)
+        t = t.reshape(lay.free_shape + [len(term.rows)]).astype(out.dtype)
+        out = out.at[..., np.asarray(term.rows)].add(t)
+        continue
       y = lay.from_2d(lax.dot_general(t.astype(dtype), f2, (((1,), (1,)), ((), ())), **kw))
+    if term.bias is not None:
+      y = _with_bias(ctx, y, term, *_bias_syms(lay), _example_axis(lay))
     out = out + y.astype(out.dtype)
   return out
+
+
+def _bias_syms(lay: "_Layout") -> tuple[str, str]:
+  """Einsum symbols of a bias ``[1, kernel free axes...]`` and of ``lay``'s output."""
+  nf, nk = len(lay.free_shape), len(lay.kfree_shape)
+  x_s, k_s = _LETTERS[:nf], _LETTERS[nf:nf + nk]
+  return _LETTERS[nf + nk] + k_s, (k_s + x_s if lay.k_first else x_s + k_s)
+
+
+def _example_axis(lay: "_Layout") -> int | None:
+  """The output axis of ``lay``'s x axis 0 (the examples), if that axis is free."""
+  if lay.x_perm[0] != 0 or not lay.free_shape:
+    return None
+  return len(lay.kfree_shape) if lay.k_first else 0
 
 
 def _bind_eqn(eqn, invals):
@@ -373,6 +437,9 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
   if m is not None:   # DoRA: (m/n) * z, a [D] scale on the one output
     a2, b2 = factors[0]
     y = y * _dora_scale(w2, a2, b2, m.reshape(lay.d))
+  for term in k.terms:   # lora_bias: one [D] vector per term, on every row
+    if term.bias is not None:
+      y = y + term.bias.astype(y.dtype).reshape(lay.d)
   return lay.from_2d(y).astype(base.dtype)
 
 
@@ -415,6 +482,12 @@ def conv(ctx: Context, lhs, rhs, **params):
       based = base if xd is xs else lax.conv_general_dilated_p.bind(xd, rhs.value, **params)
       out = out + ((mn - 1) * based + mn * d).astype(out.dtype)
       continue
+    if term.bias is not None:
+      shape = [1] * d.ndim
+      shape[feat] = d.shape[feat]
+      d = d + term.bias.astype(d.dtype).reshape(shape)
+      if ctx.example_ids is not None:
+        d = _select(ctx, d, term, out_spec[0])
     out = out + d.astype(out.dtype)
   return out
 
@@ -435,6 +508,8 @@ def gather(ctx: Context, operand, indices, *, dimension_numbers, slice_sizes, **
     return base
   if any(t.m is not None for t in operand.terms):
     return None  # DoRA on a lookup: exact merged fallback
+  if any(t.bias is not None for t in operand.terms):
+    return None  # no LoRA bias on a lookup (PEFT has none): the interpreter's error
   sides = operand.sides
   i_axes = [j for j, s in enumerate(sides) if s == "I"]
   o_axes = [j for j, s in enumerate(sides) if s == "O"]
@@ -495,7 +570,7 @@ def ragged_dot(ctx: Context, lhs, rhs, group_sizes, *, ragged_dot_dimension_numb
   if (lb or rb or group_offset is not None or len(groups) != 1 or len(ragged) != 1
       or [j for j, s in enumerate(sides) if s in tg.SHARED] != list(groups)
       or sides[groups[0]] != "E" or sorted(rc) != i_axes or ragged[0] not in lhs_free
-      or any(t.m is not None for t in rhs.terms)):
+      or any(t.m is not None or t.bias is not None for t in rhs.terms)):
     return None
   pair = dict(zip(rc, lc))
   dims1 = lax.RaggedDotDimensionNumbers(

@@ -93,6 +93,9 @@ def hotswap(server: LoraParams, new: LoraParams, /, *, adapter_name: str | None 
       (t.path, _layers(t) if t.stacked else ()) for t in s_meta.targets}:
     problems.append(f"  {s_meta.variant.name}: the new adapter must adapt exactly the server's "
                     f"kernels and layers (its {own} have no neutral value to fill in)")
+  if s_meta.tokens != n_meta.tokens:
+    problems.append(f"  trainable tokens: the server trains {list(s_meta.tokens)}, the new "
+                    f"adapter {list(n_meta.tokens)}; they must be the same rows")
   s_ad, n_ad = server.adapters[name], new.adapters[src]
   for group, what in ((model.BIAS, "trains the bias"), (model.SAVED, "saves")):
     for p in sorted(set(n_ad[group]) - set(s_ad[group])):
@@ -105,12 +108,15 @@ def hotswap(server: LoraParams, new: LoraParams, /, *, adapter_name: str | None 
     entry = s_ad[model.LORA][st.path]
     t = next((t for t in n_meta.targets if t.path == st.path), None)
     lora[st.path] = (_zero(entry) if t is None else _fit(
-        st, t, s_meta.variant.layout(st), entry, n_ad[model.LORA][t.path]))
+        st, t, s_meta.variant, entry, n_ad[model.LORA][t.path]))
   group = lambda g: {p: (jnp.asarray(n_ad[g][p], x.dtype) if p in n_ad[g] else jnp.zeros_like(x))
                      for p, x in s_ad[g].items()}
   saved = {p: jnp.asarray(n_ad[model.SAVED][p], x.dtype) if p in n_ad[model.SAVED] else x
            for p, x in s_ad[model.SAVED].items()}   # a module not saved keeps the server's copy
   adapter = dict(s_ad, **{model.LORA: lora, model.BIAS: group(model.BIAS), model.SAVED: saved})
+  if model.TOKENS in s_ad:
+    adapter[model.TOKENS] = {p: jnp.asarray(n_ad[model.TOKENS][p], x.dtype)
+                             for p, x in s_ad[model.TOKENS].items()}
   return LoraParams(server.base, dict(server.adapters, **{name: adapter}), server.meta)
 
 
@@ -131,17 +137,18 @@ def _zero(entry):
   return {k: jnp.zeros_like(v) for k, v in entry.items()}
 
 
-def _fit(st: TargetMeta, t: TargetMeta, layout, server_entry, entry):
+def _fit(st: TargetMeta, t: TargetMeta, variant, server_entry, entry):
   """``entry`` (target ``t``) in the server target ``st``'s layout: rank, layers, scaling.
 
-  Each parameter is zero-padded along its rank axis (``layout``'s roles); ``B``, which the
-  scaling multiplies, also takes ``s_new / s_server``; the others are taken as they are.
+  Each parameter is zero-padded along its rank axis (the variant's layout roles); those
+  the scaling multiplies (``B``, a LoRA bias: :meth:`Variant.unscaled`) also take
+  ``s_new / s_server``; the others are taken as they are.
   """
   out = {}
-  for k, roles in layout.items():
-    x = jnp.asarray(entry[k], jnp.float32)
-    if k == _B:
-      x = x * (t.scaling / st.scaling)
+  entry = variant.unscaled(t, {k: jnp.asarray(v, jnp.float32) for k, v in entry.items()},
+                           t.scaling / st.scaling)
+  for k, roles in variant.layout(st).items():
+    x = entry[k]
     if model.RANK in roles:
       axis = roles.index(model.RANK)
       x = jnp.pad(x, [(0, st.r - t.r if i == axis else 0) for i in range(x.ndim)])

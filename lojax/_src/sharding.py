@@ -198,6 +198,9 @@ def _adapter_shardings(meta, ad, by_path, mesh, replicate: bool, override):
       return rep
     if group in (model.BIAS, model.SAVED) and rest in by_path:
       return _named(mesh, by_path[rest], shape)
+    if group == model.TOKENS and rest in by_path:   # a few rows: the table's other axes
+      spec = _padded(by_path[rest], len(shape))
+      return NamedSharding(mesh, _fit(mesh, [None] + list(spec)[1:], tuple(shape)))
     if group == model.LORA:
       module, leaf = P.split(rest)
       t = targets.get(module)

@@ -216,6 +216,14 @@ class LoraSpec:
     init_lora_weights: ``True``, ``False``, ``"gaussian"``, ``"pissa"``,
       ``"pissa_niter_<K>"``, ``"olora"``, ``"loftq"`` or ``"orthogonal"``.
     use_dora: Weight-decomposed LoRA (DoRA).
+    lora_bias: A trainable bias on ``lora_B`` (zero at init): a dense or conv module
+      computes ``x@W + s*((x@A)@B + b)``; merging adds ``s*b`` to the module's bias.
+      Not with DoRA, and only with ``init_lora_weights`` True or False (as in PEFT).
+    trainable_token_indices: Embedding rows trained on their own (e.g. new special
+      tokens) without training the whole table: a list of row indices (of the input
+      embedding: a table named ``embed_tokens``, else the table with the most rows) or
+      ``{module: [indices]}`` (module names as in ``target_modules`` lists). The rows
+      change in every use of the table (lookups and tied logits).
     loftq_config: ``{"loftq_bits": 4 or 8, "loftq_iter": int >= 1}``.
     task_type: A :class:`TaskType` or its name.
     finetune_attention_modules: Group flag (attention projections); the
@@ -253,6 +261,8 @@ class LoraSpec:
   modules_to_save: None | Sequence[str] = None
   init_lora_weights: bool | str = True
   use_dora: bool = False
+  lora_bias: bool = False
+  trainable_token_indices: None | Sequence[int] | Mapping[str, Sequence[int]] = None
   loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
   task_type: None | TaskType | str = None
   finetune_attention_modules: None | bool = None
@@ -279,6 +289,7 @@ class LoraSpec:
                         ("kernel_axes", _axes)):
       set_(name, _pattern_dict(name, getattr(self, name), check, p))
     _check_init(self, set_, p)
+    _check_tokens(self, set_, p)
     _check_task(self, set_, p)
     p.extend(_check_groups(self))
     if p:
@@ -321,7 +332,9 @@ class LoraSpec:
     >>> LoraSpec(target_modules="all-linear", use_dora=True).variant().name
     'dora'
     """
-    return dora.DORA if self.use_dora else lora.LORA
+    if self.use_dora:
+      return dora.DORA
+    return lora.LORA_BIAS if self.lora_bias else lora.LORA
 
   def peft_fields(self, ranks: Mapping[str, int]) -> dict[str, Any]:
     """This spec's own entries of a PEFT ``adapter_config.json``.
@@ -330,9 +343,9 @@ class LoraSpec:
       ranks: ``{torch module name: rank}`` of the exported targets.
 
     >>> LoraSpec(r=4, target_modules=["q"]).peft_fields({"q": 4, "k": 2})
-    {'peft_type': 'LORA', 'use_dora': False, 'rank_pattern': {'k': 2}}
+    {'peft_type': 'LORA', 'use_dora': False, 'lora_bias': False, 'rank_pattern': {'k': 2}}
     """
-    return {"peft_type": self.peft_type, "use_dora": self.use_dora,
+    return {"peft_type": self.peft_type, "use_dora": self.use_dora, "lora_bias": self.lora_bias,
             "rank_pattern": {tn: r for tn, r in ranks.items() if r != self.r}}
 
   @classmethod
@@ -351,7 +364,8 @@ class LoraSpec:
                rank_pattern={re.escape(p): r for p, r in ranks.items() if r != r0},
                init_lora_weights=init,
                loftq_config=(config.get("loftq_config") or {}) if init == "loftq" else {},
-               use_dora=bool(config.get("use_dora", False)))
+               use_dora=bool(config.get("use_dora", False)),
+               lora_bias=bool(config.get("lora_bias", False)))
 
   @classmethod
   def peft_keys(cls) -> frozenset[str]:
@@ -463,7 +477,8 @@ _PEFT_KEYS = frozenset({
     "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
     "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
     "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "loftq_config", "use_dora", "megatron_core", "qalora_group_size", "runtime_config",
+    "loftq_config", "use_dora", "lora_bias", "trainable_token_indices", "megatron_core",
+    "qalora_group_size", "runtime_config",
     "ensure_weight_tying", "target_parameters",
     "eva_config"})   # EVA only chose the factors and ranks the file holds (lojax.eva_init)
 
@@ -480,9 +495,16 @@ def _check_numbers(spec: LoraSpec, set_, p: list[str]) -> None:
              "Pass e.g. `lora_alpha=16`.")
   else:
     set_("lora_alpha", alpha)
-  for name in ("use_rslora", "use_dora"):
+  for name in ("use_rslora", "use_dora", "lora_bias"):
     if not isinstance(getattr(spec, name), bool):
       p.append(f"`{name}` must be True or False; got {_show(getattr(spec, name))}.")
+  if spec.lora_bias is True and spec.use_dora is True:
+    p.append("`lora_bias=True` does not combine with `use_dora=True` (nor in PEFT); set one "
+             "of them to False.")
+  if spec.lora_bias is True and not isinstance(spec.init_lora_weights, bool):
+    p.append("`lora_bias=True` needs `init_lora_weights` True or False (as in PEFT: the other "
+             f"inits rewrite the base from its kernel alone); got "
+             f"{_show(spec.init_lora_weights)}.")
   d = spec.lora_dropout
   if not _is_real(d) or not 0.0 <= d < 1.0:
     p.append(f"`lora_dropout` must be a number in [0, 1); got lora_dropout={_show(d)}. "
@@ -570,6 +592,36 @@ def _check_init(spec: LoraSpec, set_, p: list[str]) -> None:
              "`loftq_config={'loftq_bits': 4, 'loftq_iter': 1}`.")
   if len(p) == n:  # valid: known str keys, int values
     set_("loftq_config", FrozenDict({_str(k): int(v) for k, v in lc.items()}, "loftq_config"))
+
+
+def _check_tokens(spec: LoraSpec, set_, p: list[str]) -> None:
+  """``trainable_token_indices``: None, row indices, or ``{module name: row indices}``."""
+  tti = spec.trainable_token_indices
+
+  def rows(what: str, v) -> tuple[int, ...] | None:
+    ok = isinstance(v, (list, tuple)) and v and all(_is_int(i) and i >= 0 for i in v)
+    if not ok:
+      p.append(f"{what} must be a non-empty list of row indices (ints >= 0); got {_show(v)}.")
+      return None
+    if len(set(v)) != len(v):
+      p.append(f"{what} repeats rows: {_show(v)}.")
+      return None
+    return tuple(int(i) for i in v)
+
+  if tti is None:
+    return
+  if isinstance(tti, Mapping):
+    out = {}
+    for k, v in tti.items():
+      if not isinstance(k, str) or not k:
+        p.append(f"`trainable_token_indices` keys are module names (str); got {_show(k)}.")
+      elif (r := rows(f"`trainable_token_indices[{k!r}]`", v)) is not None:
+        out[_str(k)] = r
+    if not tti:
+      p.append("`trainable_token_indices={}` selects nothing; pass None or {module: [rows]}.")
+    set_("trainable_token_indices", FrozenDict(out, "trainable_token_indices"))
+  elif (r := rows("`trainable_token_indices`", tti)) is not None:
+    set_("trainable_token_indices", r)
 
 
 def _check_task(spec: LoraSpec, set_, p: list[str]) -> None:

@@ -48,6 +48,10 @@ class Term:
   name: str = ""
   index: int = 0          # position of the adapter in the active set (mixed batches)
   m: Any = None           # DoRA magnitude, laid out like ``b`` with a rank axis of size 1
+  bias: Any = None        # lora_bias, laid out like ``m`` (scaling folded in): added to the
+                          # consumer's output, never part of the kernel
+  rows: tuple[int, ...] | None = None   # trainable tokens: ``a`` is the one-hot selector of
+                                        # these rows of the value's axis 0 (dropped by layout ops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +91,15 @@ class Tagged:
 
 
 def _map_terms(t: Tagged, fa, fb) -> tuple[Term, ...]:
-  return tuple(dataclasses.replace(term, a=fa(term.a), b=fb(term.b),
-                                   m=None if term.m is None else fb(term.m))
-               for term in t.terms)
+  out = []
+  for term in t.terms:
+    a = fa(term.a)
+    # ``rows`` holds while ``a`` is still the [rows' axis, r] selector (its rank axis is last)
+    rows = term.rows if term.rows is not None and a.shape == term.a.shape else None
+    out.append(dataclasses.replace(term, a=a, b=fb(term.b),
+                                   m=None if term.m is None else fb(term.m),
+                                   bias=None if term.bias is None else fb(term.bias), rows=rows))
+  return tuple(out)
 
 
 # --------------------------------------------------------------------------

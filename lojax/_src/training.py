@@ -70,10 +70,10 @@ def _size(tree) -> int:
 def count_parameters(lora: LoraParams) -> ParameterCount:
   """Counts trainable (active adapters) and all parameters.
 
-  As PEFT counts them: all = base + every adapter's LoRA factors and
-  modules_to_save copies (and the frozen scalars PEFT keeps per module, e.g.
-  AdaLoRA's ``ranknum``); trainable = the active adapters' factors, copies
-  and trained biases. A trained bias is the base bias made trainable (lojax
+  As PEFT counts them: all = base + every adapter's LoRA factors,
+  modules_to_save copies and trainable token rows (and the frozen scalars
+  PEFT keeps per module, e.g. AdaLoRA's ``ranknum``); trainable = the active
+  adapters' factors, copies, token rows and trained biases. A trained bias is the base bias made trainable (lojax
   stores it as a delta), so it adds nothing to the total.
 
   >>> import jax, jax.numpy as jnp, lojax
@@ -88,7 +88,8 @@ def count_parameters(lora: LoraParams) -> ParameterCount:
     meta = lora.meta.adapter(name)
     state = meta.variant.adapter_state(meta.spec)   # bookkeeping arrays, not parameters
     trainable += _size({k: v for k, v in ad.items() if k not in state})
-  extra = sum(_size(ad[model.LORA]) + _size(ad[model.SAVED]) for ad in lora.adapters.values())
+  extra = sum(_size(ad[model.LORA]) + _size(ad[model.SAVED]) + _size(ad.get(model.TOKENS, {}))
+              for ad in lora.adapters.values())
   extra += sum(m.variant.peft_buffers(t) for m in lora.meta.adapters for t in m.targets)
   total = _size(lora.base) + extra
   return ParameterCount(trainable, total)

@@ -10,6 +10,7 @@ the :class:`LoraParams`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -23,6 +24,7 @@ from lojax._src import model
 from lojax._src import paths as P
 from lojax._src import quant
 from lojax._src import spec as spec_lib
+from lojax._src import tokens
 from lojax._src.model import DEFAULT_ADAPTER, AdapterMeta, LoraMeta, LoraParams, TargetMeta
 
 
@@ -79,7 +81,9 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
     raise TypeError(f"`spec` must be a lojax.LoraSpec, got {type(spec).__name__}.")
   dtype = _check_args(key, adapter_name, apply_fn, example_args, example_kwargs, dtype)
   existing, base = _base_of(params, spec, adapter_name, quantize)
-  targets, resolution = _targets(base, spec, apply_fn, tuple(example_args), example_kwargs)
+  targets, resolution, tables = _targets(base, spec, apply_fn, tuple(example_args),
+                                         example_kwargs)
+  token_rows = tokens.resolve(spec, tables, targets)
   paths, leaves, _ = P.flatten(base)
   by_path = dict(zip(paths, leaves))
   variant = spec.variant()
@@ -90,18 +94,28 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
                      "\nExclude them from `target_modules` (e.g. with `exclude_modules`) or "
                      "change the init / quantization.")
   inits.warn_loftq_scaling(spec, targets)
+  if type(variant).bias_delta is not model.Variant.bias_delta and (
+      nobias := [t.path for t in targets if f"{t.path}/bias" not in by_path or not t.leaf]):
+    warnings.warn(f"lojax: `lora_bias=True`, but {len(nobias)} targeted module(s) have no bias "
+                  f"leaf ({', '.join(nobias[:4])}{' ...' if len(nobias) > 4 else ''}): their "
+                  "LoRA bias trains and applies, but lojax.merge cannot fold it (as in PEFT).",
+                  stacklevel=2)
   factors, rewritten = {}, {}
   for t in targets:  # one kernel at a time: its NumPy work copies are freed before the next
     factors[t.path], new = variant.init(spec, key, t, by_path[t.leaf_path], dtype, quantize)
     if new is not None:
       rewritten[t.leaf_path] = new
   meta = AdapterMeta(adapter_name, spec, tuple(targets), resolution.modules_to_save,
-                     resolution.bias_paths, tuple(resolution.heads))
+                     resolution.bias_paths, tuple(resolution.heads), token_rows)
+  if saved := [p for p, _ in token_rows if any(P.is_under(p, m) for m in meta.modules_to_save)]:
+    raise ValueError(f"{saved}: trained in full (modules_to_save) and with trainable tokens; "
+                     "pick one.")
   adapter = {model.LORA: factors,
              model.BIAS: {p: jnp.zeros(meta.bias_shape(p, np.shape(by_path[p])),
                                        by_path[p].dtype) for p in resolution.bias_paths},
              model.SAVED: {p: jnp.array(by_path[p], copy=True) for p in paths
                            if any(P.is_under(p, m) for m in resolution.modules_to_save)},
+             **({model.TOKENS: tokens.init(meta, by_path, dtype)} if token_rows else {}),
              **variant.adapter_state(spec)}
   base = replace_leaves(base, rewritten)
   if existing is None:
@@ -179,7 +193,8 @@ def _base_of(params, spec, adapter_name: str, quantize: str | None):
 
 
 def _targets(base, spec, apply_fn, example_args, example_kwargs):
-  """The :class:`TargetMeta` of every selected kernel, and the matcher's resolution."""
+  """The :class:`TargetMeta` of every selected kernel, the matcher's resolution, and the
+  embedding tables ``{module path: (leaf path, shape)}``."""
   infos, layouts = analysis.kernel_infos(base, spec, apply_fn, example_args, example_kwargs)
   paths, leaves, _ = P.flatten(base)
   leaf_shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}
@@ -202,7 +217,9 @@ def _targets(base, spec, apply_fn, example_args, example_kwargs):
         path=t.path, leaf=info[t.path].leaf, shape=info[t.path].shape, kind=use.kind,
         in_axes=use.in_axes, stacked=use.stacked, layers=t.layers, r=t.r, alpha=t.alpha,
         scaling=t.scaling, dropout=spec.lora_dropout, expert_axes=use.expert_axes))
-  return targets, resolution
+  tables = {i.path: (f"{i.path}/{i.leaf}" if i.leaf else i.path, i.shape) for i in infos
+            if (layouts[i.path].kind if i.path in layouts else i.kind) == "embed"}
+  return targets, resolution, tables
 
 
 def replace_leaves(tree, new: Mapping[str, Any]):
