@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))
 import lojax  # noqa: E402
 from models import Config, LinenGPT, NnxGPT, batch  # noqa: E402
 import serving  # noqa: E402
+import options  # noqa: E402
 
 R, ALPHA, LR = 16, 32.0, 1e-3
 
@@ -451,7 +452,7 @@ def markdown(res: dict) -> str:
   notes = [f"- {n}: {r['note']}" for n, r in res["rows"].items() if r.get("note")]
   lines += [""] + notes if notes else []
   lines += ["", "| target | measured | met |", "|---|---|---|"]
-  for t, m, ok in res["targets"]:
+  for t, m, ok in res["targets"] + options.targets(res.get("options") or {}):
     lines.append(f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else '—'} |")
   mb = res.get("mixed_batch")
   if mb:
@@ -461,6 +462,8 @@ def markdown(res: dict) -> str:
               f"{mb['separate_forwards_s']:.3f} s."]
   if res.get("serving"):
     lines += serving.markdown(res["serving"])
+  if res.get("options"):
+    lines += options.markdown(res["options"])
   if res.get("sweep"):
     lines += ["", "Sweep (lojax LoRA, linen, fewer steps): step-time ratio to the limit "
               "(FLOPs ratio)", "", "| d_model \\ r | " + " | ".join(
@@ -541,6 +544,18 @@ cost analysis, temp/arg MiB from its memory analysis.
   (`tests/test_peft_row.py`). It needs torch, transformers and peft (the `peft-oracle` extra);
   without them the row says so. `python benchmarks/run.py --peft-only` re-measures just this row
   (with the limit and lojax LoRA) into the results JSON.
+- **MoE LoRA step**, **EVA init** (`options.py`; `python benchmarks/run.py --options-only`
+  re-measures just these into the results JSON). MoE: a LoRA step on a GPT of d_model 256
+  whose MLP is 8 experts (kernels `[E, d, 2d]`, `[E, 2d, d]`; top-2 routing, capacity factor
+  1.25; dispatch and combine a gather and a scatter-add, the expert matmuls batched einsums),
+  r = 16 on the expert kernels and the attention linears, against that model's frozen limit.
+  Target: its FLOPs <= 1.05 x (the limit + the adapters' own work, 6 x rows x r x (in + out)
+  per adapted kernel; rows: the tokens, or the experts' computed slots).
+  `tests/test_options_rows.py` matches the step's loss and gradients with a float64 reference
+  written out per expert. EVA: `lojax.eva_init` with PEFT's default `eva_config` on the
+  benchmark GPT (r = 16 on every block linear; 4 batches cycled, at most 8 read), end to end
+  with compilation, per batch, and the jitted statistics pass alone (and its temp memory),
+  against one jitted forward of the frozen model on one batch.
 - **Mixed-adapter batch**: a forward of the batch with 4 adapters, each example using its own
   (`lora_adapter_ids`), against 4 separate forwards of the sub-batches.
 - **Sweep**: lojax LoRA against the limit for r in {4, 16, 64} and d_model in {256, 512, 1024}.
@@ -612,6 +627,20 @@ def peft_only(args):
   print("\n".join(f"{t}: {m} ({ok})" for t, m, ok in res["targets"]))
 
 
+def options_only(args):
+  """``--options-only``: measure the option rows (options.py), then merge them into the results
+  JSON under ``options`` (read after measuring; the other rows kept)."""
+  warnings.simplefilter("ignore", UserWarning)
+  measured_options = options.options(max(args.steps, 5))
+  path = HERE / "results" / f"{args.out or device_name()}.json"
+  res = json.loads(path.read_text())
+  res["options"] = measured_options
+  path.write_text(json.dumps(res, indent=1, default=float))
+  (path.parent / f"{res['device']}.md").write_text(markdown(res))
+  write_readme()
+  print("\n".join(options.markdown(res["options"])))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
@@ -625,10 +654,16 @@ def main():
   ap.add_argument("--serving-only", action="store_true",
                   help="only (re)measure the serving rows into the device's results JSON")
   ap.add_argument("--no-peft", action="store_true", help="skip the PEFT-torch row")
+  ap.add_argument("--options-only", action="store_true",
+                  help="only (re)measure the option rows (MoE LoRA step, EVA init; options.py) "
+                       "into the device's results JSON (other rows kept)")
   ap.add_argument("--peft-only", action="store_true",
                   help="only (re)measure the PEFT-torch row, interleaved with the frozen limit and "
                        "lojax LoRA, into the device's results JSON (other rows kept)")
   args = ap.parse_args()
+  if args.options_only:
+    options_only(args)
+    return
   if args.peft_only:
     peft_only(args)
     return
@@ -678,6 +713,7 @@ def main():
   print(f"  mixed batch: {res['mixed_batch']}", flush=True)
   res["serving"] = serving.serving(max(args.steps, 10))
   print("\n".join(serving.markdown(res["serving"])), flush=True)
+  res["options"] = options.options(max(args.steps, 5))
   if not args.no_sweep:
     res["sweep"] = sweep(args.sweep_steps)
   out = HERE / "results"
