@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from jax.extend import core as jcore
 
 from lojax._src import interpret
@@ -121,7 +122,11 @@ def pca(scatter: np.ndarray, k: int):
   The components are the top right-singular vectors of the centered data whose
   scatter matrix is ``scatter``, each with its largest-magnitude entry positive.
   """
-  vals, vecs = np.linalg.eigh(scatter)
+  n = scatter.shape[0]
+  if k < n:   # only the top k eigenpairs (LAPACK's MRRR): ~50x faster than all at in = 2048
+    vals, vecs = scipy.linalg.eigh(scatter, subset_by_index=[n - k, n - 1], driver="evr")
+  else:
+    vals, vecs = np.linalg.eigh(scatter)
   vals, vecs = vals[::-1][:k], vecs[:, ::-1][:, :k].T
   vals = np.maximum(vals, 0.0)
   pick = np.argmax(np.abs(vecs), axis=1)
