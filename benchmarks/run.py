@@ -151,7 +151,14 @@ def nnx_rows(cfg: Config) -> list[Row]:
   rows.append(Row("lojax LoRA (NNX)", "nnx", lora_step(apply, tx), (lora, opt_state, ids, labels),
                   nbytes(opt_state)))
   rows.append(qwix_row(cfg))
-  return rows
+  return rows + qlora_rows(cfg)
+
+
+def qlora_rows(cfg: Config) -> list[Row]:
+  """lojax's NF4 and NF4-dq QLoRA and qwix's NF4 QLoRA on the NNX model (qlora_row.py)."""
+  import qlora_row
+  return [Row(name, "nnx", fn, tuple(args), opt, note=note)
+          for name, fn, args, opt, note in qlora_row.candidates(cfg, R, ALPHA, LR)]
 
 
 MINILM_BATCH, MINILM_LEN, MINILM_R, MINILM_CLASSES = 32, 32, 8, 13
@@ -302,6 +309,9 @@ def ratios(rows: list[Row]):
     r.result["step_ratio_to_limit"] = r.result["step_s"] / lim.result["step_s"]
     if "flops" in r.result:
       r.result["flops_ratio_to_limit"] = r.result["flops"] / lim.result["flops"]
+    if "QLoRA" in r.name:   # a quantized base: its bytes against the float32 model's
+      for k in ("arg_bytes", "temp_bytes"):
+        r.result[f"{k}_ratio_to_limit"] = r.result[k] / lim.result[k]
 
 
 def mixed_batch(cfg: Config, steps: int) -> dict:
@@ -418,6 +428,19 @@ def targets(rows: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
   if d.get("flops"):
     out.append(("DoRA step FLOPs <= 1.10 x limit", f"{d['flops_ratio_to_limit']:.3f}x",
                 d["flops_ratio_to_limit"] <= 1.10))
+  for name in ("lojax QLoRA (NF4)", "lojax QLoRA (NF4, double-quant)"):
+    ql = rows.get(name, {})
+    if ql.get("step_s"):
+      out.append((f"{name} step <= 1.15x limit", f"{ql['step_ratio_to_limit']:.3f}x",
+                  ql["step_ratio_to_limit"] <= 1.15))
+      out.append((f"{name} argument bytes <= 0.3x fp32",
+                  f"{ql['arg_bytes_ratio_to_limit']:.3f}x ({ql['arg_bytes'] / 2**20:.1f} MiB vs "
+                  f"{ql['arg_bytes'] / ql['arg_bytes_ratio_to_limit'] / 2**20:.1f} MiB)",
+                  ql["arg_bytes_ratio_to_limit"] <= 0.3))
+  qn, qq = rows.get("lojax QLoRA (NF4)", {}), rows.get("qwix QLoRA (NF4)", {})
+  if qn.get("step_s") and qq.get("step_s"):
+    out.append(("lojax QLoRA (NF4) step vs qwix QLoRA (NF4) (same run; no target)",
+                f"{qn['step_s'] / qq['step_s']:.3f}x", None))
   full = rows.get("full fine-tuning", {})
   if full and lora:
     out.append(("lojax LoRA temp memory <= full fine-tuning's",
@@ -533,6 +556,17 @@ cost analysis, temp/arg MiB from its memory analysis.
   norm comes from ||W||², AᵀW and AᵀA (no token factor).
 - **frozen limit (NNX)**, **lojax LoRA (NNX)**, **qwix LoRA (NNX)**: the same on the NNX model;
   qwix (`qwix.LoraProvider` + `apply_lora_to_model`) is installed as the `bench` extra.
+- **lojax QLoRA (NF4)**, **lojax QLoRA (NF4, double-quant)**, **qwix QLoRA (NF4)**: the same
+  LoRA step on the NNX model with the block linears' kernels stored as NF4 in blocks of 64
+  values (`qlora_row.py`): `lojax.wrap(..., quantize="nf4")` or `"nf4-dq"` (the block absmaxes
+  quantized again to int8), and `qwix.LoraProvider(..., weight_qtype="nf4", tile_size=64)`;
+  embeddings, LayerNorms and `lm_head` stay float32. Their ratios (step, FLOPs, arg and temp
+  bytes) are against the float32 frozen limit (NNX). The stored kernels are 0.141x (NF4) and
+  0.129x (NF4-dq) of their float32 bytes (the rows' notes); the float32 embeddings and head
+  (32 MiB) keep the step's arguments above that. `tests/test_qlora_row.py` decodes each
+  row's stored codes with NumPy and matches the row's loss. `python benchmarks/run.py
+  --qlora-only` re-measures just these rows (with the NNX limit and lojax LoRA (NNX)) into the
+  results JSON.
 - **PEFT LoRA (torch)**: the same GPT as transformers' `GPT2LMHeadModel` (the same architecture:
   tanh GELU, LayerNorm epsilon 1e-6, untied bias-free head, dropout 0, float32) wrapped with
   `peft.get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["c_attn",
@@ -577,7 +611,9 @@ computes.
 lojax LoRA FLOPs <= 1.05 x the limit; lojax LoRA step time <= 1.25 x the limit; lojax LoRA step
 <= 0.8 x qwix's on the NNX model; lojax LoRA step <= 0.5 x PEFT-torch's on the same GPT;
 AdaLoRA step <= 1.15 x lojax LoRA; lojax LoRA compiled temp memory <= full fine-tuning's, and an
-optimizer state the size of the adapters only; DoRA step FLOPs <= 1.10 x the limit.
+optimizer state the size of the adapters only; DoRA step FLOPs <= 1.10 x the limit; QLoRA
+(NF4, NF4-dq) step <= 1.15 x the float32 limit, and its argument bytes <= 0.3 x the float32
+limit's.
 
 ## Results
 """
@@ -627,6 +663,37 @@ def peft_only(args):
   print("\n".join(f"{t}: {m} ({ok})" for t, m, ok in res["targets"]))
 
 
+def qlora_only(args):
+  """``--qlora-only``: time the NNX limit, lojax LoRA (NNX) and the QLoRA rows; merge the QLoRA
+  rows into the results JSON (the other rows kept, the same-run limit and float32 LoRA step
+  recorded in each QLoRA row's ``same_run``)."""
+  warnings.simplefilter("ignore", UserWarning)
+  cfg = Config()
+  path = HERE / "results" / f"{args.out or device_name()}.json"
+  res = json.loads(path.read_text())
+  table = [r for r in nnx_rows(cfg) if r.name in ("frozen limit (NNX)", "lojax LoRA (NNX)")
+           or "QLoRA" in r.name]
+  table = measured(table, args.steps)
+  same = {r.name: {k: r.result[k] for k in ("step_s", "step_s_all")}
+          for r in table if "QLoRA" not in r.name and "step_s" in r.result}
+  run = (f"a --qlora-only run, median of {args.steps} steps; in the same run " + ", ".join(
+      f"{n} {r['step_s']:.3f} s" for n, r in same.items()) +
+      f" (load average {__import__('os').getloadavg()[1]:.1f} over the last 5 minutes)")
+  new = {r.name: dict(r.result, family=r.family, same_run=same,
+                      note=r.note if r.fn is None else "; ".join(filter(None, (r.note, run))))
+         for r in table if "QLoRA" in r.name}
+  rows = {n: r for n, r in res["rows"].items() if n not in new}
+  fam = [n for n, r in rows.items() if r.get("family") == "nnx"]
+  at = list(rows).index(fam[-1]) + 1 if fam else len(rows)
+  items = list(rows.items())
+  res["rows"] = dict(items[:at] + list(new.items()) + items[at:])
+  res["targets"] = targets(res["rows"])
+  path.write_text(json.dumps(res, indent=1, default=float))
+  (path.parent / f"{res['device']}.md").write_text(markdown(res))
+  write_readme()
+  print("\n".join(f"{t}: {m} ({ok})" for t, m, ok in res["targets"]))
+
+
 def options_only(args):
   """``--options-only``: measure the option rows (options.py), then merge them into the results
   JSON under ``options`` (read after measuring; the other rows kept)."""
@@ -660,9 +727,15 @@ def main():
   ap.add_argument("--peft-only", action="store_true",
                   help="only (re)measure the PEFT-torch row, interleaved with the frozen limit and "
                        "lojax LoRA, into the device's results JSON (other rows kept)")
+  ap.add_argument("--qlora-only", action="store_true",
+                  help="only (re)measure the QLoRA rows, interleaved with the NNX frozen limit and "
+                       "lojax LoRA (NNX), into the device's results JSON (other rows kept)")
   args = ap.parse_args()
   if args.options_only:
     options_only(args)
+    return
+  if args.qlora_only:
+    qlora_only(args)
     return
   if args.peft_only:
     peft_only(args)
