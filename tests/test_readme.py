@@ -239,6 +239,81 @@ SETUPS = {
 }
 
 
+# docs/coming-from-peft.md: a PEFT script (run on torch when PEFT is installed) and its lojax
+# translation, on models of the same shapes.
+
+def _from_peft_linen():
+  import flax.linen as nn
+
+  class Classifier(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(nn.Dense(16, name="query")(x))
+      h = jnp.tanh(nn.Dense(16, name="value")(h))
+      return nn.Dense(3, name="classifier")(h)
+
+  return Classifier()
+
+
+def from_peft_names():
+  model = _from_peft_linen()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 12)), jnp.float32)
+  y = jnp.arange(8) % 3
+  return dict(model=model, x=x, y=y, params=model.init(jax.random.key(0), x))
+
+
+def from_peft_torch_names():
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("peft")
+
+  class Classifier(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.query, self.value = torch.nn.Linear(12, 16), torch.nn.Linear(16, 16)
+      self.classifier = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+      return self.classifier(torch.tanh(self.value(torch.tanh(self.query(x)))))
+
+  torch.manual_seed(0)
+  return dict(torch=torch, model=Classifier(), x=torch.randn(8, 12), y=torch.arange(8) % 3)
+
+
+def check_from_peft(ns):
+  lora, model, x = ns["lora"], ns["model"], ns["x"]
+  assert sorted(lora.trainable["default"]["lora"]) == ["params/query", "params/value"]
+  assert set(lora.trainable["default"]["modules_to_save"]) == {"params/classifier/kernel",
+                                                               "params/classifier/bias"}
+  b = lora.trainable["default"]["lora"]["params/query"]["lora_B"]
+  assert float(jnp.abs(b).max()) > 0                        # the step trained the adapters
+  apply = lojax.lorafy(model.apply)
+  np.testing.assert_allclose(model.apply(ns["merged"], x), apply(lora, x, lora_deterministic=True),
+                             atol=1e-5, rtol=1e-5)
+  assert pathlib.Path("adapter/adapter_model.safetensors").exists()
+  back = lojax.load_peft("adapter", ns["params"], mapping=lojax.PeftMapping())
+  np.testing.assert_allclose(lojax.merge(back)["params"]["query"]["kernel"],
+                             ns["merged"]["params"]["query"]["kernel"], atol=1e-6)
+
+
+def check_from_peft_torch(ns):
+  """PEFT's model and file are those of the lojax translation: the same parameter counts, and
+  PEFT's adapter directory loads onto the Flax params of the same shapes."""
+  from peft import get_peft_model
+  assert not any("lora_" in name for name, _ in ns["merged"].named_modules())
+  fresh = get_peft_model(type(ns["merged"])(), ns["config"]).get_nb_trainable_parameters()
+  flax_ns = from_peft_names()
+  spec = lojax.LoraSpec(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value"],
+                        modules_to_save=["classifier"])
+  count = lojax.count_parameters(lojax.wrap(flax_ns["params"], spec, key=jax.random.key(0)))
+  assert fresh == (count.trainable, count.total), (fresh, count)
+  loaded = lojax.load_peft("adapter", flax_ns["params"], mapping=lojax.PeftMapping())
+  assert loaded.meta.adapter("default").spec.lora_dropout == 0.1
+  assert loaded.trainable["default"]["lora"]["params/query"]["lora_A"].shape == (12, 4)
+
+
+SETUPS.update({"from-peft": from_peft_names, "from-peft-torch": from_peft_torch_names})
+
+
 def code_of(name):
   [code] = [c for n, _, c in blocks(ROOT / "README.md") if n == name]
   return code
