@@ -236,6 +236,7 @@ SETUPS = {
     "transformers": transformers_names, "gemma": gemma_names,
     "decode": serving_names, "hotswap": serving_names,
     "eva": quickstart_names,
+    "readme-quickstart": dict, "start-linen": dict, "start-nnx": dict,
 }
 
 
@@ -315,7 +316,7 @@ SETUPS.update({"from-peft": from_peft_names, "from-peft-torch": from_peft_torch_
 
 
 def code_of(name):
-  [code] = [c for n, _, c in blocks(ROOT / "README.md") if n == name]
+  [code] = [c for path in DOCS for n, _, c in blocks(path) if n == name]
   return code
 
 
@@ -343,7 +344,32 @@ def check_quickstart(ns):
   assert out.getvalue().strip() == (
       "trainable params: 7,680 || all params: 287,696 || trainable%: 2.6695")
   assert "trainable params: 7,680 || all params: 287,696 || trainable%: 2.6695" in (
-      ROOT / "README.md").read_text()
+      ROOT / "docs" / "training.md").read_text()
+
+
+def _check_complete_quickstart(ns, merged_apply):
+  """A complete quickstart: it trained (the toy task's loss from ~1.4 to below 0.1), only the
+  adapters changed, and the merged model computes what the adapted one does."""
+  assert float(ns["loss"]) < 0.1, float(ns["loss"])
+  b = next(iter(ns["lora"].trainable["default"]["lora"].values()))["lora_B"]
+  assert float(jnp.abs(b).max()) > 0
+  np.testing.assert_allclose(merged_apply(ns["x"]), ns["apply"](ns["lora"], ns["x"]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def check_readme_quickstart(ns):
+  _check_complete_quickstart(ns, lambda x: ns["model"].apply(ns["merged"], x))
+  assert code_of("readme-quickstart") == code_of("start-linen")   # one quickstart, two places
+  assert len(code_of("readme-quickstart").splitlines()) <= 25
+
+
+def check_start_linen(ns):
+  _check_complete_quickstart(ns, lambda x: ns["model"].apply(ns["merged"], x))
+
+
+def check_start_nnx(ns):
+  _check_complete_quickstart(ns, lambda x: ns["merged"](x))
+  assert len(code_of("start-nnx").splitlines()) <= 25
 
 
 def check_rank_pattern(ns):
@@ -569,7 +595,7 @@ def test_every_python_block_has_a_setup():
 
 def test_error_example():
   """The `## Errors` block: the message on the quickstart's model, first lines as shown."""
-  [shown] = [c for n, _, c in blocks(ROOT / "README.md") if n == "error"]
+  [shown] = [c for path in DOCS for n, _, c in blocks(path) if n == "error"]
   ns = quickstart_names()
   with pytest.raises(ValueError) as err:
     lojax.wrap(ns["params"], lojax.LoraSpec(target_modules=["q_proj", "v_proj"]), key=ns["key"])
@@ -599,11 +625,11 @@ def test_shell_blocks_name_what_exists():
 
 
 def test_speed_figures_are_the_committed_benchmark_results():
-  """The `## Speed` section quotes benchmarks/results/cpu.json, rounded as written there."""
+  """docs/benchmarks.md and the README's `## Speed` quote benchmarks/results/cpu.json, rounded
+  as written there."""
   import json
   rows = json.loads((ROOT / "benchmarks" / "results" / "cpu.json").read_text())["rows"]
-  text = (ROOT / "README.md").read_text()
-  speed = " ".join(text[text.index("## Speed"):text.index("## Status")].split())
+  speed = " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
   mib = lambda row: f"{rows[row]['temp_bytes'] / 2**20:.0f} MiB"
   ratio = lambda row, what: f"{rows[row][what + '_ratio_to_limit']:.2f}x"
   qwix = rows["lojax LoRA (NNX)"]["step_s"] / rows["qwix LoRA (NNX)"]["step_s"]
@@ -628,7 +654,15 @@ def test_speed_figures_are_the_committed_benchmark_results():
       f"{serving['hotswap']['swaps']} hotswaps of ranks 4 to 16 cause "
       f"{serving['hotswap']['recompilations']} recompilations",
   ]
-  status = " ".join(text[text.index("## Status"):].split())
+  status = " ".join((ROOT / "docs" / "status.md").read_text().split())
+  readme = (ROOT / "README.md").read_text()
+  short = " ".join(readme[readme.index("## Speed"):readme.index("## Where next")].split())
+  expected_short = [
+      f"a LoRA step costs {ratio('lojax LoRA', 'flops')} the FLOPs and "
+      f"{ratio('lojax LoRA', 'step')} the time", f"{qwix:.2f}x a qwix step's time",
+      f"decodes at {sv('decode', 'unmerged', 'merged')} the merged model's time"]
+  missing_short = [e for e in expected_short if e not in short]
+  assert not missing_short, missing_short
   dora = f"a DoRA step keeps {mib('lojax DoRA')} temp on the benchmark GPT, against {mib('lojax LoRA')}"
   missing = [e for e in expected if e not in speed] + ([dora] if dora not in status else [])
   assert not missing, missing

@@ -161,17 +161,19 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
       ``jax.jacfwd``), which a custom VJP does not support.
 
   Extra keyword arguments of the returned function (they vary per call):
-    lora_rng: PRNG key for LoRA dropout (training).
-    lora_deterministic: set True to disable LoRA dropout (evaluation); a
-      Python bool (static under ``jax.jit``).
-    lora_adapter_ids: for a mixed-adapter batch, an int array ``[batch]``:
-      example ``i`` uses active adapter ``lora.meta.active[ids[i]]`` only, or
-      none when ``ids[i] == -1`` (see :func:`lojax.adapter_ids`). The
-      activations' leading axis must be the examples. Concrete ids outside
-      ``[-1, len(lora.meta.active))`` raise a ValueError; traced ids (under
-      ``jax.jit``) cannot be checked at trace time: such a row silently gets
-      the base model unless the call runs under
-      ``jax.experimental.checkify.checkify``, whose error then reports them.
+
+  * ``lora_rng``: PRNG key for LoRA dropout (training).
+  * ``lora_deterministic``: set True to disable LoRA dropout (evaluation); a
+    Python bool (static under ``jax.jit``).
+  * ``lora_adapter_ids``: for a mixed-adapter batch, an int array ``[batch]``:
+    example ``i`` uses active adapter ``lora.meta.active[ids[i]]`` only, or
+    none when ``ids[i] == -1`` (see :func:`lojax.adapter_ids`). The
+    activations' leading axis must be the examples. Concrete ids outside
+    ``[-1, len(lora.meta.active))`` raise a ValueError; traced ids (under
+    ``jax.jit``) cannot be checked at trace time: such a row silently gets
+    the base model unless the call runs under
+    ``jax.experimental.checkify.checkify``, whose error then reports them.
+
   A spec with ``lora_dropout > 0`` needs one of the first two.
 
   The base params are wrapped in ``lax.stop_gradient``: differentiating with

@@ -23,8 +23,7 @@ A str regex without "/" also matches when it fullmatches the path with its
 
 Output heads. ``"all-linear"`` adapts every dense (matmul) kernel except the
 output heads. A kernel is a head when (a) the last component of its path is
-one of ``lm_head, head, output_head, out_head, classifier, score, qa_outputs,
-logits``, or (b) it is a 2-D dense kernel outside the repeated blocks (its
+in :data:`HEAD_NAMES`, or (b) it is a 2-D dense kernel outside the repeated blocks (its
 path has no layer index and it is not stacked) whose output size (last axis)
 equals the vocabulary size: the number of rows of the largest ``embedding``
 leaf (the token table, not a position table). A model with tied
@@ -37,16 +36,12 @@ Groups. Without ``target_modules`` the ``finetune_*`` flags pick from the
 unset flag counts as True only when the other one is not set to True: so
 ``finetune_attention_modules=True`` alone adapts attention only, and
 ``finetune_mlp_modules=False`` alone adapts attention too. *Attention*: a component
-(any case, linen suffixes like ``_0`` ignored) is one of ``attn, attention,
-self_attn, self_attention, cross_attn, cross_attention, encdecattention,
-mha``, or starts with ``multiheaddotproductattention`` /
-``multiheadattention``, or the last component is a projection name such as
-``q_proj, query, qkv, c_attn, wq, out_proj``. *MLP*: a component is one of
-``mlp, ffn, feed_forward, feedforward, mlpblock``, or the last is one of
-``fc1, fc2, c_fc, gate_proj, up_proj, down_proj, w1, w2, w3, wi, wi_0, wi_1,
-dense_h_to_4h, dense_4h_to_h, intermediate``. Attention wins if both hold.
-*Vision* tower: a component contains ``vision, visual, vit, image_encoder``
-or ``img``; everything else is the *language* tower.
+(any case, linen suffixes like ``_0`` ignored) is in :data:`ATTENTION_NAMES` or
+starts with one of :data:`ATTENTION_PREFIXES`, or the last component is in
+:data:`ATTENTION_LAST` (a projection name). *MLP*: a component is in
+:data:`MLP_NAMES`, or the last is in :data:`MLP_LAST`. Attention wins if both
+hold. *Vision* tower: a component contains one of :data:`VISION_PARTS`;
+everything else is the *language* tower. (The docs render these tables.)
 
 Layers. A path's layer index comes from its first numbered component: all
 digits (``layers/3``) or ending in ``_<digits>`` or ``.<digits>`` (``h_3``,
@@ -85,15 +80,15 @@ _V = TypeVar("_V")
 HEAD_NAMES = frozenset(
     {"lm_head", "head", "output_head", "out_head", "classifier", "score", "qa_outputs", "logits"})
 KINDS = ("dense", "conv", "embed", "unknown")
-_ATTN_NAMES = frozenset({"attn", "attention", "self_attn", "self_attention", "cross_attn",
+ATTENTION_NAMES = frozenset({"attn", "attention", "self_attn", "self_attention", "cross_attn",
                          "cross_attention", "encdecattention", "mha"})
-_ATTN_PREFIXES = ("multiheaddotproductattention", "multiheadattention")
-_ATTN_LAST = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv",
+ATTENTION_PREFIXES = ("multiheaddotproductattention", "multiheadattention")
+ATTENTION_LAST = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv",
                         "c_attn", "wq", "wk", "wv", "wo", "out_proj"})
-_MLP_NAMES = frozenset({"mlp", "ffn", "feed_forward", "feedforward", "mlpblock"})
-_MLP_LAST = frozenset({"fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3",
+MLP_NAMES = frozenset({"mlp", "ffn", "feed_forward", "feedforward", "mlpblock"})
+MLP_LAST = frozenset({"fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3",
                        "wi", "wi_0", "wi_1", "dense_h_to_4h", "dense_4h_to_h", "intermediate"})
-_VISION_PARTS = ("vision", "visual", "vit", "image_encoder", "img")
+VISION_PARTS = ("vision", "visual", "vit", "image_encoder", "img")
 _DIGITS = re.compile(r"[0-9]+")
 _SUFFIX_INDEX = re.compile(r".*[_.]([0-9]+)")  # h_3, Block_2, blocks.0 (one path component)
 _LINEN_INDEX = re.compile(r"_([0-9]+)(?=/|$)")  # h_3/attn -> h.3/attn in a PEFT-style name
@@ -303,16 +298,16 @@ def _fmt(paths: Iterable[str], n: int = 10) -> str:
 def _group(path: str) -> str | None:
   raw = [p.lower() for p in path.split("/")]
   parts = raw + [re.sub(r"_[0-9]+$", "", p) for p in raw]  # linen names: MlpBlock_0
-  if (any(p in _ATTN_NAMES or p.startswith(_ATTN_PREFIXES) for p in parts)
-          or raw[-1] in _ATTN_LAST):
+  if (any(p in ATTENTION_NAMES or p.startswith(ATTENTION_PREFIXES) for p in parts)
+          or raw[-1] in ATTENTION_LAST):
     return "attention"
-  if any(p in _MLP_NAMES for p in parts) or raw[-1] in _MLP_LAST:
+  if any(p in MLP_NAMES for p in parts) or raw[-1] in MLP_LAST:
     return "mlp"
   return None
 
 
 def _is_vision(path: str) -> bool:
-  return any(v in p for p in path.lower().split("/") for v in _VISION_PARTS)
+  return any(v in p for p in path.lower().split("/") for v in VISION_PARTS)
 
 
 def _select_groups(spec: LoraSpec, linear: list[KernelInfo], problems: list[str]):

@@ -26,7 +26,7 @@ from lojax._src import model
 from lojax._src.model import AdapterMeta, TargetMeta
 
 # Tables PEFT's default (the model's input embedding) most likely is, by module name.
-_INPUT_NAMES = ("embed_tokens", "wte", "word_embeddings", "embedder", "token_embedder",
+INPUT_NAMES = ("embed_tokens", "wte", "word_embeddings", "embedder", "token_embedder",
                 "tok_embeddings", "embed_in", "shared")
 
 
@@ -58,7 +58,7 @@ def resolve(spec: Any, tables: Mapping[str, tuple[str, tuple[int, ...]]],
       else:
         chosen.append((hits[0], rows))
   else:
-    named = [m for m in tables if m.rpartition("/")[2] in _INPUT_NAMES]
+    named = [m for m in tables if m.rpartition("/")[2] in INPUT_NAMES]
     if len(named) == 1:
       pick = named[0]
     else:

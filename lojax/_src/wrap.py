@@ -240,8 +240,8 @@ def kernel_paths(params: Any, /, *, apply_fn: Callable | None = None,
   names that mark a kernel, as :attr:`LoraSpec.kernel_names` does.
 
   Returns:
-    ``{module path: {"leaf", "shape", "kind", "in_axes", "expert_axes", "stacked",
-    "tied"}}`` where kind is dense, conv, embed, unknown (N-D kernel not
+    A dict, module path -> ``{"leaf", "shape", "kind", "in_axes", "expert_axes",
+    "stacked", "tied"}``, where kind is dense, conv, embed, unknown (N-D kernel not
     traced) or unused, ``expert_axes`` are the axes that index a MoE layer's
     experts (each expert gets its own factors), and ``tied`` says that an
     embedding table is also multiplied by (tied output logits: lojax adapts
