@@ -54,3 +54,5 @@ myst_substitutions = {
     "vision_parts": _names(matcher.VISION_PARTS),
     "input_embedding_names": _names(tokens.INPUT_NAMES),
 }
+html_static_path = ["_static"]
+html_css_files = ["lojax.css"]
