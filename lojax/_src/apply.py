@@ -70,6 +70,7 @@ def view(lora: LoraParams):
   paths, leaves, treedef = P.flatten(lora.base)
   check_fit(lora, paths, leaves)
   index = {p: i for i, p in enumerate(paths)}
+  encoded = [x if model.is_encoded(x) else None for x in leaves]
   leaves = [model.decode(x) for x in leaves]  # e.g. quantized kernels, inside the step
   # The base is frozen by construction: however the caller differentiates,
   # no gradient (and so no full-size weight gradient) flows into it.
@@ -101,7 +102,7 @@ def view(lora: LoraParams):
     if len({t.sides() for t, *_ in ts}) > 1:
       raise ValueError(f"The adapters {[n for *_, n in ts]} read '{ts[0][0].leaf_path}' "
                        "with different input axes; wrap them with the same layout.")
-  return paths, leaves, treedef, terms
+  return paths, leaves, treedef, terms, encoded
 
 
 def _check_ids(ids, n_active: int):
@@ -213,7 +214,7 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
                       f"got {type(lora_rng).__name__} {lora_rng!r:.60}.")
     if not isinstance(lora_deterministic, (bool, np.bool_)):
       raise TypeError(f"`lora_deterministic` must be a Python bool, got {lora_deterministic!r}.")
-    paths, leaves, treedef, terms = view(lora)
+    paths, leaves, treedef, terms, encoded = view(lora)
     dropout = max((ts_[0].dropout for ts in terms.values() for ts_ in ts), default=0.0)
     rng = None
     if dropout > 0 and not lora_deterministic:
@@ -239,7 +240,9 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
                         name=t.leaf_path, index=lora.meta.active.index(name), m=f.m,
                         bias=f.bias, rows=f.rows)
                 for t, f, name in ts),
-          tuple(range(len(sides))))
+          tuple(range(len(sides))),
+          # a quantized kernel: consumers may keep its codes rather than the float kernel
+          source=None if encoded[i] is None else tg.Source(encoded[i]))
     if lora_adapter_ids is not None and any(f.m is not None for ts in terms.values()
                                             for _, f, _ in ts):
       raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "

@@ -187,6 +187,8 @@ def _after(vals, dy):
   z = -(jnp.abs(d0) * jnp.zeros((), d0.dtype))
 
   def tie(v):
+    if jnp.issubdtype(v.dtype, jnp.integer):   # e.g. quantized codes: + 0 from dy
+      return jnp.where(finite, v + (jnp.abs(d0) * 0).astype(v.dtype), v)
     if not jnp.issubdtype(v.dtype, jnp.floating):
       return v
     return jnp.where(finite, v + z.astype(v.dtype), v)
@@ -195,7 +197,7 @@ def _after(vals, dy):
 
 
 def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None,
-          preferred_element_type=None):
+          preferred_element_type=None, w_source=None):
   """``x2 @ w2 + Σ (x2 @ a) @ b`` as one matmul, with a memory-lean backward.
 
   Differentiated, the forward is the single matmul ``[x2 | x2@a] @ [w2; b]``;
@@ -205,8 +207,15 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
   ``x2`` is ``[N, C]``, ``w2`` ``[C, D]`` (it gets no gradient), ``factors``
   a sequence of ``(a [C, r], b [r, D])`` in ``x2``'s dtype. With
   ``recompute``, the backward recomputes ``x2`` as ``recompute.g(anchors)``
-  instead of keeping it.
+  instead of keeping it. With ``w_source = (fn, arrays)`` (a quantized
+  kernel: ``w2 == fn(arrays)``, its codes and scales), ``w2`` is made from
+  ``arrays`` in the forward and again in the backward, which keeps ``arrays``
+  instead of the float kernel.
   """
+  if w_source is not None:
+    w_fn, w2 = w_source
+  else:
+    w_fn = None
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
   a_s = tuple(a for a, _ in factors)
   b_s = tuple(b for _, b in factors)
@@ -214,16 +223,21 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
   t_dims = (((1,), (1,)), ((), ()))     # contract the last axes: u @ vᵀ
   n_dims = (((0,), (0,)), ((), ()))     # contract the first axes: uᵀ @ v
 
-  def fwd(x2, anchors, w2, a_s, b_s):
+  def fwd(x2, anchors, w_in, a_s, b_s):
+    w2 = w_in if w_fn is None else w_fn(w_in)
     ts = tuple(jnp.matmul(x2, a, **kw).astype(x2.dtype) for a in a_s)
     y = jnp.matmul(jnp.concatenate((x2,) + ts, axis=1),
                    jnp.concatenate((w2,) + b_s, axis=0), **kw)
     kept = None if recompute is not None else x2
-    return y, (kept, anchors, w2, a_s, b_s, ts)
+    return y, (kept, anchors, w_in, a_s, b_s, ts)
 
   def bwd(res, dy):
     x2, anchors, w2, a_s, b_s, ts = res
     d_anchors = tuple(None for _ in anchors)
+    d_w = None
+    if w_fn is not None:   # decode again, now that the backward has reached this op
+      d_w = jax.tree.map(lambda v: None, w2)
+      w2 = w_fn(_after(w2, dy))
     if recompute is not None:
       anchors = _after(anchors, dy)
       if recompute.remat:
@@ -241,12 +255,13 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
     if recompute is not None and recompute.remat:
       (d_anchors,) = g_vjp(dx)
       dx = None
-    return dx, d_anchors, None, da, db
+    return dx, d_anchors, d_w, da, db
 
   @jax.custom_vjp
-  def f(x2, anchors, w2, a_s, b_s):
+  def f(x2, anchors, w_in, a_s, b_s):
     # Not differentiated (evaluation, prefill, decoding): the two matmuls, without writing
     # the kernel-sized [W; B] that only the training step's single output pays for.
+    w2 = w_in if w_fn is None else w_fn(w_in)
     y = jnp.matmul(x2, w2, **kw)
     for a, b in zip(a_s, b_s):
       y = y + jnp.matmul(jnp.matmul(x2, a, **kw).astype(x2.dtype), b, **kw)

@@ -66,6 +66,12 @@ class EncodedArray:
     """``x`` (a float kernel of this shape) stored the way this leaf is."""
     raise NotImplementedError
 
+  def layer(self) -> "EncodedArray":
+    """A stacked leaf whose stored arrays hold one layer (a scan's slice of them) as that
+    layer's own leaf. Subclasses that stack layers along every stored array's axis 0
+    implement it; then a scan over the stack decodes one layer per step."""
+    raise NotImplementedError
+
   def stored_specs(self, kernel_spec: Sequence[Any]) -> "EncodedArray":
     """This leaf with a partition-spec entry list for each stored array in place of the
     array, given the entries (one per kernel axis) a float kernel would be sharded by.

@@ -37,6 +37,7 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as _jex_prims
 
+from lojax._src import model
 from lojax._src import rules
 from lojax._src import tagged as tg
 
@@ -149,8 +150,24 @@ def _layout(fn) -> Handler:
     t, rest = invals[0], list(invals[1:])
     if not isinstance(t, Tagged) or any(isinstance(x, Tagged) for x in rest):
       return None
-    return fn(t, bind(eqn, [t.value] + rest), eqn.params, rest)
+    out = fn(t, bind(eqn, [t.value] + rest), eqn.params, rest)
+    return _follow(t, out, eqn, rest)
   return handle
+
+
+def _follow(t: Tagged, out, eqn, rest):
+  """``out`` (a tagged result of ``eqn`` on ``t``, or a list of them) keeping ``t``'s source:
+  the result's value is ``eqn`` applied to ``t``'s (``rest`` are concrete or traced arrays
+  of the same trace, so replaying ``eqn`` is exact)."""
+  if t.source is None or out is None:
+    return out
+  def op(v, i=None):
+    r = bind(eqn, [v] + list(rest))
+    return r if i is None else r[i]
+  if isinstance(out, Tagged):
+    return dataclasses.replace(out, source=t.source.then(op))
+  return [dataclasses.replace(o, source=t.source.then(functools.partial(op, i=i)))
+          if isinstance(o, Tagged) else o for i, o in enumerate(out)]
 
 
 def _slicer(bounds: Mapping[int, tuple[int, int, int]]):
@@ -247,7 +264,7 @@ def _same_layout(eqn, invals, ctx, run):
   """Casts, copies, placement: the value changes, the factors are reused as they are."""
   outs = bind(eqn, [x.value if isinstance(x, Tagged) else x for x in invals])
   if not eqn.primitive.multiple_results:
-    return invals[0].replace(value=outs) if len(invals) == 1 else None
+    return _follow(invals[0], invals[0].replace(value=outs), eqn, []) if len(invals) == 1 else None
   if len(outs) != len(invals):
     return None
   return [x.replace(value=o) if isinstance(x, Tagged) else o for x, o in zip(invals, outs)]
@@ -269,18 +286,21 @@ def _with_factors(x: Tagged, value, triples) -> Tagged:
 
 
 def _pack(vals, prepare=lambda x: [(t.a, t.b, t.m, t.bias) for t in x.terms],
-          unpack=_with_factors):
+          unpack=_with_factors, value_of=lambda x: x.value):
   """Flattens tagged values into arrays plus a rebuild function.
 
-  ``prepare(x)`` gives each term's ``(a, b, m, bias)`` as they are flattened;
-  ``unpack(x, value, triples)`` makes the tagged value back from the arrays.
+  ``prepare(x)`` gives each term's ``(a, b, m, bias)`` as they are flattened,
+  ``value_of(x)`` what stands for the value (a pytree: the value, or the
+  encoded leaf it decodes from); ``unpack(x, value, triples)`` makes the tagged
+  value back from the arrays.
   """
   flat, specs = [], []
   for x in vals:
     if isinstance(x, Tagged):
+      v_leaves, v_def = jax.tree_util.tree_flatten(value_of(x), is_leaf=lambda v: v is None)
       leaves, tdef = jax.tree_util.tree_flatten(prepare(x))
-      specs.append((x, tdef, len(leaves)))
-      flat.append(x.value)
+      specs.append((x, v_def, len(v_leaves), tdef, len(leaves)))
+      flat.extend(v_leaves)
       flat.extend(leaves)
     else:
       specs.append(None)
@@ -293,10 +313,11 @@ def _pack(vals, prepare=lambda x: [(t.a, t.b, t.m, t.bias) for t in x.terms],
         out.append(arrs[i])
         i += 1
       else:
-        x, tdef, n = s
-        triples = jax.tree_util.tree_unflatten(tdef, list(arrs[i + 1:i + 1 + n]))
-        out.append(unpack(x, arrs[i], triples))
-        i += 1 + n
+        x, v_def, nv, tdef, n = s
+        value = jax.tree_util.tree_unflatten(v_def, list(arrs[i:i + nv]))
+        triples = jax.tree_util.tree_unflatten(tdef, list(arrs[i + nv:i + nv + n]))
+        out.append(unpack(x, value, triples))
+        i += nv + n
     return out
 
   return flat, rebuild
@@ -385,18 +406,34 @@ def _pack_scanned(xs):
       triples.append((a, b, m, c))
     return triples
 
-  return _pack(xs, leading, _scan_slice)
+  return _pack(xs, leading, _scan_slice,
+               lambda x: x.source.encoded if _scans_encoded(x) else x.value)
+
+
+def _scans_encoded(x: Tagged) -> bool:
+  """Whether the scan slices ``x``'s encoded leaf (a quantized stack) rather than its float
+  value: the value is that leaf decoded, its axis 0 the stacked layers. Each step then
+  decodes one layer, and the float stack is never made."""
+  enc = x.source.encoded if x.source is not None else None
+  return (enc is not None and not x.source.ops and bool(getattr(enc, "stacked", False))
+          and type(enc).layer is not model.EncodedArray.layer
+          and x.kaxes is not None and x.kaxes[:1] == (0,) and not x.stack)
 
 
 def _scan_slice(x: Tagged, value, pairs):
   """The tagged value of one scan slice of ``x`` (its leading axis removed)."""
   kaxes = None if x.kaxes is None else x.kaxes[1:]
   stack = x.stack + ((x.kaxes[0],) if x.kaxes is not None else (-1,))
+  source = None
+  if model.is_encoded(value):   # one layer's codes: decoded here, inside the scan's body
+    source = tg.Source(value.layer())
+    value = lax.stop_gradient(source.make())
   if x.sides is None:
-    return x.replace(value=value, kaxes=kaxes, stack=stack)
+    return x.replace(value=value, kaxes=kaxes, stack=stack, source=source)
   terms = tuple(dataclasses.replace(t, a=a, b=b, m=m, bias=c)
                 for t, (a, b, m, c) in zip(x.terms, pairs))
-  return x.replace(value=value, sides=x.sides[1:], terms=terms, kaxes=kaxes, stack=stack)
+  return x.replace(value=value, sides=x.sides[1:], terms=terms, kaxes=kaxes, stack=stack,
+                   source=source)
 
 
 def _while(eqn, invals, ctx, run):

@@ -141,6 +141,14 @@ class QuantizedArray(model.EncodedArray):
     return QuantizedArray(specs, method=self.method, shape=self.shape, dtype=self.dtype,
                           stacked=self.stacked, in_axes=self.in_axes)
 
+  def layer(self) -> "QuantizedArray":
+    """This stacked array with its stored arrays holding one layer, as that layer's array
+    (every stored array of a stacked kernel has the layer axis first)."""
+    if not self.stacked:
+      raise ValueError("Only a stacked QuantizedArray has layers.")
+    return QuantizedArray(self.data, method=self.method, shape=self.shape[1:], dtype=self.dtype,
+                          stacked=False, in_axes=self.in_axes)
+
   def dequantize(self, dtype: Any = None):
     """The kernel as a ``jax.numpy`` array (see :func:`dequantize`)."""
     return dequantize(self, dtype)

@@ -431,8 +431,14 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
     f1 = term.a.astype(dtype).reshape(lay.c, -1)                    # [C, r]
     factors.append((f1, term.b.astype(dtype).reshape(f1.shape[1], lay.d)))
   w2 = lay.w2(k.value)
+  w_source = None
+  if k.source is not None:   # a quantized kernel: the backward decodes its codes again
+    src = k.source
+    children, treedef = jax.tree_util.tree_flatten(src.encoded)
+    w_source = (lambda arrs: lay.w2(src.make(jax.tree_util.tree_unflatten(treedef, arrs))),
+                tuple(children))
   y = fused.dense(lay.to_2d(x), w2, factors, recompute, precision=precision,
-                  preferred_element_type=preferred_element_type)
+                  preferred_element_type=preferred_element_type, w_source=w_source)
   m = k.terms[0].m if len(k.terms) == 1 else None
   if m is not None:   # DoRA: (m/n) * z, a [D] scale on the one output
     a2, b2 = factors[0]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,24 @@ class Term:
 
 
 @dataclasses.dataclass(frozen=True)
+class Source:
+  """How ``value`` is made from an encoded (e.g. quantized) base leaf: ``ops`` applied in
+  turn to ``decode(encoded)``. Consumers may keep ``encoded`` and decode again instead of
+  keeping the float value (:func:`fused.dense`), and scans slice ``encoded`` per layer."""
+  encoded: Any
+  ops: tuple[Callable[[Any], Any], ...] = ()
+
+  def make(self, encoded=None):
+    v = (self.encoded if encoded is None else encoded).decode()
+    for op in self.ops:
+      v = op(v)
+    return v
+
+  def then(self, op) -> "Source":
+    return Source(self.encoded, self.ops + (op,))
+
+
+@dataclasses.dataclass(frozen=True)
 class Tagged:
   value: Any
   path: str
@@ -63,6 +81,7 @@ class Tagged:
   kaxes: tuple[int, ...] | None         # value axis -> original leaf axis
   stack: tuple[int, ...] = ()           # leaf axes sliced away by scans
   indexed: tuple[int, ...] = ()         # leaf axes squeezed away (``w[e]``: an expert index)
+  source: Source | None = None          # the encoded leaf ``value`` decodes from, if any
 
   @property
   def shape(self):
@@ -73,6 +92,10 @@ class Tagged:
     return self.value.dtype
 
   def replace(self, **kw) -> "Tagged":
+    """A copy with fields changed; a new ``value`` drops ``source`` unless it is given (only
+    the ops that know how the value follows from the old one carry it)."""
+    if "value" in kw:
+      kw.setdefault("source", None)
     return dataclasses.replace(self, **kw)
 
   # --- bookkeeping: where each value axis lives in the factors -------------
