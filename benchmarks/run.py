@@ -564,9 +564,9 @@ cost analysis, temp/arg MiB from its memory analysis.
   bytes) are against the float32 frozen limit (NNX). The stored kernels are 0.141x (NF4) and
   0.129x (NF4-dq) of their float32 bytes (the rows' notes); the float32 embeddings and head
   (32 MiB) keep the step's arguments above that. On CPU the dequantization fuses into the
-  forward's `[W; s*B]` concatenation, but the backward's `dy @ W^T` reads a separately decoded
-  float32 kernel that XLA computes at the step's start and keeps until then: the temp memory
-  over the float32 LoRA step (45 MiB, 15 of the 16 kernels). `tests/test_qlora_row.py` decodes each
+  forward's `[W; s*B]` concatenation; the backward's `dy @ W^T` decodes the kernel again from
+  the codes the lean dense op keeps (a float kernel kept from the forward cost 45 MiB of temp
+  before), so the step's temp memory is the float32 LoRA step's. `tests/test_qlora_row.py` decodes each
   row's stored codes with NumPy and matches the row's loss. `python benchmarks/run.py
   --qlora-only` re-measures just these rows (with the NNX limit and lojax LoRA (NNX)) into the
   results JSON.

@@ -373,7 +373,10 @@ def compile_row(kind: str, cfg: Config, mesh):
       with_shardings(lora, shardings)
     except ValueError as e:  # lojax's kernel sharding does not fit the stored NF4 arrays
       info["lora_shardings_error"] = str(e).split("\n")[0][:300]
-    shardings = lojax.LoraParams(nf4_base_shardings(lora.base, shardings.base, mesh, NF4_BLOCKS),
+    # the script's own split of the stored arrays (see nf4_base_shardings), from the kernels'
+    # specs; lora_shardings' per-stored-array shardings put the blocks on one axis only
+    kernel_sh = jax.tree.map(ns, specs, is_leaf=lambda x: isinstance(x, P))
+    shardings = lojax.LoraParams(nf4_base_shardings(lora.base, kernel_sh, mesh, NF4_BLOCKS),
                                  shardings.adapters, shardings.meta)
   elif kind == "lora":
     lora = wrap_abstract(cfg, params, mesh)
@@ -841,12 +844,9 @@ def markdown(results: dict) -> str:
       f"the kernel uses (`--nf4-blocks {results.get('nf4_blocks', 'all')}`). The blocks run "
       "row-major over the kernel, so a device holds whole rows; XLA regathers whole kernels "
       "each layer to reach the tp split (its 'involuntary full rematerialization' warnings). "
-      "`lojax.lorafy` decodes every quantized leaf before the wrapped function runs, so the "
-      "whole stack is dequantized before the scan and held in temp for the step. QLoRA's temp "
-      "equals LoRA's here only because the CPU's bf16 LoRA step holds f32 copies of its "
-      "stacked kernel shards too (first point); with bf16 matmuls the dequantized stack, the "
-      "size of the bf16 block kernels' shards, is temp that LoRA does not hold, more than the "
-      "NF4 arguments save.",
+      "The scan over the quantized stack slices the stored arrays and decodes one layer "
+      "per step (and the lean dense op decodes again in the backward from the codes), so "
+      "no float copy of the stack is held.",
   ]
   return "\n".join(lines) + "\n"
 

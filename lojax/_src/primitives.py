@@ -157,9 +157,10 @@ def _layout(fn) -> Handler:
 
 def _follow(t: Tagged, out, eqn, rest):
   """``out`` (a tagged result of ``eqn`` on ``t``, or a list of them) keeping ``t``'s source:
-  the result's value is ``eqn`` applied to ``t``'s (``rest`` are concrete or traced arrays
-  of the same trace, so replaying ``eqn`` is exact)."""
-  if t.source is None or out is None:
+  the result's value is ``eqn`` applied to ``t``'s. Only for ops of the kernel alone: one
+  with other operands (``rest``, e.g. a traced index) drops the source, since replaying it
+  inside a custom VJP would close over them."""
+  if t.source is None or out is None or rest:
     return out
   def op(v, i=None):
     r = bind(eqn, [v] + list(rest))
