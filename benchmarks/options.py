@@ -44,11 +44,11 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import lojax
 from models import Config, LinenGPT, _attend, batch
+from serving import interleaved
 
 R, ALPHA, LR = 16, 32.0, 1e-3
 EVA_BATCHES, EVA_MAX_STEPS = 4, 8
@@ -59,19 +59,6 @@ MOE_TARGETS = ["c_attn", "c_proj", "wi", "wo"]
 
 def xent(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _interleaved(fns: dict, calls: int) -> dict[str, float]:
-  """Median seconds per call of each ``fn()``, timed round-robin after one warm-up call."""
-  for f in fns.values():
-    jax.block_until_ready(f())
-  times = {k: [] for k in fns}
-  for _ in range(calls):
-    for k, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      times[k].append(time.perf_counter() - t0)
-  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _compiled(fn, *args):
@@ -116,7 +103,7 @@ def eva(cfg: Config = Config(), batches: int = EVA_BATCHES, max_steps: int = EVA
   stats = run.step.lower(leaves, data[0], None).compile()
   compile_s = time.perf_counter() - t0
   forward = jax.jit(model.apply)
-  t = _interleaved({"forward": lambda: forward(params, data[0]),
+  t = interleaved({"forward": lambda: forward(params, data[0]),
                     "stats": lambda: run(data[0], None)}, calls)
   per_batch = (init_s - compile_s) / max(steps, 1)
   return {"shape": f"d_model {cfg.d}, {cfg.layers} layers, vocab {cfg.vocab}, batch "
@@ -264,7 +251,7 @@ def moe(calls: int = 5) -> dict:
   limit_args = (row.params, row.perturb, row.ids, row.labels)
   _, lora_compile, lora_flops, lora_temp = _compiled(row.step, *lora_args)
   _, limit_compile, limit_flops, limit_temp = _compiled(row.limit, *limit_args)
-  t = _interleaved({"limit": lambda: row.limit(*limit_args),
+  t = interleaved({"limit": lambda: row.limit(*limit_args),
                     "lora": lambda: row.step(*lora_args)}, calls)
   cfg = row.model.cfg
   return {"shape": f"d_model {cfg.d}, {cfg.layers} layers, {cfg.heads} heads, vocab {cfg.vocab}, "

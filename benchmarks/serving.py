@@ -28,7 +28,7 @@ MIXED_K = (1, 4, 16)
 DECODE_STEPS = 32
 
 
-def _interleaved(fns: dict, calls: int) -> dict[str, float]:
+def interleaved(fns: dict, calls: int) -> dict[str, float]:
   """Median seconds per call of each ``fn()``, timed round-robin after one warm-up call."""
   for f in fns.values():
     jax.block_until_ready(f())
@@ -86,7 +86,7 @@ def serving(calls: int = 10) -> dict:
       sel = lojax.adapter_ids(lora_k, [f"a{i % k}" for i in range(BATCH)])
       rows[f"mixed K={k}"] = functools.partial(lorafied, lora_k, cache, ids,
                                                lora_adapter_ids=sel)
-    t = _interleaved(rows, calls)
+    t = interleaved(rows, calls)
     out[phase] = {k: {"s": v / per, "ratio_to_merged": v / t["merged"],
                       "ratio_to_unmerged": v / t["unmerged"]} for k, v in t.items()}
     compiled = {k: jax.jit(fn if k == "merged" else lojax.lorafy(fn)).lower(
