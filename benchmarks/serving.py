@@ -86,6 +86,10 @@ def serving(calls: int = 10) -> dict:
       sel = lojax.adapter_ids(lora_k, [f"a{i % k}" for i in range(BATCH)])
       rows[f"mixed K={k}"] = functools.partial(lorafied, lora_k, cache, ids,
                                                lora_adapter_ids=sel)
+      if k > 1:   # the factors stacked once (lojax.adapter_bank), not per call
+        rows[f"mixed K={k}, bank"] = functools.partial(
+            lorafied, lora_k, cache, ids, lora_adapter_ids=sel,
+            lora_bank=lojax.adapter_bank(lora_k))
     t = interleaved(rows, calls)
     out[phase] = {k: {"s": v / per, "ratio_to_merged": v / t["merged"],
                       "ratio_to_unmerged": v / t["unmerged"]} for k, v in t.items()}

@@ -67,6 +67,8 @@ from lojax._src.peft_format import load_peft
 from lojax._src.peft_format import save_peft
 
 # Serving: adapters swapped into a compiled function.
+from lojax._src.serving import AdapterBank
+from lojax._src.serving import adapter_bank
 from lojax._src.serving import hotswap
 
 # Sharding adapters and optimizer states with the base.
@@ -78,6 +80,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AdaLoraSpec",
+    "AdapterBank",
     "AdaLoraState",
     "AdapterCheckpointer",
     "BERT_MAPPING",
@@ -97,6 +100,7 @@ __all__ = (
     "adalora_rank_pattern",
     "adalora_ranks",
     "adalora_resize",
+    "adapter_bank",
     "adapter_ids",
     "add_weighted_adapter",
     "count_parameters",

@@ -175,6 +175,10 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
     the base model unless the call runs under
     ``jax.experimental.checkify.checkify``, whose error then reports them.
 
+  * ``lora_bank``: with ``lora_adapter_ids``, the active adapters' factors
+    stacked once by :func:`lojax.adapter_bank` (the call then only gathers
+    each example's; without it every call stacks them).
+
   A spec with ``lora_dropout > 0`` needs one of the first two.
 
   The base params are wrapped in ``lax.stop_gradient``: differentiating with
@@ -197,7 +201,7 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
 
   @functools.wraps(fn)
   def wrapped(lora, /, *args, lora_rng=None, lora_deterministic=False, lora_adapter_ids=None,
-              **kwargs):
+              lora_bank=None, **kwargs):
     if "lora_remat" in kwargs:
       raise TypeError("`lora_remat` is no longer a per-call argument: it is a compile-time "
                       "choice of the lorafied function. Use `lojax.lorafy(fn, remat=False)`.")
@@ -215,6 +219,7 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
     if not isinstance(lora_deterministic, (bool, np.bool_)):
       raise TypeError(f"`lora_deterministic` must be a Python bool, got {lora_deterministic!r}.")
     paths, leaves, treedef, terms, encoded = view(lora)
+    banked = _banked(lora, lora_bank, lora_adapter_ids, paths, terms)
     dropout = max((ts_[0].dropout for ts in terms.values() for ts_ in ts), default=0.0)
     rng = None
     if dropout > 0 and not lora_deterministic:
@@ -234,6 +239,13 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
     for i, ts in terms.items():
       t0 = ts[0][0]
       sides = t0.sides()
+      if i in banked:   # one term: every active adapter's factors, stacked once
+        a_all, b_all = banked[i]
+        invals[i] = tg.Tagged(leaves[i], t0.leaf_path, sides,
+                              (tg.Term(a_all, b_all, name=t0.leaf_path, slots=True),),
+                              tuple(range(len(sides))),
+                              source=None if encoded[i] is None else tg.Source(encoded[i]))
+        continue
       invals[i] = tg.Tagged(
           leaves[i], t0.leaf_path, sides,
           tuple(tg.Term(f.a, f.b, dropout=t.dropout if rng is not None else 0.0,
@@ -255,6 +267,38 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped
+
+
+def _banked(lora, bank, ids, paths, terms) -> dict[int, tuple]:
+  """``{leaf index: (a, b)}`` of ``bank`` (``lora_bank=``), checked against ``lora``."""
+  if bank is None:
+    return {}
+  from lojax._src import serving   # serving builds on apply's neighbours, not the reverse
+  if not isinstance(bank, serving.AdapterBank):
+    raise TypeError(f"`lora_bank` must be the lojax.adapter_bank(lora) of these adapters, got "
+                    f"{type(bank).__name__}.")
+  if bank.names != tuple(lora.meta.active):
+    raise ValueError(f"`lora_bank` stacks adapters {list(bank.names)}, but the active adapters "
+                     f"are {list(lora.meta.active)}; rebuild it with lojax.adapter_bank(lora).")
+  if ids is None:
+    raise ValueError("`lora_bank` serves mixed-adapter batches: pass `lora_adapter_ids` too "
+                     "(lojax.adapter_ids(lora, names)).")
+  index = {p: i for i, p in enumerate(paths)}
+  out = {}
+  for p, (a, b) in bank.factors.items():
+    i = index.get(p)
+    ts = terms.get(i, [])
+    if i is None or not ts or any(f.rows is not None for _, f, _ in ts):
+      raise ValueError(f"`lora_bank` holds '{p}', which the active adapters do not adapt as it "
+                       "does (or train tokens of); rebuild it with lojax.adapter_bank(lora).")
+    if bank.sides[p] != ts[0][0].sides():
+      raise ValueError(f"`lora_bank` reads '{p}' with another layout than the adapters.")
+    out[i] = (a, b)
+  missing = [ts[0][0].leaf_path for i, ts in terms.items() if i not in out]
+  if missing:
+    raise ValueError(f"`lora_bank` lacks {missing[:4]}, which the active adapters adapt; "
+                     "rebuild it with lojax.adapter_bank(lora).")
+  return out
 
 
 def _warn_transposed(terms, contracted: Mapping[str, set]) -> None:

@@ -397,11 +397,12 @@ def _pack_scanned(xs):
     triples = []
     for t in x.terms:
       a, b, m, c = t.a, t.b, t.m, t.bias
+      lead = 1 if t.slots else 0   # a bank's adapter axis comes first
       for f, ax in x.owners(0):
         if f == 0:
-          a = jnp.moveaxis(a, ax, 0)
+          a = jnp.moveaxis(a, ax + lead, 0)
         else:
-          b = jnp.moveaxis(b, ax, 0)
+          b = jnp.moveaxis(b, ax + lead, 0)
           m = None if m is None else jnp.moveaxis(m, ax, 0)
           c = None if c is None else jnp.moveaxis(c, ax, 0)
       triples.append((a, b, m, c))

@@ -117,9 +117,25 @@ def _gathers(ctx: Context, terms, first: int, lay, x) -> bool:
   The examples must lead the ``[N, C]`` rows: x's axis 0 is its first free axis.
   """
   ids = ctx.example_ids
-  return (ids is not None and len(terms) > 1 and first == 0 and bool(lay.free_shape)
-          and lay.x_perm[0] == 0 and x.shape[0] % ids.shape[0] == 0
-          and all(t.dropout <= 0.0 and t.m is None for t in terms))
+  banked = any(t.slots for t in terms)
+  ok = (ids is not None and (len(terms) > 1 or banked) and first == 0 and bool(lay.free_shape)
+        and lay.x_perm[0] == 0 and x.shape[0] % ids.shape[0] == 0
+        and all(t.dropout <= 0.0 and t.m is None for t in terms))
+  if banked and not (ok and len(terms) == 1):
+    raise _bank_error(terms[0].name, "this use of it")
+  return ok
+
+
+def _bank_error(name: str, where: str) -> ValueError:
+  return ValueError(
+      f"The adapter bank holds '{name}', and {where} is not a plain x @ W matmul of a "
+      "mixed-adapter batch with the examples leading (the only use a bank serves: its "
+      "factors are gathered per example). Call without `lora_bank`.")
+
+
+def _no_bank(terms, name: str, op: str) -> None:
+  if any(t.slots for t in terms):
+    raise _bank_error(name, f"its use by `{op}`")
 
 
 def _mixed_delta(ctx: Context, x2, terms, c: int, d: int, dtype, kw):
@@ -133,6 +149,17 @@ def _mixed_delta(ctx: Context, x2, terms, c: int, d: int, dtype, kw):
   """
   ids = ctx.example_ids
   batch, n = ids.shape[0], x2.shape[0]
+  if terms[0].slots:   # a bank: already stacked; an example without an adapter gets zero
+    (bank,) = terms
+    k = bank.a.shape[0]
+    a_all = bank.a.astype(dtype).reshape(k, c, -1)
+    b_all = bank.b.astype(dtype).reshape(k, a_all.shape[2], d)
+    slot = jnp.clip(ids, 0, k - 1)
+    x3 = x2.reshape(batch, n // batch, c)
+    t = jnp.einsum("bnc,bcr->bnr", x3, a_all[slot], **kw)
+    y = jnp.einsum("bnr,brd->bnd", t.astype(dtype), b_all[slot], **kw)
+    y = jnp.where((ids >= 0)[:, None, None], y, jnp.zeros((), y.dtype))
+    return y.reshape(n, d)
   a_s = [t.a.astype(dtype).reshape(c, -1) for t in terms]
   b_s = [t.b.astype(dtype).reshape(a.shape[1], d) for t, a in zip(terms, a_s)]
   r = max(a.shape[1] for a in a_s)
@@ -188,6 +215,9 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
     return base
   sides = k.sides
   csides = {sides[a] for a in kc}
+  if any(t.slots for t in k.terms) and (not kc or len(csides) != 1 or csides & set(tg.SHARED)
+                                        or csides != {"I"}):
+    raise _bank_error(k.path, "this matmul")
   if not kc or len(csides) != 1 or csides & set(tg.SHARED):
     return None
   first = 0 if csides == {"I"} else 1
@@ -196,6 +226,8 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
   _no_transposed_bias(k, first)
   fast = (not kb and not tg.n_shared(sides)
           and set(kc) == {j for j, s in enumerate(sides) if s == side})
+  if any(t.slots for t in k.terms) and not fast:
+    raise _bank_error(k.path, "this contraction")
   if any(t.m is not None for t in k.terms) and not (fast and first == 0):
     return None  # DoRA outside the plain x @ W form: exact merged fallback
   if fast:
@@ -463,6 +495,7 @@ def conv(ctx: Context, lhs, rhs, **params):
     ctx.record(rhs, "conv", out_axis=rhs_spec[0])
   if not rhs.terms:
     return base
+  _no_bank(rhs.terms, rhs.path, "conv")
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
     return None
   sides = rhs.sides
@@ -512,6 +545,7 @@ def gather(ctx: Context, operand, indices, *, dimension_numbers, slice_sizes, **
     ctx.record(operand, "gather", index_axes=tuple(dn.start_index_map))
   if not operand.terms:
     return base
+  _no_bank(operand.terms, operand.path, "gather")
   if any(t.m is not None for t in operand.terms):
     return None  # DoRA on a lookup: exact merged fallback
   if any(t.bias is not None for t in operand.terms):
@@ -570,6 +604,7 @@ def ragged_dot(ctx: Context, lhs, rhs, group_sizes, *, ragged_dot_dimension_numb
     ctx.record(rhs, "ragged_dot", contract=tuple(rc), batch=tuple(rb), group=groups)
   if not rhs.terms:
     return base
+  _no_bank(rhs.terms, rhs.path, "ragged_dot")
   sides = rhs.sides
   i_axes = [j for j, s in enumerate(sides) if s == "I"]
   lhs_free = [j for j in range(lhs.ndim) if j not in lc and j not in lb]

@@ -12,9 +12,11 @@ incoming adapter's.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lojax._src import lora as model_lora
 from lojax._src import model
 from lojax._src.model import LoraParams, TargetMeta
 
@@ -157,3 +159,106 @@ def _fit(st: TargetMeta, t: TargetMeta, variant, server_entry, entry):
     rows = np.searchsorted(np.asarray(_layers(st)), np.asarray(_layers(t)))
     out = {k: jnp.zeros_like(server_entry[k]).at[rows].set(v) for k, v in out.items()}
   return out
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class AdapterBank:
+  """The active adapters' factors stacked once, for mixed-adapter batches.
+
+  A mixed-adapter batch (``lora_adapter_ids``) gathers each example's factors
+  from the active adapters' stack. Without a bank, every call stacks them again
+  (each kernel's ``A`` and ``B`` of every adapter copied, per call: a prefill
+  pays it in full). :func:`adapter_bank` stacks them once; pass the bank to the
+  lorafied function as ``lora_bank=`` and the call only gathers.
+
+  Attributes:
+    names: the adapters, in slot order (the active adapters' order, so
+      :func:`lojax.adapter_ids` gives the slots).
+    factors: ``{leaf path: (a [K, L?, in..., r], b [K, L?, r, out...])}``,
+      scaling folded into ``b``, ranks zero-padded to the largest, zeros for
+      an adapter that does not adapt the leaf.
+    sides: ``{leaf path: the leaf's axis sides}`` (static).
+  """
+
+  def __init__(self, names, factors, sides):
+    self.names = tuple(names)
+    self.factors = dict(factors)
+    self.sides = dict(sides)
+
+  def tree_flatten_with_keys(self):
+    paths = tuple(sorted(self.factors))
+    children = tuple((jax.tree_util.DictKey(p), self.factors[p]) for p in paths)
+    return children, (self.names, paths, tuple(self.sides[p] for p in paths))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    names, paths, sides = aux
+    return cls(names, dict(zip(paths, children)), dict(zip(paths, sides)))
+
+  def __repr__(self):
+    return f"AdapterBank({list(self.names)}, {len(self.factors)} kernels)"
+
+
+def adapter_bank(lora: LoraParams, /) -> AdapterBank:
+  """Stacks the active adapters' factors once, for mixed-adapter batches.
+
+  ``apply(lora, x, lora_adapter_ids=ids, lora_bank=lojax.adapter_bank(lora))``
+  computes what ``apply(lora, x, lora_adapter_ids=ids)`` does, without
+  stacking the adapters' factors in every call. Rebuild the bank when the
+  adapters change (e.g. after :func:`hotswap`): the same shapes compile once.
+  Plain LoRA adapters only (DoRA's magnitude and LoRA biases are per-example
+  terms a bank does not hold).
+
+  >>> import jax, jax.numpy as jnp, lojax
+  >>> p = {"d": {"kernel": jnp.ones((4, 3))}}
+  >>> spec = lojax.LoraSpec(r=2, target_modules=["d"], init_lora_weights=False)
+  >>> lora = lojax.wrap(p, spec, key=jax.random.key(0))
+  >>> lora = lojax.set_adapter(lojax.wrap(lora, spec, key=jax.random.key(1), adapter_name="b"),
+  ...                          ["default", "b"])
+  >>> bank = lojax.adapter_bank(lora)
+  >>> ids = lojax.adapter_ids(lora, ["b", "default", "__base__"])
+  >>> f = lojax.lorafy(lambda p, x: x @ p["d"]["kernel"])
+  >>> x = jnp.ones((3, 4))
+  >>> bool(jnp.allclose(f(lora, x, lora_adapter_ids=ids), f(lora, x, lora_adapter_ids=ids,
+  ...                                                     lora_bank=bank)))
+  True
+  """
+  model.require_lora(lora, "lojax.adapter_bank")
+  names = lora.meta.active
+  if not names:
+    raise ValueError("lojax.adapter_bank: no adapter is active; activate the adapters the "
+                     "server mixes with lojax.set_adapter(lora, [...]).")
+  by_leaf: dict[str, list] = {}
+  problems = []
+  for k, name in enumerate(names):
+    meta = lora.meta.adapter(name)
+    if type(meta.variant) is not type(model_lora.LORA):
+      problems.append(f"  {name!r} is a {meta.variant.name} adapter; a bank holds plain LoRA "
+                      "factors only")
+      continue
+    for t in meta.targets:
+      f = model.factors(meta, t, lora.adapters[name][model.LORA][t.path])
+      by_leaf.setdefault(t.leaf_path, []).append((k, t, f))
+  if problems:
+    raise ValueError("Cannot bank these adapters:\n" + "\n".join(problems))
+  factors, sides = {}, {}
+  for leaf, parts in by_leaf.items():
+    layouts = {t.sides() for _, t, _ in parts}
+    if len(layouts) != 1:
+      raise ValueError(f"lojax.adapter_bank: the adapters read '{leaf}' with different layouts "
+                       f"{sorted(layouts)}.")
+    r = max(int(f.a.shape[-1]) for _, _, f in parts)
+    a0, b0 = parts[0][2].a, parts[0][2].b
+    ns = sum(s in ("L", "E") for s in parts[0][1].sides())
+    a_shape = a0.shape[:-1] + (r,)
+    b_shape = b0.shape[:ns] + (r,) + b0.shape[ns + 1:]
+    dtype = jnp.result_type(*[f.a.dtype for _, _, f in parts])
+    a_all = jnp.zeros((len(names),) + a_shape, dtype)
+    b_all = jnp.zeros((len(names),) + b_shape, dtype)
+    for k, _, f in parts:
+      pad = r - f.a.shape[-1]
+      a_all = a_all.at[k].set(jnp.pad(f.a.astype(dtype), [(0, 0)] * (f.a.ndim - 1) + [(0, pad)]))
+      b_all = b_all.at[k].set(jnp.pad(f.b.astype(dtype), [(0, 0)] * ns + [(0, pad)]
+                                      + [(0, 0)] * (f.b.ndim - ns - 1)))
+    factors[leaf], sides[leaf] = (a_all, b_all), parts[0][1].sides()
+  return AdapterBank(names, factors, sides)

@@ -52,6 +52,8 @@ class Term:
                           # consumer's output, never part of the kernel
   rows: tuple[int, ...] | None = None   # trainable tokens: ``a`` is the one-hot selector of
                                         # these rows of the value's axis 0 (dropped by layout ops)
+  slots: bool = False     # an adapter bank: ``a`` and ``b`` carry a leading axis of adapters,
+                          # gathered per example (serving.AdapterBank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,10 @@ class Tagged:
 def _map_terms(t: Tagged, fa, fb) -> tuple[Term, ...]:
   out = []
   for term in t.terms:
+    if term.slots:   # the layout op applies to each adapter's factors
+      fa_, fb_ = jax.vmap(fa), jax.vmap(fb)
+      out.append(dataclasses.replace(term, a=fa_(term.a), b=fb_(term.b)))
+      continue
     a = fa(term.a)
     # ``rows`` holds while ``a`` is still the [rows' axis, r] selector (its rank axis is last)
     rows = term.rows if term.rows is not None and a.shape == term.a.shape else None
@@ -300,6 +306,10 @@ def delta(t: Tagged, dtype=None):
   dtype = dtype or t.dtype
   out = None
   for term in t.terms:
+    if term.slots:
+      raise ValueError(f"The adapter bank's kernel '{t.path}' is used where lojax would need "
+                       "its merged value; a bank serves factorized matmuls in mixed-adapter "
+                       "batches only. Call without `lora_bank` here.")
     d = jnp.einsum(f"{a_s},{b_s}->{syms}", term.a.astype(dtype), term.b.astype(dtype))
     out = d if out is None else out + d
   return out
