@@ -364,3 +364,24 @@ def test_a_bank_refuses_what_it_cannot_serve():
     lojax.adapter_bank(dora)
   with pytest.raises(TypeError, match="lojax.adapter_bank"):
     apply(lora, prompt, lora_adapter_ids=jnp.zeros(B, jnp.int32), lora_bank={"x": 1})
+
+
+def test_a_bank_over_a_scanned_stack_with_layer_subsets():
+  """Banked factors follow a scan's slicing: adapters on different kernels and layers."""
+  import gpt
+  model = gpt.GPT(vocab=64, d=32, heads=4, layers=3, max_len=16, scan=True)
+  params, ids = gpt.init(model, batch=4, seq=8)
+  how = dict(apply_fn=model.apply, example_args=(ids,))
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, target_modules=["c_attn", "c_fc"],
+                                           init_lora_weights=False, layers_to_transform=[0, 2]),
+                    key=jax.random.key(0), adapter_name="a", **how)
+  lora = lojax.wrap(lora, lojax.LoraSpec(r=3, target_modules=["c_attn"], init_lora_weights=False),
+                    key=jax.random.key(1), adapter_name="b", **how)
+  lora = lojax.set_adapter(lora, ["a", "b"])
+  rows = ["b", "a", "__base__", "a"]
+  f = jax.jit(lojax.lorafy(model.apply))
+  got = np.asarray(f(lora, ids, lora_adapter_ids=lojax.adapter_ids(lora, rows),
+                     lora_bank=lojax.adapter_bank(lora)))
+  for i, n in enumerate(rows):
+    alone = lojax.disable_adapters(lora) if n == "__base__" else lojax.set_adapter(lora, n)
+    np.testing.assert_allclose(got[i], np.asarray(f(alone, ids))[i], rtol=1e-6, atol=1e-6)
