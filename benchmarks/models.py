@@ -16,6 +16,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 
@@ -67,15 +68,20 @@ class _LinenMLP(nn.Module):
     return nn.Dense(self.cfg.d, name="c_proj")(jax.nn.gelu(nn.Dense(4 * self.cfg.d, name="c_fc")(h)))
 
 
+def embed(cfg: Config, ids, perturb=None):
+  """Token plus position embeddings (linen ``wte`` / ``wpe``, inside a compact module), plus
+  the limit rows' ``perturb`` of the embedding output."""
+  x = nn.Embed(cfg.vocab, cfg.d, name="wte")(ids)
+  x = x + nn.Embed(cfg.seq, cfg.d, name="wpe")(jnp.arange(ids.shape[1]))[None]
+  return x if perturb is None else x + perturb
+
+
 class LinenGPT(nn.Module):
   cfg: Config
 
   @nn.compact
   def __call__(self, ids, perturb=None):
-    x = nn.Embed(self.cfg.vocab, self.cfg.d, name="wte")(ids)
-    x = x + nn.Embed(self.cfg.seq, self.cfg.d, name="wpe")(jnp.arange(ids.shape[1]))[None]
-    if perturb is not None:
-      x = x + perturb
+    x = embed(self.cfg, ids, perturb)
     for i in range(self.cfg.layers):
       x = _LinenBlock(self.cfg, name=f"h_{i}")(x)
     return nn.Dense(self.cfg.vocab, use_bias=False, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
@@ -136,3 +142,22 @@ def batch(cfg: Config, seed: int = 0):
   """Token ids and next-token labels of one batch."""
   ids = jax.random.randint(jax.random.key(seed), (cfg.batch, cfg.seq + 1), 0, cfg.vocab)
   return ids[:, :-1], ids[:, 1:]
+
+
+def xent(logits, labels):
+  """The rows' loss: mean token cross-entropy."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def lora_step(apply, tx):
+  """The jitted LoRA training step of the rows (``apply(lora, ids)``): returns only the
+  trained part, ``(new_trainable, new_opt_state, loss)``."""
+
+  @jax.jit
+  def step(lora, opt_state, ids, labels):
+    loss, grads = jax.value_and_grad(
+        lambda t: xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
+    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
+    return optax.apply_updates(lora.trainable, updates), opt_state, loss
+
+  return step

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import optax
 
 import lojax
-from models import Config, LinenGPT, _attend, batch
+from models import Config, LinenGPT, _attend, batch, embed, xent
 from serving import interleaved
 
 R, ALPHA, LR = 16, 32.0, 1e-3
@@ -55,10 +55,6 @@ EVA_BATCHES, EVA_MAX_STEPS = 4, 8
 EXPERTS, TOP_K, CAPACITY = 8, 2, 1.25
 MOE = Config(vocab=2048, d=256, heads=4, layers=4, seq=256, batch=8)
 MOE_TARGETS = ["c_attn", "c_proj", "wi", "wo"]
-
-
-def xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def _compiled(fn, *args):
@@ -188,10 +184,7 @@ class MoeGPT(nn.Module):
 
   @nn.compact
   def __call__(self, ids, perturb=None):
-    x = nn.Embed(self.cfg.vocab, self.cfg.d, name="wte")(ids)
-    x = x + nn.Embed(self.cfg.seq, self.cfg.d, name="wpe")(jnp.arange(ids.shape[1]))[None]
-    if perturb is not None:
-      x = x + perturb
+    x = embed(self.cfg, ids, perturb)
     for i in range(self.cfg.layers):
       x = _MoeBlock(self.cfg, self.experts, self.top_k, self.capacity, name=f"h_{i}")(x)
     return nn.Dense(self.cfg.vocab, use_bias=False, name="lm_head")(nn.LayerNorm(name="ln_f")(x))

@@ -31,17 +31,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import lojax  # noqa: E402
 from lojax._src import quant  # noqa: E402
-from models import Config, NnxGPT, batch  # noqa: E402
+from models import Config, NnxGPT, batch, lora_step, xent  # noqa: E402
 import qwix_row  # noqa: E402
 
 LOJAX_ROWS = {"lojax QLoRA (NF4)": "nf4", "lojax QLoRA (NF4, double-quant)": "nf4-dq"}
 QWIX_ROW = "qwix QLoRA (NF4)"
 NAMES = tuple(LOJAX_ROWS) + (QWIX_ROW,)
 TILE = quant.BLOCK   # qwix's tile_size: the values per absmax, lojax's NF4 block size
-
-
-def _xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def lojax_qlora(cfg: Config, method: str, r: int = 16, alpha: float = 32.0, *, seed: int = 0):
@@ -65,15 +61,7 @@ def lojax_qlora_step(cfg: Config, method: str, r: int = 16, alpha: float = 32.0,
   apply = lojax.lorafy(lambda st, x: nnx.merge(graphdef, st)(x))
   ids, labels = batch(cfg)
   tx = optax.adamw(lr)
-
-  @jax.jit
-  def step(lora, opt_state, ids, labels):
-    loss, grads = jax.value_and_grad(
-        lambda t: _xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
-    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return optax.apply_updates(lora.trainable, updates), opt_state, loss
-
-  return step, (lora, tx.init(lora.trainable), ids, labels)
+  return lora_step(apply, tx), (lora, tx.init(lora.trainable), ids, labels)
 
 
 def qwix_qlora_model(cfg: Config, r: int = 16, alpha: float = 32.0, *, seed: int = 0):
@@ -97,7 +85,7 @@ def qwix_qlora_step(cfg: Config, r: int = 16, alpha: float = 32.0, lr: float = 1
   @jax.jit
   def step(lora, opt_state, frozen, ids, labels):
     loss, grads = jax.value_and_grad(
-        lambda lo: _xent(nnx.merge(graphdef, lo, frozen)(ids), labels))(lora)
+        lambda lo: xent(nnx.merge(graphdef, lo, frozen)(ids), labels))(lora)
     updates, opt_state = tx.update(grads, opt_state, lora)
     return optax.apply_updates(lora, updates), opt_state, loss
 

@@ -29,14 +29,10 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from models import Config, NnxGPT, batch  # noqa: E402
+from models import Config, NnxGPT, batch, xent  # noqa: E402
 
 # h/<layer>/attn/c_attn, h/<layer>/attn/c_proj, h/<layer>/mlp/c_fc, h/<layer>/mlp/c_proj
 LORA_MODULE_PATH = r"h/\d+/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)"
-
-
-def _xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def qwix_lora_model(cfg: Config, r: int = 16, alpha: float = 32.0, *, seed: int = 0):
@@ -79,7 +75,7 @@ def qwix_lora_step(cfg: Config, r: int = 16, alpha: float = 32.0, lr: float = 1e
   @jax.jit
   def step_fn(lora, opt_state, frozen, ids, labels):
     def loss_fn(lora):
-      return _xent(nnx.merge(graphdef, lora, frozen)(ids), labels)
+      return xent(nnx.merge(graphdef, lora, frozen)(ids), labels)
 
     loss, grads = jax.value_and_grad(loss_fn)(lora)
     updates, opt_state = tx.update(grads, opt_state, lora)

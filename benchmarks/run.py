@@ -29,32 +29,15 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import lojax  # noqa: E402
-from models import Config, LinenGPT, NnxGPT, batch  # noqa: E402
+from models import Config, LinenGPT, NnxGPT, batch, lora_step, xent  # noqa: E402
 import serving  # noqa: E402
 import options  # noqa: E402
 
 R, ALPHA, LR = 16, 32.0, 1e-3
 
 
-def xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def lora_step(apply, tx):
-  """The jitted LoRA training step used by the rows: returns only the trained part."""
-
-  @jax.jit
-  def step(lora, opt_state, ids, labels):
-    loss, grads = jax.value_and_grad(
-        lambda t: xent(apply(lora.with_trainable(t), ids), labels))(lora.trainable)
-    updates, opt_state = tx.update(grads, opt_state, lora.trainable)
-    return optax.apply_updates(lora.trainable, updates), opt_state, loss
-
-  return step
 
 
 @dataclasses.dataclass
@@ -641,6 +624,21 @@ def measured(table: list[Row], steps: int) -> list[Row]:
   return table
 
 
+def merge_rows(path, res: dict, new: dict, *, after: str) -> None:
+  """Puts ``new`` rows into the results ``res`` (replacing rows of the same names, placed after
+  the last row of family ``after``), then rewrites the JSON, markdown and README."""
+  rows = {n: r for n, r in res["rows"].items() if n not in new}
+  fam = [n for n, r in rows.items() if r.get("family") == after]
+  at = list(rows).index(fam[-1]) + 1 if fam else len(rows)
+  items = list(rows.items())
+  res["rows"] = dict(items[:at] + list(new.items()) + items[at:])
+  res["targets"] = targets(res["rows"])
+  path.write_text(json.dumps(res, indent=1, default=float))
+  (path.parent / f"{res['device']}.md").write_text(markdown(res))
+  write_readme()
+  print("\n".join(f"{t}: {m} ({ok})" for t, m, ok in res["targets"]))
+
+
 def peft_only(args):
   """``--peft-only``: time limit, lojax LoRA and PEFT; merge the PEFT row into the results JSON."""
   warnings.simplefilter("ignore", UserWarning)
@@ -654,16 +652,7 @@ def peft_only(args):
   new = dict(peft.result, family=peft.family, **({"note": peft.note} if peft.note else {}))
   if peft.fn is not None:
     new["note"] += f" (a --peft-only run, median of {args.steps} steps)"
-  rows = {n: r for n, r in res["rows"].items() if n != PEFT_ROW}
-  linen = [n for n, r in rows.items() if r.get("family") == "linen"]
-  at = list(rows).index(linen[-1]) + 1 if linen else len(rows)
-  items = list(rows.items())
-  res["rows"] = dict(items[:at] + [(PEFT_ROW, new)] + items[at:])
-  res["targets"] = targets(res["rows"])
-  path.write_text(json.dumps(res, indent=1, default=float))
-  (path.parent / f"{res['device']}.md").write_text(markdown(res))
-  write_readme()
-  print("\n".join(f"{t}: {m} ({ok})" for t, m, ok in res["targets"]))
+  merge_rows(path, res, {PEFT_ROW: new}, after="linen")
 
 
 def qlora_only(args):
@@ -685,16 +674,7 @@ def qlora_only(args):
   new = {r.name: dict(r.result, family=r.family, same_run=same,
                       note=r.note if r.fn is None else "; ".join(filter(None, (r.note, run))))
          for r in table if "QLoRA" in r.name}
-  rows = {n: r for n, r in res["rows"].items() if n not in new}
-  fam = [n for n, r in rows.items() if r.get("family") == "nnx"]
-  at = list(rows).index(fam[-1]) + 1 if fam else len(rows)
-  items = list(rows.items())
-  res["rows"] = dict(items[:at] + list(new.items()) + items[at:])
-  res["targets"] = targets(res["rows"])
-  path.write_text(json.dumps(res, indent=1, default=float))
-  (path.parent / f"{res['device']}.md").write_text(markdown(res))
-  write_readme()
-  print("\n".join(f"{t}: {m} ({ok})" for t, m, ok in res["targets"]))
+  merge_rows(path, res, new, after="nnx")
 
 
 def options_only(args):

@@ -97,7 +97,7 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
 
 def _module_bias(t, index, floats, shape, name: str) -> int:
   """The leaf index of the bias of ``t``'s module, which a LoRA bias merges into."""
-  p = f"{t.path}/bias" if t.leaf else None
+  p = t.bias_path
   if p not in index:
     raise ValueError(
         f"Adapter {name!r} has a LoRA bias (`lora_bias=True`) on '{t.path}', whose module has "

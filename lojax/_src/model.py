@@ -116,6 +116,11 @@ class TargetMeta:
     return f"{self.path}/{self.leaf}" if self.leaf else self.path
 
   @property
+  def bias_path(self) -> str | None:
+    """The leaf path of the module's bias (``<module>/bias``), or None for a bare array."""
+    return f"{self.path}/bias" if self.leaf else None
+
+  @property
   def kernel_shape(self) -> tuple[int, ...]:
     """The shape of one layer's kernel."""
     return self.shape[1:] if self.stacked else self.shape

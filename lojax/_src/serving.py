@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lojax._src import lora as model_lora
+from lojax._src import lora as lora_lib
 from lojax._src import model
+from lojax._src import tagged as tg
 from lojax._src.model import LoraParams, TargetMeta
 
 _A, _B = "lora_A", "lora_B"
@@ -232,7 +233,7 @@ def adapter_bank(lora: LoraParams, /) -> AdapterBank:
   problems = []
   for k, name in enumerate(names):
     meta = lora.meta.adapter(name)
-    if type(meta.variant) is not type(model_lora.LORA):
+    if type(meta.variant) is not type(lora_lib.LORA):
       problems.append(f"  {name!r} is a {meta.variant.name} adapter; a bank holds plain LoRA "
                       "factors only")
       continue
@@ -249,7 +250,7 @@ def adapter_bank(lora: LoraParams, /) -> AdapterBank:
                        f"{sorted(layouts)}.")
     r = max(int(f.a.shape[-1]) for _, _, f in parts)
     a0, b0 = parts[0][2].a, parts[0][2].b
-    ns = sum(s in ("L", "E") for s in parts[0][1].sides())
+    ns = tg.n_shared(parts[0][1].sides())
     a_shape = a0.shape[:-1] + (r,)
     b_shape = b0.shape[:ns] + (r,) + b0.shape[ns + 1:]
     dtype = jnp.result_type(*[f.a.dtype for _, _, f in parts])

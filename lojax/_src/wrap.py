@@ -95,7 +95,7 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
                      "change the init / quantization.")
   inits.warn_loftq_scaling(spec, targets)
   if type(variant).bias_delta is not model.Variant.bias_delta and (
-      nobias := [t.path for t in targets if f"{t.path}/bias" not in by_path or not t.leaf]):
+      nobias := [t.path for t in targets if t.bias_path not in by_path]):
     warnings.warn(f"lojax: `lora_bias=True`, but {len(nobias)} targeted module(s) have no bias "
                   f"leaf ({', '.join(nobias[:4])}{' ...' if len(nobias) > 4 else ''}): their "
                   "LoRA bias trains and applies, but lojax.merge cannot fold it (as in PEFT).",
