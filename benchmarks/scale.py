@@ -59,8 +59,6 @@ def _args(argv=None):
   ap.add_argument("--out", default=None,
                   help="folder for scale.json / scale.md (default: benchmarks/results for "
                        "8b/70b/all; nothing for tiny)")
-  ap.add_argument("--nf4-blocks", choices=("all", "row"), default="all",
-                  help="how the NF4 codes' blocks axis is split (see nf4_base_shardings)")
   ap.add_argument("--dump-hlo", default=None,
                   help="folder to write each compiled step's HLO text to")
   return ap.parse_args(argv)
@@ -254,11 +252,16 @@ def wrap_abstract(cfg: Config, params, mesh):
 
 def nf4_struct(kernel, target) -> lojax.QuantizedArray:
   """The abstract NF4 ``QuantizedArray`` of a stacked kernel (the shapes ``lojax.quantize``
-  stores: codes ``[L, blocks, 32] uint8``, scales ``[L, blocks] float32``, 64 values a block)."""
+  stores: blocks of 64 along the last axis, codes ``[L, ..., last/64, 32] uint8`` and scales
+  ``[L, ..., last/64] float32``; flat ``[L, blocks, ...]`` when 64 does not divide it)."""
   lead = kernel.shape[:1] if target.stacked else ()
-  blocks = -(-math.prod(kernel.shape[len(lead):]) // 64)
-  data = {"codes": jax.ShapeDtypeStruct(lead + (blocks, 32), jnp.uint8),
-          "scales": jax.ShapeDtypeStruct(lead + (blocks,), jnp.float32)}
+  per = kernel.shape[len(lead):]
+  if len(per) > 1 and per[-1] % 64 == 0:
+    blocks = per[:-1] + (per[-1] // 64,)
+  else:
+    blocks = (-(-math.prod(per) // 64),)
+  data = {"codes": jax.ShapeDtypeStruct(lead + blocks + (32,), jnp.uint8),
+          "scales": jax.ShapeDtypeStruct(lead + blocks, jnp.float32)}
   return lojax.QuantizedArray(data, method="nf4", shape=kernel.shape, dtype=kernel.dtype,
                               stacked=bool(target.stacked), in_axes=target.in_axes)
 
@@ -284,41 +287,6 @@ def check_nf4_structs(cfg: Config, params, mesh) -> None:
   assert shape(real.base) == shape(mine.base), (shape(real.base), shape(mine.base))
   print("CHECK tiny: the abstract NF4 base has the tree, shapes and dtypes of "
         "lojax.wrap(..., quantize='nf4')", flush=True)
-
-
-def nf4_base_shardings(base, base_shardings, mesh, blocks: str = "all"):
-  """``base_shardings`` with a sharding per stored array of each NF4 kernel of ``base``.
-
-  ``lojax.lora_shardings`` gives a quantized kernel its kernel's sharding (one
-  ``NamedSharding`` for the kernel's 3 axes), which the stored arrays (codes
-  ``[L, blocks, 32]``, scales ``[L, blocks]``) cannot take. The blocks run
-  row-major over the per-layer kernel, so one blocks axis cannot carry a
-  sharding of both kernel axes. ``blocks="all"`` (the default) splits it over
-  every mesh axis the kernel uses (in the kernel's axis order): each device
-  stores 1/devices of the codes, as many rows of the kernel, all columns;
-  ``"row"`` gives it the first per-layer axis' sharding only (the kernel's
-  input-axis sharding for q/k/v/gate/up, fsdp; tp for o/down) and replicates
-  it over the other mesh axis.
-  """
-  flat_s, flat_b = flat_paths_leaf(base_shardings), flat_paths_leaf(base)
-  for path, q in flat_b.items():
-    if not isinstance(q, lojax.QuantizedArray):
-      continue
-    entries = list(flat_s[path].spec) + [None] * 3
-    per_layer = entries[1:3] if q.stacked else entries[:2]
-    if blocks == "all":
-      axes = tuple(a for e in per_layer if e for a in (e if isinstance(e, tuple) else (e,)))
-      row = axes if len(axes) > 1 else (axes[0] if axes else None)
-    else:
-      row = per_layer[0]
-    lead = (None,) if q.stacked else ()
-    data = {k: NamedSharding(mesh, P(*lead, row)) for k in q.data}
-    flat_s[path] = lojax.QuantizedArray(data, method=q.method, shape=q.shape, dtype=q.dtype,
-                                        stacked=q.stacked, in_axes=q.in_axes)
-  return nest(flat_s)
-
-
-NF4_BLOCKS = "all"
 
 
 def flat_paths_leaf(tree) -> dict:
@@ -368,16 +336,9 @@ def compile_row(kind: str, cfg: Config, mesh):
   start = time.perf_counter()
   if kind in ("qlimit", "qlora"):
     lora = quantize_abstract(wrap_abstract(cfg, params, mesh))
+    # lojax's shardings of the stored arrays, from the kernels' specs (codes and scales keep
+    # the kernel's axes, so they split like the kernel)
     shardings = lojax.lora_shardings(lora, specs, mesh=mesh)
-    try:
-      with_shardings(lora, shardings)
-    except ValueError as e:  # lojax's kernel sharding does not fit the stored NF4 arrays
-      info["lora_shardings_error"] = str(e).split("\n")[0][:300]
-    # the script's own split of the stored arrays (see nf4_base_shardings), from the kernels'
-    # specs; lora_shardings' per-stored-array shardings put the blocks on one axis only
-    kernel_sh = jax.tree.map(ns, specs, is_leaf=lambda x: isinstance(x, P))
-    shardings = lojax.LoraParams(nf4_base_shardings(lora.base, kernel_sh, mesh, NF4_BLOCKS),
-                                 shardings.adapters, shardings.meta)
   elif kind == "lora":
     lora = wrap_abstract(cfg, params, mesh)
     shardings = lojax.lora_shardings(lora, specs, mesh=mesh)
@@ -387,8 +348,7 @@ def compile_row(kind: str, cfg: Config, mesh):
     base_sh = jax.tree.map(ns, specs, is_leaf=lambda x: isinstance(x, P))
     base = params
     if kind == "qlimit":
-      base = lora.base
-      base_sh = nf4_base_shardings(base, base_sh, mesh, NF4_BLOCKS)
+      base, base_sh = lora.base, shardings.base
     perturb = jax.ShapeDtypeStruct((cfg.batch, cfg.seq, cfg.d), jnp.bfloat16, sharding=data)
 
     def limit(base, ids, targets, perturb):
@@ -838,12 +798,10 @@ def markdown(results: dict) -> str:
       "- The CPU backend makes no reduce-scatter: gradients are all-reduced and sliced, which "
       "is why the column is empty and full FT shows its weight gradients as extra all-reduce "
       "bytes.",
-      "- NF4 base: `lojax.lora_shardings` gives a quantized kernel its kernel's 3-axis "
-      "sharding, which the stored arrays (codes `[L, blocks, 32]`, scales `[L, blocks]`) "
-      "cannot take, so the script shards those itself: the blocks axis over every mesh axis "
-      f"the kernel uses (`--nf4-blocks {results.get('nf4_blocks', 'all')}`). The blocks run "
-      "row-major over the kernel, so a device holds whole rows; XLA regathers whole kernels "
-      "each layer to reach the tp split (its 'involuntary full rematerialization' warnings). "
+      "- NF4 base: the stored arrays keep the kernel's axes (codes `[L, in, out/64, 32]`, "
+      "scales `[L, in, out/64]`: blocks of 64 along the output axis), and "
+      "`lojax.lora_shardings` shards them like the kernel, so a device holds the codes of "
+      "its own kernel shard, as in the float model. "
       "The scan over the quantized stack slices the stored arrays and decodes one layer "
       "per step (and the lean dense op decodes again in the backward from the codes), so "
       "no float copy of the stack is held.",
@@ -852,12 +810,10 @@ def markdown(results: dict) -> str:
 
 
 def main(args):
-  global NF4_BLOCKS
-  NF4_BLOCKS = args.nf4_blocks
   keys = ["8b", "70b"] if args.model == "all" else [args.model]
   rows = [r.strip() for r in args.rows.split(",") if r.strip()]
   results = {"jax": jax.__version__, "backend": f"{jax.default_backend()} "
-             f"({len(jax.devices())} fake devices)", "nf4_blocks": args.nf4_blocks,
+             f"({len(jax.devices())} fake devices)",
              "models": {}}
   start = time.perf_counter()
   for key in keys:

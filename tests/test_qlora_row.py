@@ -48,7 +48,7 @@ def arg_bytes(fn, args):
 def lojax_nf4(q):
   """A lojax NF4 / NF4-dq kernel decoded from its stored arrays: row-major blocks of 64, the
   even element in the low nibble; NF4-dq's absmaxes are int8 · (absmax / 127) + mean."""
-  codes = np.asarray(q.data["codes"]).astype(np.int64)
+  codes = np.asarray(q.data["codes"]).astype(np.int64).reshape(-1, 32)   # blocks, row-major
   idx = np.empty(codes.shape[:-1] + (2 * codes.shape[-1],), np.int64)
   idx[..., 0::2], idx[..., 1::2] = codes & 15, codes >> 4
   if q.method == "nf4-dq":
@@ -56,7 +56,7 @@ def lojax_nf4(q):
          * (np.asarray(q.data["scales_absmax"])[:, None] / np.float32(127)))
     scales = s.reshape(-1)[:codes.shape[0]] + np.asarray(q.data["scales_mean"])
   else:
-    scales = np.asarray(q.data["scales"])
+    scales = np.asarray(q.data["scales"]).reshape(-1)
   return (NF4[idx] * scales[:, None]).reshape(-1)[:int(np.prod(q.shape))].reshape(q.shape)
 
 

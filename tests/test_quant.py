@@ -50,7 +50,7 @@ def test_nf4_error_per_block(method):
 
 def scales_of(q):
   s = np.asarray(q.data["scales"], np.float32) * (np.asarray(q.data["scales_absmax"])[..., None] / 127)
-  return s.reshape(-1)[:q.data["codes"].shape[-2]] + np.asarray(q.data["scales_mean"])
+  return s.reshape(-1)[:q.data["codes"].size // 32] + np.asarray(q.data["scales_mean"])
 
 
 def test_int8_error_per_output_channel():
@@ -99,6 +99,44 @@ def test_stacked_kernels_are_quantized_per_layer():
     one = quant.quantize(x[layer], "nf4-dq")
     np.testing.assert_array_equal(np.asarray(quant.dequantize(q))[layer],
                                   np.asarray(quant.dequantize(one)))
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4-dq"])
+def test_nf4_blocks_run_along_the_last_axis_in_the_kernels_axes(method):
+  """With 64 dividing the last axis, the stored arrays keep the kernel's axes (so they can be
+  sharded like it): codes [L, ..., last/64, 32], scales [L, ..., last/64], each block a run of
+  64 values along the last axis, checked against the blocks written out in NumPy; the same
+  bytes decode from the flat layout too (arrays stored before)."""
+  x = data((2, 6, 3, 128)) * np.random.default_rng(3).uniform(0.1, 4, (2, 6, 3, 1))
+  q = quant.quantize(x.astype(np.float32), method, stacked=True)
+  assert q.data["codes"].shape == (2, 6, 3, 2, 32)
+  blocks = x.reshape(2, 6, 3, 2, 64)
+  absmax = np.abs(blocks).max(-1)
+  idx = np.abs(blocks[..., None] / absmax[..., None, None] - PAPER_NF4).argmin(-1)
+  codes = np.asarray(q.data["codes"]).astype(np.int64)
+  np.testing.assert_array_equal(codes & 15, idx[..., 0::2])
+  np.testing.assert_array_equal(codes >> 4, idx[..., 1::2])
+  if method == "nf4":
+    assert q.data["scales"].shape == (2, 6, 3, 2)
+    np.testing.assert_array_equal(np.asarray(q.data["scales"]), absmax.astype(np.float32))
+    scale = absmax
+  else:   # int8 scales in blocks of 256 over each layer's 36 block absmaxes, row-major
+    assert q.data["scales"].shape == (2, 1, 256)
+    scale = np.stack([scales_of(quant.QuantizedArray(
+        {k: v[layer] for k, v in q.data.items()}, method=method, shape=x.shape[1:],
+        dtype=np.float32)) for layer in range(2)]).reshape(absmax.shape)
+  want = (np.asarray(PAPER_NF4, np.float32)[idx] * scale[..., None]).reshape(x.shape)
+  got = np.asarray(quant.dequantize(q))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  flat = {k: (v.reshape(2, -1, 32) if k == "codes" else
+              v.reshape(2, -1) if (k, method) == ("scales", "nf4") else v)
+          for k, v in q.data.items()}
+  legacy = quant.QuantizedArray(flat, method=method, shape=x.shape, dtype=np.float32,
+                                stacked=True)
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(legacy)), got)
+  one = quant.QuantizedArray({k: v[1] for k, v in q.data.items()}, method=method,
+                             shape=x.shape[1:], dtype=np.float32)   # one layer, as a scan slices
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(one)), got[1])
 
 
 @pytest.mark.parametrize("method", quant.METHODS)

@@ -90,3 +90,6 @@ def test_tiny_scale_qlora_step(tmp_path):
   assert "CHECK tiny: the abstract NF4 base" in out
   check_lora_row(model, "qlora", "qlimit")
   assert math.isfinite(model["rows"]["qlora"]["memory"]["total"])
+  # No collective rebuilds a whole per-layer kernel (the codes are split like the kernel:
+  # tests/test_sharding.py pins their specs).
+  assert model["checks"]["qlora"]["full_kernel_gathers_per_step"] == 0

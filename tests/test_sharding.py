@@ -287,10 +287,11 @@ def test_quantized_base_shards_its_stored_arrays(method):
   got = {n: s.spec for n, s in node.data.items()}
   if method == "int8":
     want = {"codes": P(None, "fsdp", "tp"), "scales": P(None, None, "tp")}
-  else:
-    want = {n: P(None, "fsdp") for n in node.data if n != "scales_mean"}
-    if method == "nf4-dq":
-      want["scales_mean"] = P()
+  else:   # NF4 blocks run along the kernel's last axis: codes and scales keep its axes
+    want = {"codes": P(None, "fsdp", "tp"), "scales": P(None, "fsdp", "tp")}
+    if method == "nf4-dq":   # the quantized scales run row-major over the blocks
+      want.update(scales=P(None, "fsdp"), scales_absmax=P(None, "fsdp"),
+                  scales_mean=P())
   assert got == want
   placed = lojax.shard(lora, shardings)
   np.testing.assert_array_equal(lojax.merge(placed)["h"]["mlp"]["kernel"],

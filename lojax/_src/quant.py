@@ -9,12 +9,17 @@ XLA fuses the dequantization into the consumer when it can.
 Schemes (the kernel keeps its own Flax layout; a stacked kernel is quantized
 layer by layer, so no block crosses two layers):
 
-* ``"nf4"``: the per-layer kernel is flattened (row-major) into blocks of 64
+* ``"nf4"``: the per-layer kernel is cut (row-major) into blocks of 64
   values. Each block stores its absmax as a float32 scale and each value as
   the index of the nearest of the 16 NormalFloat-4 levels (quantiles of a
   standard normal, normalised to [-1, 1], with an exact zero) of
   ``value / absmax``; two 4-bit codes are packed per ``uint8`` (the even
-  element in the low nibble). 4.5 bits per value.
+  element in the low nibble). 4.5 bits per value. When the kernel's last
+  axis is a multiple of 64, each block is a run along that axis and the
+  stored arrays keep the kernel's other axes (codes ``[..., last/64, 32]``,
+  scales ``[..., last/64]``), so they shard like the kernel, along any of its
+  axes (a split of the last one in multiples of 64 values). Otherwise the
+  kernel is flattened and padded to whole blocks (codes ``[blocks, 32]``).
 * ``"nf4-dq"``: as ``"nf4"``, with the block scales quantized again
   (double quantization): their mean is subtracted and the centred scales are
   stored as int8 in blocks of 256, each block with its own float32 absmax.
@@ -76,10 +81,13 @@ class QuantizedArray(model.EncodedArray):
     stacked: whether axis 0 is a stacked layer axis (quantized per layer).
     in_axes: the per-layer input axes it was quantized with (``None``: the
       default, all axes but the last).
-    data: ``{name: array}``; NF4: ``codes`` ``[L?, blocks, 32] uint8`` and
-      ``scales`` ``[L?, blocks] float32`` (with ``"nf4-dq"``: ``scales``
-      ``[L?, scale blocks, 256] int8``, ``scales_absmax``
-      ``[L?, scale blocks] float32`` and ``scales_mean`` ``[L?] float32``);
+    data: ``{name: array}``; NF4: ``codes`` ``[L?, *blocks, 32] uint8`` and
+      ``scales`` ``[L?, *blocks] float32``, where ``blocks`` is the kernel's
+      shape with its last axis divided by 64 (or one flat, padded count of
+      blocks when 64 does not divide it); with ``"nf4-dq"``: ``scales``
+      ``[L?, scale blocks, 256] int8`` over the row-major block scales,
+      ``scales_absmax`` ``[L?, scale blocks] float32`` and ``scales_mean``
+      ``[L?] float32``;
       int8: ``codes`` (the kernel's shape, int8) and ``scales`` (float32,
       size 1 on the input axes).
 
@@ -124,9 +132,10 @@ class QuantizedArray(model.EncodedArray):
 
   def stored_specs(self, kernel_spec):
     """int8 codes are sharded like the kernel, its scales likewise but not on the input
-    axes (size 1 there). NF4's row-major blocks follow the kernel's first per-layer axis
-    (a split of it is a contiguous run of blocks); the scales of NF4-dq's quantized
-    scales, and ``scales_mean``, keep the layer axis only."""
+    axes (size 1 there). NF4 codes and scales kept in the kernel's axes (its last one in
+    blocks) are sharded like the kernel; flat NF4 blocks, and NF4-dq's quantized scales
+    (row-major over the blocks), follow the kernel's first per-layer axis (a split of it
+    is a contiguous run of blocks); ``scales_mean`` keeps the layer axis only."""
     entries = list(kernel_spec) + [None] * (len(self.shape) - len(kernel_spec))
     lead, per = entries[:int(self.stacked)], entries[int(self.stacked):]
     if self.method == "int8":
@@ -135,9 +144,17 @@ class QuantizedArray(model.EncodedArray):
                "scales": lead + [None if i in in_axes else e for i, e in enumerate(per)]}
     else:
       rows = per[:1] if per else [None]
-      specs = {n: lead + (rows + [None] * (np.ndim(x) - len(lead) - 1) if n != "scales_mean"
-                          else [])
-               for n, x in self.data.items()}
+      shaped = _in_kernel_axes(self.data["codes"], self.shape, len(lead))
+
+      def spec(n, x):
+        if n == "scales_mean":
+          return []
+        if shaped and n in ("codes", "scales") and not (n == "scales" and
+                                                          self.method == "nf4-dq"):
+          return lead + per + [None] * (np.ndim(x) - len(entries))
+        return lead + rows + [None] * (np.ndim(x) - len(lead) - 1)
+
+      specs = {n: spec(n, x) for n, x in self.data.items()}
     return QuantizedArray(specs, method=self.method, shape=self.shape, dtype=self.dtype,
                           stacked=self.stacked, in_axes=self.in_axes)
 
@@ -216,8 +233,10 @@ def quantize(x: Any, method: str, /, *, in_axes: Sequence[int] | None = None,
 
   >>> import numpy as np
   >>> q = quantize(np.ones((128, 8), np.float32), "nf4")
-  >>> q.data["codes"].shape, q.data["codes"].dtype.name
+  >>> q.data["codes"].shape, q.data["codes"].dtype.name   # 8 columns: flat blocks
   ((16, 32), 'uint8')
+  >>> quantize(np.ones((8, 128), np.float32), "nf4").data["codes"].shape   # 2 per row
+  (8, 2, 32)
   >>> float(abs(np.asarray(dequantize(q)) - 1).max())
   0.0
   """
@@ -238,13 +257,17 @@ def quantize_np(x: np.ndarray, method: str, *, in_axes=None, stacked=False) -> d
     safe = np.where(scales > 0, scales, 1)
     codes = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
     return {"codes": codes, "scales": scales}
-  rows = x.reshape(x.shape[:lead] + (-1,))
-  n = rows.shape[-1]
-  blocks = -(-n // BLOCK)
-  pad = blocks * BLOCK - n
-  if pad:
-    rows = np.pad(rows, [(0, 0)] * lead + [(0, pad)])
-  rows = rows.reshape(rows.shape[:lead] + (blocks, BLOCK))
+  per = x.shape[lead:]
+  if len(per) > 1 and per[-1] % BLOCK == 0:   # blocks along the last axis, in the kernel's axes
+    rows = x.reshape(x.shape[:-1] + (per[-1] // BLOCK, BLOCK))
+  else:                                       # flat, padded to whole blocks
+    rows = x.reshape(x.shape[:lead] + (-1,))
+    n = rows.shape[-1]
+    pad = -(-n // BLOCK) * BLOCK - n
+    if pad:
+      rows = np.pad(rows, [(0, 0)] * lead + [(0, pad)])
+    rows = rows.reshape(rows.shape[:lead] + (-1, BLOCK))
+  blocks = math.prod(rows.shape[lead:-1])
   scales = np.max(np.abs(rows), axis=-1).astype(np.float32)
   safe = np.where(scales > 0, scales, 1)[..., None]
   mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
@@ -252,8 +275,9 @@ def quantize_np(x: np.ndarray, method: str, *, in_axes=None, stacked=False) -> d
   codes = idx[..., 0::2] | (idx[..., 1::2] << 4)
   out = {"codes": codes.astype(np.uint8), "scales": scales}
   if method == "nf4-dq":
-    mean = scales.mean(axis=-1).astype(np.float32)
-    centred = scales - mean[..., None]
+    flat = scales.reshape(scales.shape[:lead] + (-1,))
+    mean = flat.mean(axis=-1).astype(np.float32)
+    centred = flat - mean[..., None]
     sblocks = -(-blocks // SCALE_BLOCK)
     centred = np.pad(centred, [(0, 0)] * lead + [(0, sblocks * SCALE_BLOCK - blocks)])
     centred = centred.reshape(centred.shape[:lead] + (sblocks, SCALE_BLOCK))
@@ -265,6 +289,11 @@ def quantize_np(x: np.ndarray, method: str, *, in_axes=None, stacked=False) -> d
   return out
 
 
+def _in_kernel_axes(codes, shape, lead: int) -> bool:
+  """Whether NF4 ``codes`` keep the kernel's axes (``[..., last/64, 32]``), not flat blocks."""
+  return np.ndim(codes) == len(shape) + 1 and len(shape) - lead > 1
+
+
 def _dequantize(xp, data: dict, method: str, shape, stacked: bool):
   """Dequantization written once for ``xp`` = numpy or jax.numpy (float32)."""
   codes = data["codes"]
@@ -272,14 +301,16 @@ def _dequantize(xp, data: dict, method: str, shape, stacked: bool):
     return codes.astype(np.float32) * data["scales"]
   lead = 1 if stacked else 0
   scales = data["scales"]
-  blocks = codes.shape[-2]
   if method == "nf4-dq":
+    blocks = math.prod(codes.shape[lead:-1])
     s = scales.astype(np.float32) * (data["scales_absmax"][..., None] / 127)
-    s = s.reshape(s.shape[:-2] + (-1,))[..., :blocks]
-    scales = s + data["scales_mean"][..., None]
+    s = s.reshape(s.shape[:-2] + (-1,))[..., :blocks] + data["scales_mean"][..., None]
+    scales = s.reshape(codes.shape[:-1])
   idx = xp.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[:-1] + (BLOCK,))
   vals = xp.asarray(NF4_LEVELS)[idx.astype(np.int32)] * scales[..., None]
-  vals = vals.reshape(vals.shape[:-2] + (-1,))
+  if _in_kernel_axes(codes, shape, lead):
+    return vals.reshape(shape)
+  vals = vals.reshape(vals.shape[:lead] + (-1,))
   per_layer = math.prod(shape[lead:])
   return vals[..., :per_layer].reshape(shape)
 
