@@ -663,6 +663,23 @@ def test_speed_figures_are_the_committed_benchmark_results():
       f"decodes at {sv('decode', 'unmerged', 'merged')} the merged model's time"]
   missing_short = [e for e in expected_short if e not in short]
   assert not missing_short, missing_short
+  comp = json.loads((ROOT / "benchmarks" / "results" / "compile.json").read_text())["layers"]
+  c4, c48 = comp["4"]["rows"], comp["48"]["rows"]
+  tot = lambda rows, row: f"{rows[row]['total_s']:.2f} s"  # noqa: E731
+  vs = lambda rows, row: f"{rows[row]['total_vs_limit']:.2f}x"  # noqa: E731
+  expected += [
+      f"At 48 layers a LoRA step takes {tot(c48, 'lojax LoRA step')}, "
+      f"{vs(c48, 'lojax LoRA step')} the frozen limit's {tot(c48, 'frozen limit')} and "
+      f"{c48['lojax LoRA step']['total_s'] / c48['full fine-tuning']['total_s']:.2f}x full "
+      f"fine-tuning's {tot(c48, 'full fine-tuning')}; its gradient alone takes "
+      f"{vs(c48, 'lojax LoRA gradient')} the limit's time",
+      f"the factorized step has {c48['lojax LoRA step']['dots']} matmuls against the limit's "
+      f"{c48['frozen limit']['dots']}",
+      f"full fine-tuning already costs {vs(c48, 'full fine-tuning')}"]
+  training = " ".join((ROOT / "docs" / "training.md").read_text().split())
+  compile_claim = (f"{c4['lojax LoRA step']['total_s']:.2f} s on the 4-layer benchmark GPT and "
+                   f"{c48['lojax LoRA step']['total_s']:.1f} s with 48 unrolled layers")
+  assert compile_claim in training, compile_claim
   dora = f"a DoRA step keeps {mib('lojax DoRA')} temp on the benchmark GPT, against {mib('lojax LoRA')}"
   missing = [e for e in expected if e not in speed] + ([dora] if dora not in status else [])
   assert not missing, missing
