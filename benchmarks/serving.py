@@ -128,6 +128,18 @@ def _hotswap(model, params, prompt, swaps: int = 6) -> dict:
           "swap_s": float(np.median(per))}
 
 
+def block_bytes() -> tuple[int, int]:
+  """Float32 bytes of the served model's block kernels and of one adapter's factors on them
+  (``r * (in + out)`` values per kernel), from the abstract params."""
+  model = generate.CausalLM(width=WIDTH, depth=DEPTH, heads=HEADS, vocab=VOCAB)
+  shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, PROMPT), jnp.int32))
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  kernels = [x.shape for path, x in flat
+             if path[-1].key == "kernel" and path[-2].key in ("c_attn", "c_proj", "c_fc")]
+  assert len(kernels) == 4 * DEPTH, kernels
+  return (4 * sum(i * o for i, o in kernels), 4 * sum(R * (i + o) for i, o in kernels))
+
+
 def markdown(s: dict) -> list[str]:
   lines = ["", f"Serving ({s['shape']}): time per prefill, per decoded token (a scan of "
            f"{DECODE_STEPS} cached steps per call; bytes and temp per call), and the ratio to "
@@ -140,6 +152,17 @@ def markdown(s: dict) -> list[str]:
       m = f"{r['temp_bytes'] / 2**20:.1f}" if "temp_bytes" in r else "—"
       lines.append(f"| {phase} | {k} | {r['s'] * 1e3:.2f} ms | {r['ratio_to_merged']:.3f} | "
                    f"{r['ratio_to_unmerged']:.3f} | {b} | {m} |")
+  kernels, factors = block_bytes()
+  lines += ["", f"What a decoded token reads, besides the KV cache and the head: the block "
+            f"kernels, {kernels / 1e6:.1f} MB (float32), and each distinct adapter's factors, "
+            f"{factors / 1e6:.2f} MB (r = {R} on the {DEPTH} x 4 block linears). A step whose "
+            f"{BATCH} examples use K different adapters reads K of those: at K = 4 "
+            f"{4 * factors / kernels:.0%} and at K = 16 {16 * factors / kernels:.0%} of the "
+            "kernels' bytes. Where those matmuls are bound by memory bandwidth, K adapters "
+            "cost (kernels + K x factors) / (kernels + factors) of one adapter's time on them "
+            f"(K = 16: {(kernels + 16 * factors) / (kernels + factors):.2f}x) whatever gathers "
+            "the factors; the step as a whole costs less than that here (the table), as the "
+            "attention over the cache, the head and fixed costs per op take their share."]
   h = s["hotswap"]
   lines += ["", f"Hotswap: {h['swaps']} adapters of ranks 4, 8 and 16 swapped into a server "
             f"compiled for r = 16: {h['recompilations']} recompilations, "
