@@ -88,6 +88,7 @@ class GPT(nn.Module):
   tied: bool = False
   scan: bool = False
   general: bool = False
+  remat: bool = False   # with scan: each block is an nn.remat (jax.checkpoint) of itself
 
   @nn.compact
   def __call__(self, ids, perturb=None):
@@ -96,7 +97,8 @@ class GPT(nn.Module):
     if perturb is not None:
       x = x + perturb
     if self.scan:
-      stack = nn.scan(GPTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+      block = nn.remat(GPTBlock) if self.remat else GPTBlock
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       length=self.layers)
       x, _ = stack(self.d, self.heads, self.general, name="h")(x, None)
     else:

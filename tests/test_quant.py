@@ -289,14 +289,17 @@ def test_training_on_a_quantized_base_equals_the_dequantized_float_model(method)
   assert abs(float_loss - float(got_loss)) > 1e-6
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
-def test_a_quantized_step_holds_no_float_copy_of_the_kernels(scan):
+@pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (True, True)],
+                         ids=["unrolled", "scan", "scan_remat"])
+def test_a_quantized_step_holds_no_float_copy_of_the_kernels(scan, remat):
   """A QLoRA step keeps the codes, not the decoded kernels: the lean dense op decodes again
-  in the backward, and a scan over a quantized stack decodes one layer per step. Its temp
-  memory is then the float32 LoRA step's (a float copy of the adapted kernels would add
-  their 12 MiB here), and it computes what the same adapters compute on the decoded base."""
+  in the backward, a scan over a quantized stack decodes one layer per step, and a
+  checkpointed layer (nn.remat) takes the codes as its input and decodes inside (else it
+  would keep each layer's decoded kernel for the backward). Its temp memory is then the
+  float32 LoRA step's (a float copy of the adapted kernels would add their 12 MiB here),
+  and it computes what the same adapters compute on the decoded base."""
   import optax
-  model = gpt.GPT(vocab=512, d=256, heads=4, layers=4, max_len=64, scan=scan)
+  model = gpt.GPT(vocab=512, d=256, heads=4, layers=4, max_len=64, scan=scan, remat=remat)
   params, ids = gpt.init(model, batch=4, seq=64)
   labels = jnp.roll(ids, -1, 1)
   spec = lojax.LoraSpec(r=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)

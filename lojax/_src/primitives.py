@@ -333,9 +333,28 @@ def _inline(eqn, invals, ctx, run):
   return run(closed, (), invals, ctx)
 
 
+def _encoded_in(x: Tagged):
+  """What stands for ``x``'s value as a checkpoint's input: its encoded leaf, when it has
+  one (so the checkpoint keeps the codes, not the decoded kernel), else the value."""
+  return x.source.encoded if x.source is not None else x.value
+
+
+def _decoded_in(x: Tagged, value, triples) -> Tagged:
+  """``x`` rebuilt inside a checkpoint from :func:`_encoded_in`'s arrays (decoded there)."""
+  if x.source is None:
+    return _with_factors(x, value, triples)
+  source = tg.Source(value, x.source.ops)
+  terms = tuple(dataclasses.replace(t, a=a, b=b, m=m, bias=c)
+                for t, (a, b, m, c) in zip(x.terms, triples))
+  return x.replace(value=lax.stop_gradient(source.make()), terms=terms, source=source)
+
+
 def _remat(eqn, invals, ctx, run):
   p = eqn.params
-  flat, rebuild = _pack(invals)
+  # A quantized kernel enters as its codes and is decoded inside: the checkpoint's saved
+  # inputs are then the codes (a scan over checkpointed layers would otherwise keep every
+  # layer's decoded kernel for the backward).
+  flat, rebuild = _pack(invals, unpack=_decoded_in, value_of=_encoded_in)
   inner = p["jaxpr"]
 
   unpack = []
