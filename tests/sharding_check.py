@@ -1,6 +1,6 @@
 """Sharded-training checks on 8 fake CPU devices (run in a subprocess by test_sharding.py).
 
-``python tests/sharding_check.py [dense] [scan] [adalora] [explicit]``
+``python tests/sharding_check.py [dense] [scan] [adalora] [explicit] [qlora]``
 prints one ``CHECK <name> ...`` line per check with its numbers, and exits
 non-zero on the first failure. XLA_FLAGS must be set before jax is imported,
 which is why this is a script and not a test module.
@@ -367,12 +367,87 @@ def check_example(steps=6):
   print("CHECK example sharded_training ok", flush=True)
 
 
+def fsdp_tp(params):
+  """FSDP x TP: column-parallel kernels split ("data", "model"), row-parallel ("model", "data")."""
+
+  def spec(keypath, x):
+    path = lp.render(keypath)
+    lead = [None] * (x.ndim - 2)
+    if re.search(r"(c_attn|c_fc)/kernel$", path):
+      return P(*lead, "data", "model")
+    if path.endswith("c_proj/kernel"):
+      return P(*lead, "model", "data")
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def check_qlora_gather(scan, steps=2):
+  """A QLoRA step on an NF4 base split FSDP x TP: with ``gather_codes_over="data"`` its
+  all-gathers move the uint8 codes (and scales), no decoded float kernel; without, XLA
+  gathers the decoded kernels. Both train exactly as one device does."""
+  model, params, _, tx, ids, targets = setup(scan)
+  spec = lojax.LoraSpec(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                        init_lora_weights=False)
+  lora = lojax.wrap(params, spec, key=jax.random.key(3), quantize="nf4",
+                    apply_fn=model.apply, example_args=(ids,))
+  ref_step = jax.jit(make_step(model, tx))
+  ref_lora, ref_state = lora, tx.init(lora.trainable)
+  for _ in range(steps):
+    t, ref_state, ref_loss = ref_step(ref_lora, ref_state, ids, targets)
+    ref_lora = ref_lora.with_trainable(t)
+  mesh = mesh_of((4, 2))
+  data = NamedSharding(mesh, P("data"))
+  # per-layer block kernels and their shards (the embeddings and head are not quantized)
+  kernels = {tuple(sorted(s)) for kp, x in jax.tree_util.tree_leaves_with_path(params)
+             if re.search(r"(c_attn|c_proj|c_fc)/kernel$", lp.render(kp))
+             for s in kernel_shapes({"k": {"kernel": x[0] if scan else x}})}
+  out = {}
+  for over in (None, "data"):
+    shardings = ls.lora_shardings(lora, fsdp_tp(params), mesh=mesh, gather_codes_over=over)
+    state_sh = ls.opt_state_shardings(tx, shardings.trainable, lora.trainable)
+    step = jax.jit(make_step(model, tx), in_shardings=(shardings, state_sh, data, data),
+                   out_shardings=(shardings.trainable, state_sh, NamedSharding(mesh, P())))
+    slora = ls.shard(lora, shardings)
+    state = jax.device_put(tx.init(lora.trainable), state_sh)
+    sids, stargets = jax.device_put(ids, data), jax.device_put(targets, data)
+    compiled = step.lower(slora, state, sids, stargets).compile()
+    hlo, temp = compiled.as_text(), compiled.memory_analysis().temp_size_in_bytes
+    for _ in range(steps):
+      t, state, loss = step(slora, state, sids, stargets)
+      slora = slora.with_trainable(t)
+    gathers = [(dt, tuple(int(d) for d in dims.split(",") if d))
+               for line in hlo.splitlines() if (m := _OP.search(line)) and m.group(2) == "all-gather"
+               for dt, dims in _SHAPE.findall(m.group(1))]
+    nbytes = lambda dt, sh: int(np.prod(sh, dtype=np.int64)) * _DTYPE_BYTES.get(dt, 4)  # noqa
+    out[over] = dict(
+        loss_diff=abs(float(loss) - float(ref_loss)), temp=temp,
+        param_diff=max_diff(slora.trainable, ref_lora.trainable),
+        float_kernel_gathers=sum(dt == "f32" and tuple(sorted(sh[-2:])) in kernels
+                                 for dt, sh in gathers),
+        code_gathers=sum(dt == "u8" for dt, _ in gathers),
+        gather_bytes=sum(nbytes(dt, sh) for dt, sh in gathers),
+        all_reduce_bytes=sum(b for o, _, b in collectives(hlo) if o == "all-reduce"),
+        other_bytes=sum(b for o, _, b in collectives(hlo) if o not in ("all-reduce", "all-gather")))
+  print(f"CHECK qlora_gather scan={scan} {out}", flush=True)
+  for over, r in out.items():
+    assert r["loss_diff"] < 5e-5 and r["param_diff"] < 1e-3, (over, r)
+  # Gathering codes: no decoded kernel is gathered; the codes are.
+  assert out["data"]["float_kernel_gathers"] == 0 and out["data"]["code_gathers"] > 0, out
+  assert out[None]["code_gathers"] == 0, out
+  assert out["data"]["temp"] <= 1.25 * out[None]["temp"], out   # gathered codes are transient
+  if not scan:   # XLA gathers the decoded kernels here, 8x the codes' bytes per value
+    assert out[None]["float_kernel_gathers"] > 0, out
+    assert out["data"]["gather_bytes"] < out[None]["gather_bytes"], out
+
+
 GROUPS = {
     "dense": lambda: (check_equiv(scan=False, adalora=False), check_collectives(scan=False)),
     "scan": lambda: check_equiv(scan=True, adalora=False),
     "scan_collectives": lambda: check_collectives(scan=True, control=False),
     "adalora": lambda: (check_equiv(scan=False, adalora=True), check_checkpoint(adalora=True)),
     "explicit": lambda: check_equiv(scan=False, adalora=False, explicit=True),
+    "qlora": lambda: (check_qlora_gather(scan=False), check_qlora_gather(scan=True)),
     "example": check_example,
 }
 

@@ -86,10 +86,13 @@ def test_tiny_scale_lora_step(tmp_path):
 @pytest.mark.slow
 def test_tiny_scale_qlora_step(tmp_path):
   """QLoRA on the NF4 base: the same structure against the frozen NF4 model."""
-  model, out = run_scale(tmp_path, "limit,qlora")
+  model, out = run_scale(tmp_path, "limit,qlora,qlora_g")
   assert "CHECK tiny: the abstract NF4 base" in out
   check_lora_row(model, "qlora", "qlimit")
   assert math.isfinite(model["rows"]["qlora"]["memory"]["total"])
   # No collective rebuilds a whole per-layer kernel (the codes are split like the kernel:
   # tests/test_sharding.py pins their specs).
   assert model["checks"]["qlora"]["full_kernel_gathers_per_step"] == 0
+  # gather_codes_over="fsdp": the layers gather 4-bit codes, not decoded kernels.
+  gathered = lambda r: model["rows"][r]["collectives"]["all-gather"]["bytes_per_step"]  # noqa
+  assert gathered("qlora_g") < 0.5 * gathered("qlora"), (gathered("qlora_g"), gathered("qlora"))

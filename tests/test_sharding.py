@@ -232,7 +232,7 @@ def run_checks(*groups):
 def test_sharded_training_on_8_fake_devices():
   """Same losses/adapters as one device, no hidden weight traffic, Orbax across meshes."""
   # 2 processes for 2 cores; the example (examples/sharded_training.py) runs in the second
-  procs = [run_checks("dense", "scan"), run_checks("adalora", "example")]
+  procs = [run_checks("dense", "scan", "qlora"), run_checks("adalora", "example")]
   outs = []
   for p in procs:
     out, err = p.communicate(timeout=600)
@@ -256,6 +256,8 @@ def test_sharded_training_on_8_fake_devices():
   assert all("max_diff=0.0e+00" in c and "shardings_match=True" in c for c in restored)
   assert "restored onto mesh {'data': 4, 'model': 2}: values identical" in out
   assert "CHECK example sharded_training ok" in out
+  # QLoRA with gather_codes_over: the codes are gathered, no decoded kernel (asserted there)
+  assert len([c for c in checks if c.startswith("CHECK qlora_gather")]) == 2
 
 
 def test_dora_magnitude_follows_the_output_axes():
@@ -296,3 +298,33 @@ def test_quantized_base_shards_its_stored_arrays(method):
   placed = lojax.shard(lora, shardings)
   np.testing.assert_array_equal(lojax.merge(placed)["h"]["mlp"]["kernel"],
                                 lojax.merge(lora)["h"]["mlp"]["kernel"])
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_gather_codes_over_gathers_the_stored_arrays_where_they_are_decoded(method):
+  """``gather_codes_over`` gives each stored array the sharding it has without those mesh
+  axes, ``lojax.shard`` carries it to the placed kernel (so the tree matches the shardings
+  for jit), and the step computes what it computes without (the collectives themselves are
+  checked on 8 devices: sharding_check.py's qlora group)."""
+  stack = {"h": {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (2, 64, 256))}}}
+  def fn(p, x):
+    return jax.lax.scan(lambda c, w: (c, c @ w), x, p["h"]["mlp"]["kernel"])[1]
+  x = jnp.ones((4, 64))
+  lora = lojax.wrap(stack, lojax.LoraSpec(r=2, target_modules=["mlp"], init_lora_weights=False),
+                    key=jax.random.key(1), quantize=method, apply_fn=fn, example_args=(x,))
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
+  specs = {"h": {"mlp": {"kernel": P(None, "fsdp", "tp")}}}
+  shardings = lojax.lora_shardings(lora, specs, mesh=mesh, gather_codes_over="fsdp")
+  node = shardings.base["h"]["mlp"]["kernel"]
+  gather = dict(node.gather)
+  assert set(gather) == set(node.data)
+  for name, (stored, gathered) in gather.items():
+    assert stored == node.data[name]
+    want = [None if e == "fsdp" else e for e in stored.spec]
+    assert tuple(gathered.spec) == tuple(want), (name, stored.spec, gathered.spec)
+  placed = lojax.shard(lora, shardings)
+  assert placed.base["h"]["mlp"]["kernel"].gather == node.gather
+  apply = jax.jit(lojax.lorafy(fn), in_shardings=(shardings, None))
+  np.testing.assert_allclose(apply(placed, x), jax.jit(lojax.lorafy(fn))(lora, x), rtol=1e-6)
+  with pytest.raises(ValueError, match="gather_codes_over.*'data'.*mesh does not have"):
+    lojax.lora_shardings(lora, specs, mesh=mesh, gather_codes_over="data")

@@ -91,30 +91,44 @@ class QuantizedArray(model.EncodedArray):
       int8: ``codes`` (the kernel's shape, int8) and ``scales`` (float32,
       size 1 on the input axes).
 
+    gather: ``None``, or ``((name, (stored, gathered)), ...)``: for stored
+      arrays, the ``NamedSharding`` they are stored with and the one
+      dequantization all-gathers them to first, inside ``jax.jit`` (set by
+      :func:`lojax.shard` from ``lojax.lora_shardings(...,
+      gather_codes_over=...)``): FSDP moves the codes, not the decoded kernel.
+
   Use :func:`quantize` to make one and :func:`dequantize` to read it.
   """
 
   in_axes = None   # for arrays pickled before the attribute existed
+  gather = None
 
   def __init__(self, data: dict[str, Any], *, method: str, shape: Sequence[int], dtype: Any,
-               stacked: bool = False, in_axes: Sequence[int] | None = None):
+               stacked: bool = False, in_axes: Sequence[int] | None = None, gather=None):
     self.data = dict(data)
     self.method = method
     self.shape = tuple(shape)
     self.dtype = np.dtype(dtype)
     self.stacked = bool(stacked)
     self.in_axes = None if in_axes is None else tuple(int(a) for a in in_axes)
+    self.gather = None if gather is None else tuple(sorted(dict(gather).items()))
 
   def tree_flatten_with_keys(self):
     names = tuple(sorted(self.data))
     children = tuple((jax.tree_util.GetAttrKey(n), self.data[n]) for n in names)
-    return children, (names, self.method, self.shape, self.dtype, self.stacked, self.in_axes)
+    return children, (names, self.method, self.shape, self.dtype, self.stacked, self.in_axes,
+                      self.gather)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    names, method, shape, dtype, stacked, in_axes = aux
+    names, method, shape, dtype, stacked, in_axes, gather = aux
     return cls(dict(zip(names, children)), method=method, shape=shape, dtype=dtype,
-               stacked=stacked, in_axes=in_axes)
+               stacked=stacked, in_axes=in_axes, gather=gather)
+
+  def with_gather(self, gather) -> "QuantizedArray":
+    """This array with ``gather`` (see the class docstring; ``None`` removes it)."""
+    return QuantizedArray(self.data, method=self.method, shape=self.shape, dtype=self.dtype,
+                          stacked=self.stacked, in_axes=self.in_axes, gather=gather)
 
   @property
   def ndim(self) -> int:
@@ -163,8 +177,12 @@ class QuantizedArray(model.EncodedArray):
     (every stored array of a stacked kernel has the layer axis first)."""
     if not self.stacked:
       raise ValueError("Only a stacked QuantizedArray has layers.")
+    drop = lambda s: jax.sharding.NamedSharding(  # noqa: E731  (a scan's slice: no layer axis)
+        s.mesh, jax.sharding.PartitionSpec(*tuple(s.spec)[1:]))
+    gather = None if self.gather is None else tuple(
+        (n, (drop(a), drop(b))) for n, (a, b) in self.gather)
     return QuantizedArray(self.data, method=self.method, shape=self.shape[1:], dtype=self.dtype,
-                          stacked=False, in_axes=self.in_axes)
+                          stacked=False, in_axes=self.in_axes, gather=gather)
 
   def dequantize(self, dtype: Any = None):
     """The kernel as a ``jax.numpy`` array (see :func:`dequantize`)."""
@@ -199,7 +217,7 @@ class QuantizedArray(model.EncodedArray):
     if all(np.array_equal(np.asarray(q.data[k]), np.asarray(v)) for k, v in self.data.items()):
       return self
     return QuantizedArray(q.data, method=self.method, shape=self.shape, dtype=self.dtype,
-                          stacked=self.stacked, in_axes=self.in_axes)
+                          stacked=self.stacked, in_axes=self.in_axes, gather=self.gather)
 
   def __repr__(self):
     return (f"QuantizedArray({self.method}, shape={self.shape}, dtype={self.dtype.name}, "
@@ -334,8 +352,45 @@ def dequantize(x: Any, dtype: Any = None):
   """
   if not is_quantized(x):
     return x
-  out = _dequantize(jnp, x.data, x.method, x.shape, x.stacked)
+  data = x.data
+  if x.gather is not None and isinstance(next(iter(data.values())), jax.core.Tracer):
+    gather = dict(x.gather)   # FSDP: gather the stored arrays, then decode the whole kernel
+    data = {k: _all_gather(v, *gather[k]) if k in gather else v for k, v in data.items()}
+  out = _dequantize(jnp, data, x.method, x.shape, x.stacked)
   return out.astype(x.dtype if dtype is None else dtype)
+
+
+def _all_gather(v, stored, gathered):
+  """``v`` (sharded as ``stored``) all-gathered to ``gathered``, which drops mesh axes from
+  its entries: an explicit per-array collective (``shard_map``), so the gather happens
+  where the array is decoded, e.g. one layer's codes inside a scan, and sharding
+  propagation cannot move it (a sharding constraint there let XLA gather the whole stack
+  before the loop). An axis whose kept mesh axes are not the leading ones of its entry is
+  left as stored."""
+  ndim = np.ndim(v)
+  pad = lambda spec: [tuple(e) if isinstance(e, tuple) else () if e is None else (e,)  # noqa
+                      for e in list(spec) + [None] * (ndim - len(spec))]
+  ins, outs = pad(stored.spec), pad(gathered.spec)
+  moves, kept = [], []
+  for axis, (a, b) in enumerate(zip(ins, outs)):
+    if a[:len(b)] == b:
+      kept.append(b)
+      if a[len(b):]:
+        moves.append((axis, a[len(b):]))
+    else:
+      kept.append(a)
+  if not moves:
+    return v
+  spec = lambda entries: jax.sharding.PartitionSpec(  # noqa: E731
+      *[None if not e else e[0] if len(e) == 1 else e for e in entries])
+
+  def local(x):
+    for axis, names in moves:
+      x = jax.lax.all_gather(x, names[0] if len(names) == 1 else names, axis=axis, tiled=True)
+    return x
+
+  return jax.shard_map(local, mesh=stored.mesh, in_specs=spec(ins), out_specs=spec(kept),
+                       check_vma=False)(v)
 
 
 def dequantize_np(x: QuantizedArray) -> np.ndarray:

@@ -22,7 +22,7 @@ optimizer state follows the params it mirrors (see
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -89,7 +89,8 @@ def _param_entries(t: TargetMeta, roles: tuple, kernel_spec: PartitionSpec) -> l
 
 def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None,
                    replicate: bool = False,
-                   override: Callable[[str, NamedSharding], Any] | None = None) -> LoraParams:
+                   override: Callable[[str, NamedSharding], Any] | None = None,
+                   gather_codes_over: str | Sequence[str] | None = None) -> LoraParams:
   """Shardings for every leaf of ``lora``, derived from the base params' shardings.
 
   Args:
@@ -107,6 +108,15 @@ def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None
       called for each adapter leaf with its "/"-joined path in
       ``lora.adapters`` (e.g. ``default/lora/params/h_0/attn/c_attn/lora_A``)
       and the derived sharding; a non-None result replaces it.
+    gather_codes_over: mesh axis name(s) the base is split over for FSDP
+      (e.g. ``"fsdp"``). A quantized kernel (``wrap(..., quantize=)``) is
+      stored split like the float kernel; with this, each use inside
+      ``jax.jit`` first gathers its codes and scales over these axes (to the
+      sharding the stored arrays have without them) and decodes the gathered
+      kernel, so FSDP moves the 4-bit codes rather than the decoded floats
+      (as FSDP with QLoRA does in PyTorch). Without it XLA decodes each
+      device's shard and gathers the float kernel. Place the params with
+      :func:`shard`, which carries this to the quantized kernels.
 
   Returns:
     A :class:`lojax.LoraParams` of ``NamedSharding`` leaves with the
@@ -136,8 +146,14 @@ def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None
   """
   by_path, mesh = _base_specs(lora, base_shardings, mesh)
   paths, leaves, treedef = P.flatten(lora.base)
+  over = (() if gather_codes_over is None else (gather_codes_over,)
+          if isinstance(gather_codes_over, str) else tuple(gather_codes_over))
+  unknown = [a for a in over if a not in mesh.axis_names]
+  if unknown:
+    raise ValueError(f"`gather_codes_over` names {unknown}, which the mesh does not have "
+                     f"(its axes: {list(mesh.axis_names)}).")
   base = jax.tree_util.tree_unflatten(
-      treedef, [_encoded_sharding(mesh, by_path[p], x) if model.is_encoded(x)
+      treedef, [_encoded_sharding(mesh, by_path[p], x, over) if model.is_encoded(x)
                 else _named(mesh, by_path[p], np.shape(x)) for p, x in zip(paths, leaves)])
   adapters = {name: _adapter_shardings(lora.meta.adapter(name), ad, by_path, mesh, replicate,
                                        override)
@@ -145,14 +161,30 @@ def lora_shardings(lora: LoraParams, base_shardings: Any, /, *, mesh: Any = None
   return LoraParams(base, adapters, lora.meta)
 
 
-def _encoded_sharding(mesh, spec: PartitionSpec, x):
-  """An encoded (quantized) kernel's node with a NamedSharding for each stored array."""
+def _encoded_sharding(mesh, spec: PartitionSpec, x, over: tuple = ()):
+  """An encoded (quantized) kernel's node with a NamedSharding for each stored array;
+  with ``over``, also the shardings its stored arrays are gathered to before decoding (the
+  same without the mesh axes ``over``)."""
   specs = x.stored_specs(_padded(spec, len(x.shape)))
   is_spec = lambda e: isinstance(e, list)
   arrays = jax.tree_util.tree_leaves(x)
   entries, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
-  return jax.tree_util.tree_unflatten(
+  node = jax.tree_util.tree_unflatten(
       treedef, [NamedSharding(mesh, _fit(mesh, e, np.shape(a))) for e, a in zip(entries, arrays)])
+  if not over:
+    return node
+  if not hasattr(node, "with_gather"):
+    raise ValueError(f"`gather_codes_over` applies to lojax's quantized kernels; "
+                     f"{type(x).__name__} cannot gather its stored arrays.")
+
+  def without(e):
+    axes = tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a is not None and
+                 a not in over)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+  gather = {n: (s, NamedSharding(mesh, PS(*[without(e) for e in s.spec])))
+            for n, s in node.data.items()}
+  return node.with_gather(gather)
 
 
 def _named(mesh, spec: PartitionSpec, shape) -> NamedSharding:
@@ -236,7 +268,16 @@ def shard(lora: LoraParams, shardings: LoraParams, /) -> LoraParams:
   >>> lora = lojax.wrap({"d": {"kernel": jnp.ones((4, 6))}},
   ...                   lojax.LoraSpec(r=2, target_modules=["d"]), key=jax.random.key(0))
   >>> lora = lojax.shard(lora, lojax.lora_shardings(lora, None, mesh=mesh))
+
+  Quantized kernels take the ``gather`` of their shardings (``lora_shardings(...,
+  gather_codes_over=...)``), so ``lora`` and ``shardings`` have the same structure for
+  ``jax.jit``'s ``in_shardings``.
   """
+  paths, leaves, treedef = P.flatten(lora.base)
+  by_path = dict(zip(*P.flatten(shardings.base)[:2]))
+  leaves = [x.with_gather(getattr(by_path.get(p), "gather", None))
+            if hasattr(x, "with_gather") else x for p, x in zip(paths, leaves)]
+  lora = LoraParams(jax.tree_util.tree_unflatten(treedef, leaves), lora.adapters, lora.meta)
   return jax.device_put(lora, shardings)
 
 
