@@ -54,8 +54,8 @@ def _args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", choices=MODELS + ("all",), default="all",
                   help="which model to compile (all: 8b and 70b)")
-  ap.add_argument("--rows", default="limit,lora,qlora,full",
-                  help="comma-separated rows: limit, lora, qlora, full")
+  ap.add_argument("--rows", default="limit,lora,qlora,qlora_g,full",
+                  help="comma-separated rows: limit, lora, qlora, qlora_g, full")
   ap.add_argument("--out", default=None,
                   help="folder for scale.json / scale.md (default: benchmarks/results for "
                        "8b/70b/all; nothing for tiny)")
@@ -95,7 +95,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 GiB = 2 ** 30
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROW_NAMES = {"limit": "frozen limit", "lora": "LoRA", "qlimit": "frozen limit, NF4 base",
-             "qlora": "QLoRA (NF4 base)", "full": "full FT"}
+             "qlora": "QLoRA (NF4 base)", "qlora_g": "QLoRA, codes gathered",
+             "full": "full FT"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,11 +335,18 @@ def compile_row(kind: str, cfg: Config, mesh):
   fn = functools.partial(loss_fn, cfg, mesh)
   info = {}
   start = time.perf_counter()
-  if kind in ("qlimit", "qlora"):
+  if kind in ("qlimit", "qlora", "qlora_g"):
     lora = quantize_abstract(wrap_abstract(cfg, params, mesh))
     # lojax's shardings of the stored arrays, from the kernels' specs (codes and scales keep
-    # the kernel's axes, so they split like the kernel)
-    shardings = lojax.lora_shardings(lora, specs, mesh=mesh)
+    # the kernel's axes, so they split like the kernel); qlora_g gathers the codes over fsdp
+    # where each layer decodes them (gather_codes_over), carried to the abstract base as
+    # lojax.shard carries it to placed arrays
+    shardings = lojax.lora_shardings(lora, specs, mesh=mesh,
+                                     gather_codes_over="fsdp" if kind == "qlora_g" else None)
+    lora = lojax.LoraParams(jax.tree.map(
+        lambda x, s: x.with_gather(s.gather) if isinstance(x, lojax.QuantizedArray) else x,
+        lora.base, shardings.base, is_leaf=lambda x: isinstance(x, lojax.QuantizedArray)),
+        lora.adapters, lora.meta)
   elif kind == "lora":
     lora = wrap_abstract(cfg, params, mesh)
     shardings = lojax.lora_shardings(lora, specs, mesh=mesh)
@@ -360,7 +368,7 @@ def compile_row(kind: str, cfg: Config, mesh):
     lowered = jax.jit(limit, in_shardings=(base_sh, data, data, data),
                       out_shardings=(rep, data)).lower(
                           with_shardings(base, base_sh), a_ids, a_targets, perturb)
-  elif kind in ("lora", "qlora"):
+  elif kind in ("lora", "qlora", "qlora_g"):
     state = jax.eval_shape(tx.init, lora.trainable)
     state_sh = lojax.opt_state_shardings(tx, shardings.trainable, lora.trainable)
     apply = lojax.lorafy(fn)
@@ -660,7 +668,7 @@ def run_model(key: str, rows: list[str], dump_hlo: str | None = None) -> dict:
          "devices": cfg.fsdp * cfg.tp, "rows": {}}
   if "qlora" in rows and "qlimit" not in rows:
     rows = rows + ["qlimit"]
-  order = ("limit", "lora", "qlimit", "qlora", "full")
+  order = ("limit", "lora", "qlimit", "qlora", "qlora_g", "full")
   if key == "tiny" and "qlora" in rows:
     check_nf4_structs(cfg, abstract_params(cfg)[0], mesh)
   for kind in [r for r in order if r in rows or r == "limit"]:
@@ -786,6 +794,15 @@ def markdown(results: dict) -> str:
           f"{res['checks']['qlora']['full_kernel_gathers_per_step']} all-gathers a step "
           f"produce a whole per-layer kernel (LoRA: "
           f"{res['checks']['lora']['full_kernel_gathers_per_step']}).")
+    if {"qlora_g", "lora"} <= set(rows):
+      g, l = rows["qlora_g"], rows["lora"]
+      ag = lambda r: r["collectives"]["all-gather"]["bytes_per_step"]  # noqa: E731
+      lines.append(
+          f"- {name} QLoRA with `gather_codes_over='fsdp'`: all-gathers move "
+          f"{_gib(ag(g))} GiB a step, {ag(g) / ag(l):.2f}x LoRA's {_gib(ag(l))} GiB (the 4-bit "
+          f"codes instead of the decoded kernels); {_gib(g['memory']['total'])} GiB per device "
+          f"in all (temp {_gib(g['memory']['temp'])}), against {_gib(l['memory']['total'])} "
+          f"for LoRA.")
   lines += [
       "",
       "Reading the figures:",
@@ -801,7 +818,12 @@ def markdown(results: dict) -> str:
       "- NF4 base: the stored arrays keep the kernel's axes (codes `[L, in, out/64, 32]`, "
       "scales `[L, in, out/64]`: blocks of 64 along the output axis), and "
       "`lojax.lora_shardings` shards them like the kernel, so a device holds the codes of "
-      "its own kernel shard, as in the float model. "
+      "its own kernel shard, as in the float model. XLA then decodes each shard and "
+      "all-gathers the decoded kernel, as many bytes as LoRA's; with "
+      "`lora_shardings(..., gather_codes_over='fsdp')` (the 'codes gathered' row) each layer "
+      "all-gathers its codes and scales and decodes the gathered kernel, as FSDP with QLoRA "
+      "does in PyTorch. A checkpointed layer takes the codes as its input, so the backward "
+      "keeps codes, not decoded kernels. "
       "The scan over the quantized stack slices the stored arrays and decodes one layer "
       "per step (and the lean dense op decodes again in the backward from the codes), so "
       "no float copy of the stack is held.",

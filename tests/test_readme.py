@@ -682,6 +682,18 @@ def test_speed_figures_are_the_committed_benchmark_results():
       f"for the 384 adapter leaves)",
       f"{mib('lojax QLoRA (NF4)')} at {ratio('lojax QLoRA (NF4)', 'step')} the NNX limit's time "
       f"({ratio('lojax QLoRA (NF4, double-quant)', 'step')} with double quantization"]
+  scale = json.loads((ROOT / "benchmarks" / "results" / "scale.json").read_text())["models"]
+  sg = {k: scale[k]["rows"] for k in ("8b", "70b")}
+  ag = lambda rows, n: rows[n]["collectives"]["all-gather"]["bytes_per_step"]  # noqa: E731
+  expected.append(
+      f"all-gathers {ag(sg['8b'], 'qlora_g') / ag(sg['8b'], 'lora'):.2f}x (8B) and "
+      f"{ag(sg['70b'], 'qlora_g') / ag(sg['70b'], 'lora'):.2f}x (70B) the bytes of the LoRA "
+      f"step, taking {sg['8b']['qlora_g']['memory']['total'] / 2**30:.2f} and "
+      f"{sg['70b']['qlora_g']['memory']['total'] / 2**30:.2f} GiB per device in all")
+  sharding_doc = " ".join((ROOT / "docs" / "sharding.md").read_text().split())
+  claim = (f"Llama-3-70B step (`benchmarks/results/scale.md`) that moves "
+           f"{ag(sg['70b'], 'qlora_g') / ag(sg['70b'], 'lora'):.2f}x the all-gather bytes")
+  assert claim in sharding_doc, claim
   training = " ".join((ROOT / "docs" / "training.md").read_text().split())
   compile_claim = (f"{c4['lojax LoRA step']['total_s']:.2f} s on the 4-layer benchmark GPT and "
                    f"{c48['lojax LoRA step']['total_s']:.1f} s with 48 unrolled layers")
