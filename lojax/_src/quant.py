@@ -363,10 +363,9 @@ def dequantize(x: Any, dtype: Any = None):
 def _all_gather(v, stored, gathered):
   """``v`` (sharded as ``stored``) all-gathered to ``gathered``, which drops mesh axes from
   its entries: an explicit per-array collective (``shard_map``), so the gather happens
-  where the array is decoded, e.g. one layer's codes inside a scan, and sharding
-  propagation cannot move it (a sharding constraint there let XLA gather the whole stack
-  before the loop). An axis whose kept mesh axes are not the leading ones of its entry is
-  left as stored."""
+  where the array is decoded, e.g. one layer's codes inside a scan, rather than wherever
+  sharding propagation would place it. An axis whose kept mesh axes are not the leading
+  ones of its entry is left as stored."""
   ndim = np.ndim(v)
   pad = lambda spec: [tuple(e) if isinstance(e, tuple) else () if e is None else (e,)  # noqa
                       for e in list(spec) + [None] * (ndim - len(spec))]
