@@ -779,13 +779,13 @@ def markdown(results: dict) -> str:
   for key, res in results["models"].items():
     rows, name = res["rows"], res["config"]["name"]
     tot = {k: r["memory"]["total"] for k, r in rows.items()}
+    ag = lambda r: r["collectives"]["all-gather"]["bytes_per_step"]  # noqa: E731
     if {"lora", "full", "limit"} <= set(tot):
       lines.append(
           f"- {name}: LoRA needs {tot['lora'] / tot['full']:.2f}x full fine-tuning's memory "
           f"per device and {tot['lora'] / tot['limit']:.2f}x the frozen limit's.")
     if {"qlora", "lora", "limit", "qlimit"} <= set(rows):
       q, l = rows["qlora"], rows["lora"]
-      ag = lambda r: r["collectives"]["all-gather"]["bytes_per_step"]  # noqa: E731
       lines.append(
           f"- {name} QLoRA: arguments {_gib(q['memory']['argument'])} GiB against "
           f"{_gib(l['memory']['argument'])} GiB for LoRA, temp {_gib(q['memory']['temp'])} "
@@ -796,7 +796,6 @@ def markdown(results: dict) -> str:
           f"{res['checks']['lora']['full_kernel_gathers_per_step']}).")
     if {"qlora_g", "lora"} <= set(rows):
       g, l = rows["qlora_g"], rows["lora"]
-      ag = lambda r: r["collectives"]["all-gather"]["bytes_per_step"]  # noqa: E731
       lines.append(
           f"- {name} QLoRA with `gather_codes_over='fsdp'`: all-gathers move "
           f"{_gib(ag(g))} GiB a step, {ag(g) / ag(l):.2f}x LoRA's {_gib(ag(l))} GiB (the 4-bit "
