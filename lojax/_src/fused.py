@@ -197,7 +197,7 @@ def _after(vals, dy):
 
 
 def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None,
-          preferred_element_type=None, w_source=None):
+          preferred_element_type=None, w_source=None, concat=True):
   """``x2 @ w2 + Σ (x2 @ a) @ b`` as one matmul, with a memory-lean backward.
 
   Differentiated, the forward is the single matmul ``[x2 | x2@a] @ [w2; b]``;
@@ -211,6 +211,13 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
   kernel: ``w2 == fn(arrays)``, its codes and scales), ``w2`` is made from
   ``arrays`` in the forward and again in the backward, which keeps ``arrays``
   instead of the float kernel.
+
+  ``concat=False`` (a kernel split over mesh axes): the training forward is
+  ``x2 @ w2 + Σ (x2@a) @ b``, two matmuls. Concatenated along a split axis
+  (the contracting one of a row-parallel kernel, say), ``[x2 | x2@a]`` and
+  ``[w2; b]`` make the partitioner move activations and kernel shards between
+  devices (all-to-alls) that the frozen model never moves; on one device the
+  concatenation keeps less (XLA does not materialise the sum of two products).
   """
   if w_source is not None:
     w_fn, w2 = w_source
@@ -226,8 +233,13 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
   def fwd(x2, anchors, w_in, a_s, b_s):
     w2 = w_in if w_fn is None else w_fn(w_in)
     ts = tuple(jnp.matmul(x2, a, **kw).astype(x2.dtype) for a in a_s)
-    y = jnp.matmul(jnp.concatenate((x2,) + ts, axis=1),
-                   jnp.concatenate((w2,) + b_s, axis=0), **kw)
+    if concat:
+      y = jnp.matmul(jnp.concatenate((x2,) + ts, axis=1),
+                     jnp.concatenate((w2,) + b_s, axis=0), **kw)
+    else:
+      y = jnp.matmul(x2, w2, **kw)
+      for t, b in zip(ts, b_s):
+        y = y + jnp.matmul(t, b, **kw)
     kept = None if recompute is not None else x2
     return y, (kept, anchors, w_in, a_s, b_s, ts)
 

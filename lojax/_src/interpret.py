@@ -47,7 +47,10 @@ def run(jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: rules.Context) -
         info = fused.JaxprInfo(jaxpr)
       ctx.site = fused.Site(eqn, info, env)   # lets a rule look at how its inputs were made
       try:
-        outs = _tagged_eqn(eqn, invals, ctx)
+        # The rules trace under the equation's own context (its abstract mesh, e.g. inside
+        # ``auto_axes``; compute type; XLA metadata), as :func:`primitives.bind` does.
+        with eqn.ctx.manager:
+          outs = _tagged_eqn(eqn, invals, ctx)
       finally:
         ctx.site = None
     else:

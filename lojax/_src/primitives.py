@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 from jax.extend import core as jcore
 from jax.extend.core import primitives as _jex_prims
 
@@ -75,6 +76,22 @@ sharding_constraint_p = _find("lax.sharding_constraint_p", "jex.sharding_constra
 optimization_barrier_p = _find("lax.optimization_barrier_p")
 split_p = _find("lax.split_p")
 unstack_p = _find("lax.unstack_p")
+
+
+def _traced(fn) -> jcore.Primitive | None:
+  """The primitive of the one equation ``fn`` traces to on a float32[1] under a one-device
+  Explicit mesh, for primitives JAX exports only through a function (abstract: no backend
+  is started)."""
+  mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Explicit,))
+  try:
+    with jax.sharding.use_abstract_mesh(mesh):
+      eqns = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((1,), jnp.float32)).jaxpr.eqns
+  except Exception:   # noqa: BLE001 -- a JAX without it: its uses get the merged kernel
+    return None
+  return eqns[0].primitive if len(eqns) == 1 else None
+
+
+reshard_p = _traced(lambda x: jax.sharding.reshard(x, P()))
 
 
 def _traced_primitive(fn, *shapes) -> jcore.Primitive | None:
@@ -131,8 +148,97 @@ def _merged_outs(ctx, outs, prim):
 
 def _consumer(rule) -> Handler:
   def handle(eqn, invals, ctx, run):
-    return rule(ctx, *invals, **eqn.params)
+    outs = _explicit_outs(eqn)
+    if outs is None:
+      return rule(ctx, *invals, **eqn.params)
+    return _in_auto_axes(eqn, invals, ctx, rule, outs)
   return handle
+
+
+def _explicit_outs(eqn):
+  """The output shardings of ``eqn`` if any is typed on an ``Explicit`` mesh axis, else None."""
+  shardings = [getattr(v.aval, "sharding", None) for v in eqn.outvars]
+  for sh in shardings:
+    mesh = getattr(sh, "mesh", None)
+    if mesh is not None and any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+      return shardings
+  return None
+
+
+def _in_auto_axes(eqn, invals, ctx, rule, outs):
+  """``rule`` on ``invals`` with the mesh's axes Auto (``jax.sharding.auto_axes``): the
+  factorized ops lojax adds carry no sharding types of their own, so XLA's partitioner places
+  them, and the results get ``eqn``'s own output types back. The base op's ``out_sharding``
+  becomes the result's type instead of an argument (it cannot name Auto axes)."""
+  flat, rebuild = _pack(invals, value_of=lambda x: (x.value, _encoded(x)), unpack=_with_codes)
+  split_kernel = any(isinstance(x, Tagged) and _is_split(x.value) for x in invals)
+  params = dict(eqn.params)
+  if "out_sharding" in params:
+    params["out_sharding"] = None
+  plain = eqn.replace(params=params)
+  multiple = eqn.primitive.multiple_results
+
+  def f(*arrs):
+    args = rebuild(list(arrs))
+    site, ctx.site = ctx.site, None   # a recompute chain would close over typed values
+    split, ctx.split = ctx.split, split_kernel
+    try:
+      out = rule(ctx, *args, **params)
+      if out is None:
+        out = bind(plain, [merged(ctx, x, eqn.primitive.name) for x in args])
+    finally:
+      ctx.site, ctx.split = site, split
+    return list(out) if multiple else [out]
+
+  res = jax.sharding.auto_axes(f, out_sharding=outs)(*flat)
+  return res if multiple else res[0]
+
+
+def _is_split(value) -> bool:
+  """Whether ``value``'s type splits it over a mesh axis."""
+  spec = getattr(getattr(jax.typeof(value), "sharding", None), "spec", ())
+  return any(s is not None for s in spec)
+
+
+def _encoded(x: Tagged):
+  return None if x.source is None else x.source.encoded
+
+
+def _with_codes(x: Tagged, value, triples) -> Tagged:
+  """``x`` rebuilt from :func:`_pack`'s arrays: the value, its encoded leaf, the factors."""
+  value, encoded = value
+  x = _with_factors(x, value, triples)
+  return x if encoded is None else x.replace(source=tg.Source(encoded, x.source.ops))
+
+
+def _reshard(eqn, invals, ctx, run):
+  """``reshard`` (a change of sharding type, e.g. entering or leaving ``auto_axes``): the
+  value as the op says; each factor axis takes the mesh axes of the value axis it carries
+  (none for the rank axis), so the factors follow the value onto the same mesh types."""
+  t = invals[0]
+  value = bind(eqn, [t.value])
+  dst = eqn.params["dst_sharding"]
+  if t.sides is None:
+    return t.replace(value=value, source=t.source)
+
+  def place(x, fi):
+    spec = [None] * x.ndim
+    for axis, names in enumerate(dst.spec):
+      for f, fa in t.owners(axis):
+        if f == fi and names is not None:
+          spec[fa] = names
+    return eqn.primitive.bind(x, **{**eqn.params, "dst_sharding": dst.update(spec=P(*spec))})
+
+  if any(term.slots or term.rows is not None for term in t.terms):
+    terms = tuple(dataclasses.replace(
+        term, **{f: place(getattr(term, f), -1) for f in _TERM_ARRAYS
+                 if getattr(term, f) is not None}) for term in t.terms)
+  else:
+    terms = tg.map_terms(t, lambda a: place(a, 0), lambda b: place(b, 1))
+  return t.replace(value=value, terms=terms, source=t.source)
+
+
+_TERM_ARRAYS = ("a", "b", "m", "bias")
 
 
 # --------------------------------------------------------------------------
@@ -525,6 +631,7 @@ def _table() -> Mapping[jcore.Primitive, Handler]:
       (device_put_p, _same_layout),
       (sharding_constraint_p, _same_layout),
       (optimization_barrier_p, _same_layout),
+      (reshard_p, _reshard),
       # higher-order primitives
       (jit_p, _inline),
       (closed_call_p, _inline),

@@ -37,6 +37,7 @@ class Context:
     self.counter = 0
     self.warned: set[tuple[str, str]] = set()
     self.site = None                 # the equation a rule is applied to (set by the interpreter)
+    self.split = False               # the kernel at hand is typed split over mesh axes
     self.contracted: dict[str, set[str]] = {}   # leaf path -> sides its matmuls contract
 
   def next_key(self):
@@ -470,7 +471,8 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
     w_source = (lambda arrs: lay.w2(src.make(jax.tree_util.tree_unflatten(treedef, arrs))),
                 tuple(children))
   y = fused.dense(lay.to_2d(x), w2, factors, recompute, precision=precision,
-                  preferred_element_type=preferred_element_type, w_source=w_source)
+                  preferred_element_type=preferred_element_type, w_source=w_source,
+                  concat=not ctx.split)
   m = k.terms[0].m if len(k.terms) == 1 else None
   if m is not None:   # DoRA: (m/n) * z, a [D] scale on the one output
     a2, b2 = factors[0]

@@ -115,7 +115,7 @@ class Tagged:
     return [(1, pos + 1 + ns)]
 
 
-def _map_terms(t: Tagged, fa, fb) -> tuple[Term, ...]:
+def map_terms(t: Tagged, fa, fb) -> tuple[Term, ...]:
   out = []
   for term in t.terms:
     if term.slots:   # the layout op applies to each adapter's factors
@@ -151,7 +151,7 @@ def transpose(t: Tagged, value, permutation: Sequence[int]) -> Tagged:
   lead = [s_old.index(p) for p in axes("S", new)]
   perm_a = lead + [ns + i_old.index(p) for p in axes("I", new)] + [ns + len(i_old)]
   perm_b = lead + [ns] + [ns + 1 + o_old.index(p) for p in axes("O", new)]
-  terms = _map_terms(t, lambda a: jnp.transpose(a, perm_a), lambda b: jnp.transpose(b, perm_b))
+  terms = map_terms(t, lambda a: jnp.transpose(a, perm_a), lambda b: jnp.transpose(b, perm_b))
   return t.replace(value=value, sides=sides, terms=terms, kaxes=kaxes)
 
 
@@ -169,7 +169,7 @@ def squeeze(t: Tagged, value, dims: Sequence[int]) -> Tagged:
     for f, ax in t.owners(d):
       (drop_a if f == 0 else drop_b).append(ax)
   sides = tuple(t.sides[j] for j in keep)
-  terms = _map_terms(t, lambda a: jnp.squeeze(a, tuple(drop_a)) if drop_a else a,
+  terms = map_terms(t, lambda a: jnp.squeeze(a, tuple(drop_a)) if drop_a else a,
                      lambda b: jnp.squeeze(b, tuple(drop_b)) if drop_b else b)
   return t.replace(value=value, sides=sides, terms=terms, kaxes=kaxes)
 
@@ -196,7 +196,7 @@ def expand(t: Tagged, value, positions: Sequence[int]) -> Tagged:
   ns = n_shared(t.sides)
   # New I-side size-1 axes go into ``a`` at their rank among I-side axes.
   a_pos = [ns + sum(1 for k in range(j) if sides[k] == "I") for j in positions]
-  terms = _map_terms(t, lambda a: jnp.expand_dims(a, tuple(a_pos)), lambda b: b)
+  terms = map_terms(t, lambda a: jnp.expand_dims(a, tuple(a_pos)), lambda b: b)
   return t.replace(value=value, sides=tuple(sides), terms=terms, kaxes=new_kaxes)
 
 
@@ -261,7 +261,7 @@ def reshape(t: Tagged, value, new_sizes: Sequence[int]) -> Tagged | None:
     def fb(b):
       return jnp.reshape(b, b.shape[:ns + 1] + tuple(new_b))
 
-    out = cur.replace(value=core_value, sides=tuple(sides), terms=_map_terms(cur, fa, fb),
+    out = cur.replace(value=core_value, sides=tuple(sides), terms=map_terms(cur, fa, fb),
                       kaxes=None if kaxes is None else tuple(kaxes))
   unit_new = [j for j, d in enumerate(new) if d == 1]
   if unit_new:
@@ -281,7 +281,7 @@ def slice_axes(t: Tagged, value, slicer) -> Tagged:
   for j in range(len(t.shape)):
     for f, ax in t.owners(j):
       amap[f][ax] = j
-  terms = _map_terms(t, lambda a: slicer(a, amap[0]), lambda b: slicer(b, amap[1]))
+  terms = map_terms(t, lambda a: slicer(a, amap[0]), lambda b: slicer(b, amap[1]))
   return t.replace(value=value, terms=terms)
 
 
