@@ -56,6 +56,16 @@ def merged_by_hand(lora, name="default"):
   return params
 
 
+@functools.cache
+def _jitted_apply():
+  return jax.jit(setup()[0].apply)
+
+
+def reference(params, ids):
+  """The model run without a cache on whole sequences (jitted: one compile per shape)."""
+  return _jitted_apply()(params, jnp.asarray(ids))
+
+
 def greedy_fn(steps=STEPS):
   model, _, _ = setup()
   return functools.partial(generate.greedy, model, steps=steps)
@@ -69,12 +79,13 @@ def test_decoding_under_lorafy_is_the_adapted_model_token_by_token():
   cache = generate.empty_cache(model, params, B)
   tokens = np.asarray(jax.jit(lojax.lorafy(greedy_fn()))(lora, cache, prompt))
   ref = merged_by_hand(lora)
-  seq = np.asarray(prompt)
+  seq = np.zeros((B, P + STEPS), np.int32)   # one shape: the model is causal, so the
+  seq[:, :P] = np.asarray(prompt)              # zeros after position P + i change nothing
   for i in range(STEPS):   # no cache: the whole sequence each time
-    logits = model.apply(ref, jnp.asarray(seq))
-    nxt = np.argmax(np.asarray(logits[:, -1]), axis=-1)
+    logits = reference(ref, seq)
+    nxt = np.argmax(np.asarray(logits[:, P + i - 1]), axis=-1)
     np.testing.assert_array_equal(tokens[:, i], nxt, err_msg=f"token {i}")
-    seq = np.concatenate([seq, nxt[:, None]], axis=1)
+    seq[:, P + i] = nxt
   merged = jax.jit(greedy_fn())(lojax.merge(lora), cache, prompt)
   np.testing.assert_array_equal(tokens, np.asarray(merged))
   base = np.asarray(jax.jit(greedy_fn())(params, cache, prompt))
@@ -241,7 +252,7 @@ def test_hotswap_never_recompiles_and_serves_each_adapter_exactly(tmp_path):
   for new in incoming:
     swapped = lojax.hotswap(server, new)
     got = np.asarray(serve(swapped, prompt))
-    want = np.asarray(model.apply(merged_by_hand(new), prompt))
+    want = np.asarray(reference(merged_by_hand(new), prompt))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert len(traces) == 1, f"the server recompiled {len(traces) - 1} times"
 
@@ -257,7 +268,7 @@ def test_hotswap_into_one_adapter_of_a_mixed_server_and_dora():
   new = wrapped(r=2, alpha=5, key=30)
   got = np.asarray(serve(lojax.hotswap(server, new, adapter_name="y"), prompt,
                          lora_adapter_ids=ids))
-  want_y = np.asarray(model.apply(merged_by_hand(new), prompt))
+  want_y = np.asarray(reference(merged_by_hand(new), prompt))
   want_x = np.asarray(serve(lojax.set_adapter(server, "x"), prompt))
   np.testing.assert_allclose(got[1::2], want_y[1::2], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[0::2], want_x[0::2], rtol=1e-5, atol=1e-5)
@@ -315,7 +326,7 @@ def test_a_bank_decodes_each_example_with_its_own_adapter():
                                   err_msg=f"row {i} ({n})")
   apply = jax.jit(lojax.lorafy(model.apply))
   for i, n in enumerate(rows):   # the logits, against the adapter merged by hand
-    want = model.apply(params if n == "__base__" else merged_by_hand(lora, n), prompt)
+    want = reference(params if n == "__base__" else merged_by_hand(lora, n), prompt)
     got = apply(lora, prompt, lora_adapter_ids=ids, lora_bank=bank)
     np.testing.assert_allclose(got[i], want[i], rtol=1e-5, atol=1e-5)
 
@@ -344,7 +355,7 @@ def test_a_bank_is_not_restacked_per_call_and_swaps_without_recompiling():
   new = wrapped(r=2, alpha=5, key=40)
   swapped = lojax.hotswap(lora, new, adapter_name="b")
   got = serve_bank(swapped, lojax.adapter_bank(swapped), prompt)
-  np.testing.assert_allclose(got[1], model.apply(merged_by_hand(new), prompt)[1], rtol=1e-5,
+  np.testing.assert_allclose(got[1], reference(merged_by_hand(new), prompt)[1], rtol=1e-5,
                              atol=1e-5)
   assert len(traces) == 1
 
