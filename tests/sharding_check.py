@@ -89,8 +89,8 @@ def setup(scan, adalora=False):
   return model, params, lora, tx, ids, targets
 
 
-def make_step(model, tx):
-  apply = lojax.lorafy(model.apply)
+def make_step(model, tx, split_kernels=False):
+  apply = lojax.lorafy(model.apply, split_kernels=split_kernels)
 
   def step(lora, opt_state, ids, targets):
     def loss_fn(trainable):
@@ -105,14 +105,14 @@ def make_step(model, tx):
 
 
 @functools.cache
-def sharded_step(scan, adalora, shape):
+def sharded_step(scan, adalora, shape, split_kernels=False):
   """(compiled sharded step, lora shardings, opt-state shardings) on a ("data", "model") mesh."""
   model, _, lora, tx, ids, targets = setup(scan, adalora)
   mesh = mesh_of(shape)
   shardings = ls.lora_shardings(lora, megatron(lora.base), mesh=mesh)
   state_sh = ls.opt_state_shardings(tx, shardings.trainable, lora.trainable)
   data = NamedSharding(mesh, P("data"))
-  step = jax.jit(make_step(model, tx),
+  step = jax.jit(make_step(model, tx, split_kernels),
                  in_shardings=(shardings, state_sh, data, data),
                  out_shardings=(shardings.trainable, state_sh, NamedSharding(mesh, P())))
   compiled = step.lower(abstract_tree(lora, shardings),
@@ -228,6 +228,7 @@ def check_collectives(scan, control=True):
   data = NamedSharding(mesh, P("data"))
   a_ids, a_t = abstract(ids, data), abstract(targets, data)
   lora_hlo = step.as_text()
+  split_hlo = sharded_step(scan, False, (2, 4), split_kernels=True)[0].as_text()
 
   # The frozen limit: the gradient w.r.t. an additive perturbation of the
   # embedding output; the base model's own forward + backward, no weight grads.
@@ -258,7 +259,8 @@ def check_collectives(scan, control=True):
                                ).compile().as_text()
   shapes = kernel_shapes(params)
   rows = {name: summarize(collectives(h), shapes)
-          for name, h in (("lora", lora_hlo), ("limit", limit_hlo), ("merged", merged_hlo))}
+          for name, h in (("lora", lora_hlo), ("split", split_hlo), ("limit", limit_hlo),
+                          ("merged", merged_hlo))}
   kernel_bytes = {name: sum(v[2] for v in r.values()) for name, r in rows.items()}
   gather_bytes = {name: r["all-gather"][2] for name, r in rows.items()}
   print(f"CHECK collectives scan={scan} "
@@ -270,6 +272,10 @@ def check_collectives(scan, control=True):
   shaped = sorted({s for o, s, _ in collectives(lora_hlo) if tuple(sorted(s)) in shapes})
   print(f"  lora kernel-shaped collective results: {shaped}", flush=True)
   assert gather_bytes["lora"] <= gather_bytes["limit"], gather_bytes
+  # lorafy(split_kernels=True): two matmuls per kernel; no activation traffic beyond the limit's
+  for op in ("all-gather", "all-to-all", "collective-permute"):
+    (n, b, _), (n0, b0, _) = rows["split"][op], rows["limit"][op]
+    assert n <= n0 and b <= b0, (op, rows["split"], rows["limit"])
   assert kernel_bytes["lora"] <= kernel_bytes["limit"], kernel_bytes
   if control:
     assert kernel_bytes["merged"] > kernel_bytes["limit"], kernel_bytes  # the check can fail

@@ -100,3 +100,43 @@ def test_remat_is_a_bool_given_to_lorafy():
     lojax.lorafy(model.apply, remat=jnp.array(True))
   with pytest.raises(TypeError, match=r"lorafy\(fn, remat=False\)"):
     lojax.lorafy(model.apply)(lora, ids, lora_remat=False)
+
+
+def test_split_kernels_runs_two_matmuls_with_the_same_numbers():
+  """lorafy(split_kernels=True) (for tensor-parallel kernels on Auto meshes): x@W + (x@A)@B as
+  two matmuls, no concatenation, with values and adapter gradients of the written-out
+  float64 formula."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 5)).astype(np.float32)
+  w1, w2 = rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=(7, 3)).astype(np.float32)
+  params = {"l1": {"kernel": jnp.asarray(w1)}, "l2": {"kernel": jnp.asarray(w2)}}
+  f = lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]
+  lora = lojax.wrap(params, lojax.LoraSpec(r=2, lora_alpha=4, target_modules=["l1", "l2"],
+                                           init_lora_weights=False), key=jax.random.key(0))
+  fac = {n: {k: np.asarray(v, np.float64) for k, v in lora.adapters["default"]["lora"][n].items()}
+         for n in ("l1", "l2")}
+
+  def ref(fac):   # float64: y = tanh(x W1 + 2 x A1 B1) W2 + 2 tanh(.) A2 B2, L = sum(y**2)
+    h = np.tanh(x @ w1 + 2 * x @ fac["l1"]["lora_A"] @ fac["l1"]["lora_B"])
+    return h, h @ w2 + 2 * h @ fac["l2"]["lora_A"] @ fac["l2"]["lora_B"]
+
+  h, y = ref(fac)
+  g = 2 * y   # dL/dy
+  dh = (g @ w2.T + 2 * g @ fac["l2"]["lora_B"].T @ fac["l2"]["lora_A"].T) * (1 - h ** 2)
+  want = {"l2": {"lora_A": 2 * h.T @ g @ fac["l2"]["lora_B"].T,
+                 "lora_B": 2 * (h @ fac["l2"]["lora_A"]).T @ g},
+          "l1": {"lora_A": 2 * x.T @ dh @ fac["l1"]["lora_B"].T,
+                 "lora_B": 2 * (x @ fac["l1"]["lora_A"]).T @ dh}}
+  split = lojax.lorafy(f, split_kernels=True)
+  loss = lambda t: jnp.sum(split(lora.with_trainable(t), jnp.asarray(x)) ** 2)
+  np.testing.assert_allclose(jax.jit(split)(lora, jnp.asarray(x)), y, rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(loss))(lora.trainable)["default"]["lora"]
+  for n in want:
+    for k in want[n]:
+      np.testing.assert_allclose(grads[n][k], want[n][k], rtol=1e-4, atol=1e-4, err_msg=n + k)
+  hlo = lambda fn: jax.jit(jax.grad(lambda t: jnp.sum(fn(lora.with_trainable(t),
+                                                         jnp.asarray(x)) ** 2))
+                           ).lower(lora.trainable).as_text()
+  assert "concatenate" in hlo(lojax.lorafy(f)) and "concatenate" not in hlo(split)
+  with pytest.raises(TypeError, match="split_kernels"):
+    lojax.lorafy(f, split_kernels=1)

@@ -141,7 +141,7 @@ def _check_ids(ids, n_active: int):
   return ids
 
 
-def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
+def lorafy(fn: Callable, /, *, remat: bool = True, split_kernels: bool = False) -> Callable:
   """Turns ``fn(params, *args, **kwargs)`` into ``f(lora, *args, **kwargs)``.
 
   The returned function runs ``fn`` on the base params with every active
@@ -160,6 +160,17 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
       buffer per adapted kernel for the adapter gradients. Set False to
       differentiate the function in forward mode (``jax.jvp``,
       ``jax.jacfwd``), which a custom VJP does not support.
+    split_kernels: a compile-time choice, default False: set True when the
+      kernels are split over mesh axes (tensor parallelism) on a mesh with
+      Auto axes, the default kind. The memory-lean op then computes
+      ``x@W + (x@A)@B`` as two matmuls instead of one over the concatenated
+      ``[x | x@A] @ [W; B]``, whose layout XLA's partitioner can only
+      reconcile with a split ``W`` by moving activations with all-to-alls
+      (the 8-device TP x DP check of ``tests/sharding_check.py``: 128
+      all-to-alls a step, the frozen model 32; with this option 32). On one
+      device the concatenated form keeps less temp memory (549 vs 613 MiB on
+      the benchmark GPT). On a mesh with Explicit axes lojax reads each
+      kernel's type and chooses per kernel; this option is not needed there.
 
   Extra keyword arguments of the returned function (they vary per call):
 
@@ -198,6 +209,9 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
     raise TypeError(f"`fn` must be a function of the params, got {type(fn).__name__}.")
   if not isinstance(remat, bool):
     raise TypeError(f"`remat` must be a Python bool, got {remat!r} ({type(remat).__name__}).")
+  if not isinstance(split_kernels, bool):
+    raise TypeError(f"`split_kernels` must be a Python bool, got {split_kernels!r} "
+                    f"({type(split_kernels).__name__}).")
 
   @functools.wraps(fn)
   def wrapped(lora, /, *args, lora_rng=None, lora_deterministic=False, lora_adapter_ids=None,
@@ -260,7 +274,7 @@ def lorafy(fn: Callable, /, *, remat: bool = True) -> Callable:
       raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "
                        "rescales the base output of every example); run them separately.")
     ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)),
-                        remat=remat)
+                        remat=remat, split=split_kernels)
     outs = interpret.run_closed(closed, invals + list(dyn), ctx)
     _warn_transposed(terms, ctx.contracted)
     outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]

@@ -181,7 +181,7 @@ def _in_auto_axes(eqn, invals, ctx, rule, outs):
   def f(*arrs):
     args = rebuild(list(arrs))
     site, ctx.site = ctx.site, None   # a recompute chain would close over typed values
-    split, ctx.split = ctx.split, split_kernel
+    split, ctx.split = ctx.split, ctx.split or split_kernel
     try:
       out = rule(ctx, *args, **params)
       if out is None:

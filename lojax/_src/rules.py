@@ -29,7 +29,7 @@ class Context:
   """Per-trace state: dropout rng, use counter, analysis recorder."""
 
   def __init__(self, rng=None, record: Callable | None = None, example_ids=None,
-               remat: bool = True):
+               remat: bool = True, split: bool = False):
     self.rng = rng
     self.record = record
     self.example_ids = example_ids   # [batch] adapter index per example (-1: base only)
@@ -37,7 +37,7 @@ class Context:
     self.counter = 0
     self.warned: set[tuple[str, str]] = set()
     self.site = None                 # the equation a rule is applied to (set by the interpreter)
-    self.split = False               # the kernel at hand is typed split over mesh axes
+    self.split = split               # the kernel at hand is split over mesh axes
     self.contracted: dict[str, set[str]] = {}   # leaf path -> sides its matmuls contract
 
   def next_key(self):
@@ -45,7 +45,7 @@ class Context:
     return jax.random.fold_in(self.rng, self.counter)
 
   def with_rng(self, rng) -> "Context":
-    ctx = Context(rng, self.record, self.example_ids, self.remat)
+    ctx = Context(rng, self.record, self.example_ids, self.remat, self.split)
     ctx.counter = self.counter
     ctx.warned = self.warned
     ctx.contracted = self.contracted
