@@ -8,7 +8,8 @@
 2. ``lojax.lora_shardings`` derives the adapters' shardings from those
    annotations (A follows the kernel's input axes, B its output axes, the rank
    axis replicated), ``lojax.opt_state_shardings`` the AdamW state's; one
-   jitted step trains with batches split over ``data``.
+   jitted step trains with batches split over ``data``, the model lorafied
+   with ``split_kernels=True`` for its tensor-parallel kernels.
 3. The adapters and optimizer state are saved with Orbax and restored onto a
    mesh of another shape, where training continues.
 
@@ -128,7 +129,10 @@ def setup(model, lora, tx, mesh):
   shardings = lora_shardings(lora, boxed, mesh=mesh)  # read the Partitioned boxes
   state_shardings = opt_state_shardings(tx, shardings.trainable, lora.trainable)
   data = NamedSharding(mesh, P("data"))
-  apply = lojax.lorafy(model.apply)
+  # The kernels are split over "model" (tensor parallelism) on an Auto mesh, where a traced
+  # kernel does not say so: split_kernels=True runs x@W + (x@A)@B as two matmuls, and the step
+  # moves no more activations between devices than the frozen model does.
+  apply = lojax.lorafy(model.apply, split_kernels=True)
 
   def step(lora, opt_state, x, y):
     def loss_fn(trainable):
