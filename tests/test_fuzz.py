@@ -1470,9 +1470,11 @@ def test_sigkill_during_saves_never_loads_wrong_data(tmp_path):
       if proc.poll() is None:
         proc.kill()
     reader.join(5)
-    committed = max([int(x.split()[1]) for x in lines if x.startswith("committed")], default=0)
-    started = max([int(x.split()[1]) for x in lines if x.split()[0] in ("committed", "started")],
-                  default=0)
+    # "<word> <step>" lines; the kill can cut the last one short, and libraries print too.
+    said = [x.split() for x in lines]
+    said = [(w[0], int(w[1])) for w in said if len(w) == 2 and w[1].isdigit()]
+    committed = max([n for w, n in said if w == "committed"], default=0)
+    started = max([n for w, n in said if w in ("committed", "started")], default=0)
     committed_ever = max(committed_ever, committed)
     with lojax.AdapterCheckpointer(ckdir, max_to_keep=None, async_save=False) as ckpt:
       steps = ckpt.all_steps()
