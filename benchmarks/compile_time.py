@@ -44,14 +44,13 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental.compilation_cache import compilation_cache
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import lojax  # noqa: E402
-from models import Config, LinenGPT, batch, lora_step, xent  # noqa: E402
+from models import Config, LinenGPT, batch, fresh_compiles, lora_step, xent  # noqa: E402
 
 R, ALPHA, LR = 16, 32.0, 1e-3
 TINY = dict(d=64, vocab=256, seq=16, batch=2)
@@ -249,18 +248,10 @@ def main(argv=None) -> dict:
   ap.add_argument("--tiny", action="store_true",
                   help="d 64, vocab 256, seq 16, batch 2, 2 layers (the test's shape)")
   args = ap.parse_args(argv)
-  # A persistent compilation cache (JAX_COMPILATION_CACHE_DIR, or the test session's) would
-  # time cache reads, not compiles (restored after: the test runs this in-process).
-  cached = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()   # jax decides once whether the cache is on; ask again
   layers = [2] if args.tiny else [int(x) for x in args.layers.split(",") if x.strip()]
   start = time.perf_counter()
-  try:
+  with fresh_compiles():
     res = run(layers, args.reps, args.tiny)
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cached)
-    compilation_cache.reset_cache()
   res["wall_s"] = round(time.perf_counter() - start, 1)
   path = pathlib.Path(args.out)
   path.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ input gradients, no weight gradient).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import flax.linen as nn
@@ -18,7 +19,23 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
+
+
+@contextlib.contextmanager
+def fresh_compiles():
+  """Compiles for real inside: a persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``,
+  or the test session's) would make the reported compile times cache reads. The setting is
+  restored after, since tests run the scripts in-process. Also a decorator."""
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()   # jax decides once whether the cache is on; ask again
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cached)
+    compilation_cache.reset_cache()
 
 @dataclasses.dataclass(frozen=True)
 class Config:

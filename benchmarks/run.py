@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import lojax  # noqa: E402
-from models import Config, LinenGPT, NnxGPT, batch, lora_step, xent  # noqa: E402
+from models import Config, LinenGPT, NnxGPT, batch, fresh_compiles, lora_step, xent  # noqa: E402
 import serving  # noqa: E402
 import options  # noqa: E402
 
@@ -691,6 +691,7 @@ def options_only(args):
   print("\n".join(options.markdown(res["options"])))
 
 
+@fresh_compiles()
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")

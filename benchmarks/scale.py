@@ -92,6 +92,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import lojax  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from models import fresh_compiles  # noqa: E402
 GiB = 2 ** 30
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROW_NAMES = {"limit": "frozen limit", "lora": "LoRA", "qlimit": "frozen limit, NF4 base",
@@ -830,6 +833,7 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+@fresh_compiles()
 def main(args):
   keys = ["8b", "70b"] if args.model == "all" else [args.model]
   rows = [r.strip() for r in args.rows.split(",") if r.strip()]

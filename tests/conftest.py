@@ -60,16 +60,10 @@ if (os.environ.get("LOJAX_TEST_XLA_CACHE") != "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   _CACHE_OWNER = True
-if "jax" in sys.modules and "JAX_COMPILATION_CACHE_DIR" in os.environ:
-  # A plugin imported jax before this file: its config read the environment already.
-  import jax
-  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_unconfigure(config):
-  if _CACHE_OWNER and not hasattr(config, "workerinput"):
+  if _CACHE_OWNER:   # the first process (xdist's controller); workers inherit the directory
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 

@@ -12,9 +12,13 @@ import json
 import pathlib
 import sys
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import compile_time  # noqa: E402
+import models  # noqa: E402
 
 ROWS = ("frozen limit", "full fine-tuning gradient", "full fine-tuning", "lojax LoRA gradient",
         "lojax LoRA step", "lojax LoRA step, remat=False")
@@ -42,3 +46,26 @@ def test_compile_time_tiny(tmp_path):
   for name in ROWS:
     assert f"| 2 | {name} |" in md
   assert "x the frozen limit" in md
+
+
+def test_benchmarks_compile_for_real_under_a_persistent_cache(tmp_path):
+  """``models.fresh_compiles`` (compile_time, run and scale's mains): no persistent-cache
+  entry is written (or read) inside it, and the cache works again after it."""
+  keep = {k: getattr(jax.config, k) for k in
+          ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    jax.jit(lambda x: x * 5.0 + 3.0).lower(1.0).compile()   # jax now holds the cache as on
+    written = set(tmp_path.iterdir())
+    assert written
+    with models.fresh_compiles():
+      jax.jit(lambda x: x * 7.0 + 3.0).lower(1.0).compile()
+    assert set(tmp_path.iterdir()) == written
+    jax.jit(lambda x: x * 11.0 + 3.0).lower(1.0).compile()
+    assert set(tmp_path.iterdir()) > written
+  finally:
+    for k, v in keep.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
