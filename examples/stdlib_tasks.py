@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import sysconfig
@@ -45,10 +46,10 @@ _MIN_WORDS = 4
 class Split:
   """A train / held-out split. ``x``: inputs, ``y``: labels (class ids or documents)."""
 
-  train_x: list
-  train_y: list
-  test_x: list
-  test_y: list
+  train_x: tuple
+  train_y: tuple
+  test_x: tuple
+  test_y: tuple
   classes: tuple = ()
 
 
@@ -85,12 +86,14 @@ def _held_out(key: str) -> bool:
   return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 5 == 0
 
 
+@functools.cache
 def docstring_topics() -> Split:
   """Docstring first paragraphs labelled with their package (13 classes).
 
   Returns a :class:`Split` with ``classes`` the class names and labels as
   indices into it. A text that occurs in more than one place is dropped (even
-  within one package), so memorising a repeated docstring cannot help.
+  within one package), so memorising a repeated docstring cannot help. Parsed
+  once per process (a few seconds); the split is immutable.
   """
   seen = collections.defaultdict(set)
   counts = collections.Counter()
@@ -114,7 +117,7 @@ def docstring_topics() -> Split:
       half = 2 if _held_out(text) else 0
       split[half].append(text)
       split[half + 1].append(label)
-  return Split(*split, classes=classes)
+  return Split(*map(tuple, split), classes=classes)
 
 
 class _Signatures(ast.NodeVisitor):
@@ -140,12 +143,13 @@ class _Signatures(ast.NodeVisitor):
   visit_AsyncFunctionDef = visit_FunctionDef
 
 
+@functools.cache
 def api_search() -> Split:
   """Docstring summary -> ``module.Class.function(args)`` pairs of the public API.
 
   Private modules, classes and functions (a leading ``_``) are skipped; a
   summary or a signature that occurs more than once is dropped, so every query
-  has exactly one right document.
+  has exactly one right document. Parsed once per process; the split is immutable.
   """
   pairs = []
   for rel, tree in _sources():
@@ -163,7 +167,7 @@ def api_search() -> Split:
       half = 2 if _held_out(doc) else 0
       split[half].append(query)
       split[half + 1].append(doc)
-  return Split(*split)
+  return Split(*map(tuple, split))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ import pytest
 import lojax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# One xdist worker runs this module (`--dist loadgroup`, pyproject.toml): the site is built once (a module fixture, ~7 s).
+pytestmark = pytest.mark.xdist_group("docs-site")
+
 DOCS = ROOT / "docs"
 
 

