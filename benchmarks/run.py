@@ -411,7 +411,8 @@ def targets(rows: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
   if d.get("flops"):
     out.append(("DoRA step FLOPs <= 1.10 x limit", f"{d['flops_ratio_to_limit']:.3f}x",
                 d["flops_ratio_to_limit"] <= 1.10))
-  for name in ("lojax QLoRA (NF4)", "lojax QLoRA (NF4, double-quant)"):
+  for name in ("lojax QLoRA (NF4)", "lojax QLoRA (NF4, double-quant)",
+               "lojax QLoRA (NF4, embeddings and head too)"):
     ql = rows.get(name, {})
     if ql.get("step_s"):
       out.append((f"{name} step <= 1.15x limit", f"{ql['step_ratio_to_limit']:.3f}x",
@@ -546,7 +547,10 @@ cost analysis, temp/arg MiB from its memory analysis.
   embeddings, LayerNorms and `lm_head` stay float32. Their ratios (step, FLOPs, arg and temp
   bytes) are against the float32 frozen limit (NNX). The stored kernels are 0.141x (NF4) and
   0.129x (NF4-dq) of their float32 bytes (the rows' notes); the float32 embeddings and head
-  (32 MiB) keep the step's arguments above that. On CPU the dequantization fuses into the
+  (32 MiB, 40% of this GPT's parameters) keep the step's arguments above that. **lojax QLoRA
+  (NF4, embeddings and head too)** also stores the frozen `wte`, `wpe` and `lm_head` as NF4
+  (`lojax.quantize(leaf, "nf4")` in the state before `lojax.wrap`; lorafy decodes every
+  quantized base leaf inside the step). On CPU the dequantization fuses into the
   forward's `[W; s*B]` concatenation; the backward's `dy @ W^T` decodes the kernel again from
   the codes the lean dense op keeps (a float kernel kept from the forward cost 45 MiB of temp
   before), so the step's temp memory is the float32 LoRA step's. `tests/test_qlora_row.py` decodes each

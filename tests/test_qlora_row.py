@@ -22,6 +22,9 @@ import qlora_row  # noqa: E402
 from lojax._src import quant  # noqa: E402
 import qwix_row  # noqa: E402
 
+# One xdist worker runs this module (`--dist loadgroup`, pyproject.toml): the rows are built once (a module fixture).
+pytestmark = pytest.mark.xdist_group("qlora-row")
+
 TINY = Config(vocab=64, d=64, heads=2, layers=2, seq=16, batch=2)
 R, ALPHA = 4, 8.0
 LINEARS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
@@ -67,31 +70,46 @@ def qwix_nf4(qarray):
   return NF4[codes] * scale
 
 
-def float_loss(kernels):
-  """The float32 NnxGPT's loss with its block kernels replaced by ``kernels[(i, a, b)]``."""
+def float_loss(kernels, others=None):
+  """The float32 NnxGPT's loss with its block kernels replaced by ``kernels[(i, a, b)]`` and
+  the other modules' matrices by ``others[name]``."""
   from flax import nnx
   graphdef, state = nnx.split(NnxGPT(TINY, nnx.Rngs(0)))
   for (i, a, b), w in kernels.items():
     state["h"][i][a][b]["kernel"].set_value(jax.numpy.asarray(w))
+  for name, w in (others or {}).items():
+    state[name][_matrix(state[name])].set_value(jax.numpy.asarray(w))
   ids, labels = batch(TINY)
   logits = nnx.merge(graphdef, state)(ids)
   return float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+
+
+def _matrix(module):
+  return "embedding" if "embedding" in module else "kernel"
 
 
 @pytest.mark.parametrize("name", list(qlora_row.LOJAX_ROWS))
 def test_lojax_rows_train_on_the_nf4_kernels(rows, name):
   fn, args = rows[name]
   lora = args[0]
-  kernels = {}
+  kernels, others = {}, {}
   for i in range(TINY.layers):
     for a, b in LINEARS:
       q = lora.base["h"][i][a][b]["kernel"].get_value()
       assert q.method == qlora_row.LOJAX_ROWS[name] and q.data["codes"].dtype == np.uint8
       kernels[(i, a, b)] = lojax_nf4(q)
-  assert not quant.is_quantized(lora.base["lm_head"]["kernel"].get_value())
+  also = qlora_row.ALSO.get(name, ())
+  for module in ("wte", "wpe", "lm_head"):
+    q = lora.base[module][_matrix(lora.base[module])].get_value()
+    assert quant.is_quantized(q) == (module in also), module
+    if module in also:
+      assert q.method == "nf4" and q.data["codes"].dtype == np.uint8
+      others[module] = lojax_nf4(q)
   loss = float(fn(*args)[2])
-  np.testing.assert_allclose(loss, float_loss(kernels), rtol=1e-5)
+  np.testing.assert_allclose(loss, float_loss(kernels, others), rtol=1e-5)
   assert abs(loss - float_loss({})) > 1e-4   # the float32 kernels give another loss
+  if others:   # and the float32 embeddings and head another again
+    assert abs(loss - float_loss(kernels)) > 1e-4
 
 
 def test_qwix_row_trains_on_nf4_kernels_in_tiles_of_64(rows):
@@ -110,13 +128,14 @@ def test_qwix_row_trains_on_nf4_kernels_in_tiles_of_64(rows):
 
 
 def test_argument_bytes_are_the_stored_kernels(rows):
-  """Each QLoRA step's arguments hold the block kernels in their stored form: against the
-  float32 LoRA step of the same library, the arguments shrink by exactly the float32 kernels
-  less the stored codes and absmaxes (4.5 bits per value for NF4 in blocks of 64)."""
+  """Each QLoRA step's arguments hold the block kernels (and the row's other quantized
+  matrices) in their stored form: against the float32 LoRA step of the same library, the
+  arguments shrink by exactly the float32 matrices less the stored codes and absmaxes (4.5
+  bits per value for NF4 in blocks of 64)."""
   fp_fn, fp_args = qlora_row.lojax_qlora_step(TINY, None, R, ALPHA)
   fp32 = arg_bytes(fp_fn, fp_args)
   for name, method in qlora_row.LOJAX_ROWS.items():
-    stored, kernels = qlora_row.stored_bytes(TINY, method)
+    stored, kernels = qlora_row.stored_bytes(TINY, method, qlora_row.ALSO.get(name, ()))
     assert arg_bytes(*rows[name]) == fp32 - kernels + stored, name
   qwix_fp = arg_bytes(*qwix_row.qwix_lora_step(TINY, R, ALPHA))
   stored, kernels = qlora_row.stored_bytes(TINY, "nf4")   # qwix: uint4 codes, f32 per 64

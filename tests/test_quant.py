@@ -186,6 +186,42 @@ def test_wrapped_model_uses_dequantized_targets_only(gpt_model, method):
                              merged["params"]["h_0"]["mlp"]["c_fc"]["kernel"], atol=1e-6)
 
 
+def test_frozen_leaves_quantized_by_hand_are_decoded_in_the_step(gpt_model):
+  """Matrices outside the targets (the token embedding, an untargeted lm_head) stored with
+  lojax.quantize before wrap: the step runs on their decoded values, the step's arguments
+  hold their codes, and no gradient reaches them."""
+  m, params, ids = gpt_model
+  p = jax.tree.map(lambda x: x, params)
+  wte, head = p["params"]["wte"]["embedding"], p["params"]["lm_head"]["kernel"]
+  p["params"]["wte"]["embedding"] = lojax.quantize(wte, "nf4")
+  p["params"]["lm_head"]["kernel"] = lojax.quantize(head, "nf4")
+  spec = lojax.LoraSpec(r=4, target_modules="all-linear", init_lora_weights=False)
+  lora = lojax.wrap(p, spec, key=jax.random.key(0), quantize="nf4")
+  assert "params/lm_head" not in {t.path for t in lora.meta.adapters[0].targets}
+  deq = jax.tree.map(lambda x: np.asarray(quant.dequantize(x), np.float64) if
+                     quant.is_quantized(x) else x, lora.base, is_leaf=quant.is_quantized)
+  assert np.abs(deq["params"]["wte"]["embedding"] - wte).max() > 1e-4  # NF4 is lossy
+  ref = m.apply(lojax.merge(lojax.LoraParams(
+      jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), deq), lora.adapters, lora.meta)), ids)
+  np.testing.assert_allclose(jax.jit(lojax.lorafy(m.apply))(lora, ids), ref, rtol=1e-4,
+                             atol=1e-4)
+  float_lora = lojax.LoraParams(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), deq),
+                                lora.adapters, lora.meta)
+  loss = lambda lo: lambda t: jnp.mean(lojax.lorafy(m.apply)(lo.with_trainable(t), ids) ** 2)
+  g = jax.jit(jax.grad(loss(lora)))(lora.trainable)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(jax.grad(loss(float_lora))(lora.trainable))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # the arguments hold the codes: 4.5 bits per value instead of 32 for both matrices
+  step = jax.jit(lambda base, t: jax.grad(loss(lojax.LoraParams(base, lora.adapters,
+                                                                 lora.meta)))(t))
+  nbytes = lambda base: step.lower(base, lora.trainable).compile().memory_analysis(
+  ).argument_size_in_bytes
+  saved = nbytes(float_lora.base) - nbytes(lora.base)
+  stored = [x for x in jax.tree.leaves(lora.base, is_leaf=quant.is_quantized)
+            if quant.is_quantized(x)]
+  assert len(stored) == 2 + 4 * 2   # wte, lm_head and the 4 linears of each of the 2 blocks
+  assert saved == (1 - 4.5 / 32) * sum(4 * x.size for x in stored)
+
 def test_training_step_with_quantized_base(gpt_model):
   m, params, ids = gpt_model
   lora = lojax.wrap(params, lojax.LoraSpec(r=4, target_modules="all-linear"),
@@ -325,3 +361,28 @@ def test_a_quantized_step_holds_no_float_copy_of_the_kernels(scan, remat):
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_a_quantized_embedding_decodes_only_the_gathered_rows():
+  """XLA fuses the decoding of a hand-quantized (untargeted) embedding into the lookup: the
+  step holds no decoded table (1 MiB here), only the codes unpacked to a byte each."""
+  table = np.asarray(jax.random.normal(jax.random.key(0), (4096, 64)), np.float32)
+  params = {"emb": {"embedding": table},
+            "out": {"kernel": np.asarray(jax.random.normal(jax.random.key(1), (64, 64)) / 8)}}
+  ids = jnp.arange(32).reshape(4, 8) * 97 % 4096
+  f = lambda p, ids: jnp.take(p["emb"]["embedding"], ids, axis=0) @ p["out"]["kernel"]
+  spec = lojax.LoraSpec(r=4, target_modules=["out"], init_lora_weights=False)
+
+  def step(params):
+    lora = lojax.wrap(params, spec, key=jax.random.key(2))
+    loss = lambda t, lo: jnp.sum(lojax.lorafy(f)(lo.with_trainable(t), ids) ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(lora.trainable, lora).compile()   # base: an argument
+    return lora, compiled.memory_analysis().temp_size_in_bytes
+
+  q = dict(params, emb={"embedding": lojax.quantize(table, "nf4")})
+  (lora_f, temp_f), (lora_q, temp_q) = step(params), step(q)
+  assert temp_q <= temp_f + table.size, (temp_q, temp_f)   # a byte per value, not four
+  rows = np.asarray(quant.dequantize(q["emb"]["embedding"]))[np.asarray(ids)]
+  np.testing.assert_allclose(lojax.lorafy(f)(lora_q, ids),
+                             np.asarray(lojax.lorafy(lambda p, x: x @ p["out"]["kernel"])(
+                                 lora_f, jnp.asarray(rows))), rtol=1e-5, atol=1e-5)
