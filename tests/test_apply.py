@@ -334,3 +334,30 @@ def test_grouped_conv_gets_the_merged_kernel_with_a_warning():
     ref = model.apply({"params": {"kernel": jnp.asarray(kernel),
                                   "bias": jnp.asarray(np64(params["params"]["bias"]))}}, np64(x))
   np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_a_call_outside_jit_runs_as_one_compiled_program(caplog):
+  """Called on concrete values (or under jax.grad without jax.jit), a lorafied function still
+  compiles one program, not one per op it runs; a new lorafy of the same function reuses it."""
+  import logging
+  m = gpt.GPT()
+  params, ids = gpt.init(m)
+  lora = lojax.wrap(params, lojax.LoraSpec(r=4, target_modules="all-linear",
+                                           init_lora_weights=False), key=jax.random.key(0))
+
+  def programs(call, what="Compiling"):
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+      out = call()
+    return out, [r.getMessage() for r in caplog.records if r.getMessage().startswith(what)]
+
+  first, second = lojax.lorafy(m.apply), lojax.lorafy(m.apply)   # both alive: distinct objects
+  out, compiled = programs(lambda: first(lora, ids))
+  assert len(compiled) == 1, compiled
+  # the same fn: its traced program is reused (not traced, lowered and looked up again)
+  assert programs(lambda: second(lora, ids), "Finished tracing")[1] == []
+  with jax.disable_jit():   # op by op, as the call would run without it
+    ref, by_op = programs(lambda: lojax.lorafy(m.apply)(lora, ids))
+  assert len(by_op) > 20, len(by_op)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out, jax.jit(lojax.lorafy(m.apply))(lora, ids))

@@ -181,9 +181,9 @@ class AdaLora(lora_lib.Lora):
     """P, Q ~ N(0, 0.02), E = 0 (PEFT's AdaLoRA init); the base is only quantized."""
     rng = inits.generator(key, t.path)
     shapes = self.shapes(t)
-    entry = {lora_lib.A: jnp.asarray(rng.standard_normal(shapes[lora_lib.A]) * 0.02, dtype),
-             E: jnp.zeros(shapes[E], dtype),
-             lora_lib.B: jnp.asarray(rng.standard_normal(shapes[lora_lib.B]) * 0.02, dtype)}
+    entry = {lora_lib.A: inits.to_device(rng.standard_normal(shapes[lora_lib.A]) * 0.02, dtype),
+             E: inits.zeros(shapes[E], dtype),
+             lora_lib.B: inits.to_device(rng.standard_normal(shapes[lora_lib.B]) * 0.02, dtype)}
     new = None if quantize is None else quant.quantize(kernel, quantize, in_axes=t.in_axes,
                                                        stacked=bool(t.stacked))
     return entry, new

@@ -59,14 +59,14 @@ class KernelUse:
                                  # logits of a model with tied embeddings)
 
 
-def _is_dynamic(x) -> bool:
+def is_dynamic(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 def split_args(args, kwargs):
   """Splits call args into dynamic array leaves and a static rebuild."""
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-  dyn_idx = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+  dyn_idx = [i for i, x in enumerate(leaves) if is_dynamic(x)]
   dyn = [leaves[i] for i in dyn_idx]
 
   def rebuild(dyn_vals):

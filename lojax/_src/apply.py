@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Mapping
@@ -196,6 +197,12 @@ def lorafy(fn: Callable, /, *, remat: bool = True, split_kernels: bool = False) 
   respect to the whole :class:`LoraParams` gives zero base gradients, and
   XLA never forms a weight gradient for a frozen kernel.
 
+  Every call runs under ``jax.jit`` (non-array arguments are static): called
+  outside a jit, e.g. on concrete values or under ``jax.grad`` alone, it runs
+  as one compiled program rather than op by op, and ``lorafy`` of an equal
+  ``fn`` (``model.apply`` of the same module) reuses it. Inside
+  ``jax.disable_jit()`` it runs op by op.
+
   >>> import jax, jax.numpy as jnp, lojax
   >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
   >>> f = lambda p, x: x @ p["dense"]["kernel"]
@@ -232,55 +239,130 @@ def lorafy(fn: Callable, /, *, remat: bool = True, split_kernels: bool = False) 
                       f"got {type(lora_rng).__name__} {lora_rng!r:.60}.")
     if not isinstance(lora_deterministic, (bool, np.bool_)):
       raise TypeError(f"`lora_deterministic` must be a Python bool, got {lora_deterministic!r}.")
-    paths, leaves, treedef, terms, encoded = view(lora)
-    banked = _banked(lora, lora_bank, lora_adapter_ids, paths, terms)
-    dropout = max((ts_[0].dropout for ts in terms.values() for ts_ in ts), default=0.0)
-    rng = None
-    if dropout > 0 and not lora_deterministic:
-      if lora_rng is None:
-        raise ValueError(
-            f"This adapter has `lora_dropout={dropout}`: pass `lora_rng=key` when training "
-            "or `lora_deterministic=True` when evaluating.")
-      rng = lora_rng
-    dyn, rebuild = analysis.split_args(args, kwargs)
+    opts = (lora_rng, bool(lora_deterministic), lora_adapter_ids, lora_bank)
+    call = _compiled_call(lora, args, kwargs, opts)
+    if call is not None:
+      return _JITTED(how, lora, *call[0], **call[1])
+    return _interpreted(how, lora, args, kwargs, *opts)
 
-    def flat_fn(tree_leaves, dyn_vals):
-      a, kw = rebuild(dyn_vals)
-      return fn(jax.tree_util.tree_unflatten(treedef, tree_leaves), *a, **kw)
-
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
-    invals = list(leaves)
-    for i, ts in terms.items():
-      t0 = ts[0][0]
-      sides = t0.sides()
-      if i in banked:   # one term: every active adapter's factors, stacked once
-        a_all, b_all = banked[i]
-        invals[i] = tg.Tagged(leaves[i], t0.leaf_path, sides,
-                              (tg.Term(a_all, b_all, name=t0.leaf_path, slots=True),),
-                              tuple(range(len(sides))),
-                              source=None if encoded[i] is None else tg.Source(encoded[i]))
-        continue
-      invals[i] = tg.Tagged(
-          leaves[i], t0.leaf_path, sides,
-          tuple(tg.Term(f.a, f.b, dropout=t.dropout if rng is not None else 0.0,
-                        name=t.leaf_path, index=lora.meta.active.index(name), m=f.m,
-                        bias=f.bias, rows=f.rows)
-                for t, f, name in ts),
-          tuple(range(len(sides))),
-          # a quantized kernel: consumers may keep its codes rather than the float kernel
-          source=None if encoded[i] is None else tg.Source(encoded[i]))
-    if lora_adapter_ids is not None and any(f.m is not None for ts in terms.values()
-                                            for _, f, _ in ts):
-      raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "
-                       "rescales the base output of every example); run them separately.")
-    ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)),
-                        remat=remat, split=split_kernels)
-    outs = interpret.run_closed(closed, invals + list(dyn), ctx)
-    _warn_transposed(terms, ctx.contracted)
-    outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
-
+  how = _How(fn, remat, split_kernels)
   return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class _How:
+  """What a lorafied function interprets: ``fn`` and its compile-time options. Equal for two
+  ``lorafy`` calls on an equal ``fn`` (``model.apply`` of the same module, say), so they share
+  compiled programs; a ``fn`` that cannot be hashed is keyed by identity."""
+  fn: Callable
+  remat: bool
+  split: bool
+
+  def __hash__(self):
+    try:
+      return hash((self.fn, self.remat, self.split))
+    except TypeError:
+      return hash((id(self.fn), self.remat, self.split))
+
+  def __eq__(self, other):
+    if not isinstance(other, _How) or (self.remat, self.split) != (other.remat, other.split):
+      return False
+    try:
+      return bool(self.fn is other.fn or self.fn == other.fn)
+    except Exception:  # noqa: BLE001 - e.g. a callable pytree of arrays: identity only
+      return False
+
+
+def _from_compiled(how, lora, dyn, rng, ids, bank, *, static, deterministic):
+  treedef, dyn_idx, constants = static
+  leaves = dict(constants)
+  leaves.update(zip(dyn_idx, dyn))
+  args, kwargs = jax.tree_util.tree_unflatten(treedef, [leaves[i] for i in range(len(leaves))])
+  return _interpreted(how, lora, args, kwargs, rng, deterministic, ids, bank)
+
+
+# Every call of a lorafied function goes through jax.jit (traced once per function, shapes and
+# static arguments): called on concrete values, or under jax.grad or jax.vmap without an outer
+# jit, it runs as one program instead of op by op (each op lojax adds would dispatch, and
+# compile, on its own); under an outer jit XLA inlines it.
+_JITTED = jax.jit(_from_compiled, static_argnums=0, static_argnames=("static", "deterministic"))
+
+
+def _interpreted(how, lora, args, kwargs, lora_rng, lora_deterministic, lora_adapter_ids,
+                 lora_bank):
+  """One call of ``lorafy(how.fn, ...)``, interpreted in the caller's trace."""
+  fn, remat, split_kernels = how.fn, how.remat, how.split
+  paths, leaves, treedef, terms, encoded = view(lora)
+  banked = _banked(lora, lora_bank, lora_adapter_ids, paths, terms)
+  dropout = max((ts_[0].dropout for ts in terms.values() for ts_ in ts), default=0.0)
+  rng = None
+  if dropout > 0 and not lora_deterministic:
+    if lora_rng is None:
+      raise ValueError(
+          f"This adapter has `lora_dropout={dropout}`: pass `lora_rng=key` when training "
+          "or `lora_deterministic=True` when evaluating.")
+    rng = lora_rng
+  dyn, rebuild = analysis.split_args(args, kwargs)
+
+  def flat_fn(tree_leaves, dyn_vals):
+    a, kw = rebuild(dyn_vals)
+    return fn(jax.tree_util.tree_unflatten(treedef, tree_leaves), *a, **kw)
+
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
+  invals = list(leaves)
+  for i, ts in terms.items():
+    t0 = ts[0][0]
+    sides = t0.sides()
+    if i in banked:   # one term: every active adapter's factors, stacked once
+      a_all, b_all = banked[i]
+      invals[i] = tg.Tagged(leaves[i], t0.leaf_path, sides,
+                            (tg.Term(a_all, b_all, name=t0.leaf_path, slots=True),),
+                            tuple(range(len(sides))),
+                            source=None if encoded[i] is None else tg.Source(encoded[i]))
+      continue
+    invals[i] = tg.Tagged(
+        leaves[i], t0.leaf_path, sides,
+        tuple(tg.Term(f.a, f.b, dropout=t.dropout if rng is not None else 0.0,
+                      name=t.leaf_path, index=lora.meta.active.index(name), m=f.m,
+                      bias=f.bias, rows=f.rows)
+              for t, f, name in ts),
+        tuple(range(len(sides))),
+        # a quantized kernel: consumers may keep its codes rather than the float kernel
+        source=None if encoded[i] is None else tg.Source(encoded[i]))
+  if lora_adapter_ids is not None and any(f.m is not None for ts in terms.values()
+                                          for _, f, _ in ts):
+    raise ValueError("DoRA adapters cannot serve mixed-adapter batches (their magnitude "
+                     "rescales the base output of every example); run them separately.")
+  ctx = rules.Context(rng=rng, example_ids=_check_ids(lora_adapter_ids, len(lora.meta.active)),
+                      remat=remat, split=split_kernels)
+  outs = interpret.run_closed(closed, invals + list(dyn), ctx)
+  _warn_transposed(terms, ctx.contracted)
+  outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _compiled_call(lora, args, kwargs, opts):
+  """``((dyn, rng, ids, bank), {static, deterministic})`` for ``jitted``, or None when the
+  call cannot go through ``jax.jit`` (an argument ``jax.jit`` refuses, or one that is not
+  hashable as a static argument): it is then interpreted in the caller's trace. Concrete
+  adapter ids are checked here, where their values are known."""
+  rng, deterministic, ids, bank = opts
+  from lojax._src import serving
+  if bank is not None and not isinstance(bank, serving.AdapterBank):
+    return None   # the interpreted call says what is wrong
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return None
+  dyn_idx = tuple(i for i, x in enumerate(leaves) if analysis.is_dynamic(x))
+  constants = tuple((i, x) for i, x in enumerate(leaves) if i not in dyn_idx)
+  try:
+    hash(constants)
+  except TypeError:   # e.g. a list or dict leaf of a custom pytree: interpreted op by op
+    return None
+  if ids is not None and not isinstance(ids, jax.core.Tracer):
+    ids = _check_ids(ids, len(lora.meta.active))
+  return ([leaves[i] for i in dyn_idx], rng, ids, bank), dict(
+      static=(treedef, dyn_idx, constants), deterministic=deterministic)
 
 
 def _banked(lora, bank, ids, paths, terms) -> dict[int, tuple]:

@@ -29,6 +29,8 @@ PEFT (which has no epsilon in the DoRA norm or division) gives ``0/0 = NaN``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -54,6 +56,13 @@ def column_norm(t, w, a, b):
   """||W + s*A@B|| over the input axes, shaped like the magnitude [L?, out...]."""
   lead = 1 if t.stacked else 0
   return norm(merged_kernel(t, w, a, b), tuple(lead + ax for ax in t.in_axes))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _init_norm(t, w, a, b, dtype):
+  """The initial magnitude, :func:`column_norm` compiled once per target layout (eager, its
+  ops would each compile on their own for every kernel shape)."""
+  return column_norm(t, w, a, b).astype(dtype)
 
 
 def _per_column(t, v):
@@ -91,7 +100,7 @@ class Dora(lora.Lora):
     entry, new = super().init(spec, key, t, kernel, dtype, quantize)
     w = model.decode(kernel if new is None else new)  # the magnitude of the rewritten kernel
     f = super().factors(t, entry)
-    entry[KEY] = column_norm(t, jnp.asarray(w), f.a, f.b).astype(dtype)
+    entry[KEY] = _init_norm(t, jnp.asarray(w), f.a, f.b, dtype)
     return entry, new
 
   def factors(self, t, entry):

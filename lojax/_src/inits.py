@@ -67,6 +67,17 @@ def generator(key, path: str) -> np.random.Generator:
   return np.random.default_rng(data + [zlib.crc32(path.encode())])
 
 
+def to_device(x, dtype) -> jax.Array:
+  """A host array on the default device as ``dtype``, converted on the host (``jnp.asarray``
+  would compile a conversion program per new shape)."""
+  return jax.device_put(np.asarray(x, np.dtype(dtype)))
+
+
+def zeros(shape, dtype) -> jax.Array:
+  """``jnp.zeros`` without compiling a program per shape (a wrapped model has many)."""
+  return to_device(np.zeros(shape, np.dtype(dtype)), dtype)
+
+
 def init_factors(init, key, target, dtype, kernel=None):
   """Returns (A, B) for ``target`` (a TargetMeta) for the random inits."""
   del kernel
@@ -74,10 +85,10 @@ def init_factors(init, key, target, dtype, kernel=None):
   rng = generator(key, target.path)
 
   def uniform(shape, bound):
-    return jnp.asarray(rng.uniform(-bound, bound, shape), dtype)
+    return to_device(rng.uniform(-bound, bound, shape), dtype)
 
   def normal(shape, std=1.0):
-    return jnp.asarray(rng.standard_normal(shape) * std, dtype)
+    return to_device(rng.standard_normal(shape) * std, dtype)
 
   a_shape, b_shape = target.a_shape(), target.b_shape()
   fan_in = target.fan_in   # per expert
@@ -86,14 +97,14 @@ def init_factors(init, key, target, dtype, kernel=None):
              for _ in range((target.n_layers or 1) * target.n_experts)]
     a = np.stack([p[0] for p in pairs]).reshape(a_shape)
     b = np.stack([p[1] for p in pairs]).reshape(b_shape)
-    return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    return to_device(a, dtype), to_device(b, dtype)
   if target.kind == "embed":  # PEFT: A = 0 and B ~ N(0, 1); both N(0, 1) when init is False
-    return (normal(a_shape) if init is False else jnp.zeros(a_shape, dtype)), normal(b_shape)
+    return (normal(a_shape) if init is False else zeros(a_shape, dtype)), normal(b_shape)
   bound = 1.0 / math.sqrt(fan_in)
   if init is True:
-    return uniform(a_shape, bound), jnp.zeros(b_shape, dtype)
+    return uniform(a_shape, bound), zeros(b_shape, dtype)
   if init == "gaussian":
-    return normal(a_shape, 1.0 / target.r), jnp.zeros(b_shape, dtype)
+    return normal(a_shape, 1.0 / target.r), zeros(b_shape, dtype)
   if init is False:
     return uniform(a_shape, bound), uniform(b_shape, 1.0 / math.sqrt(target.r))
   raise ValueError(f"Unknown `init_lora_weights={init!r}`.")
@@ -238,7 +249,7 @@ def init_target(spec, key, target, leaf, dtype, *, quantize: str | None = None):
     new_leaf = quant.QuantizedArray(new_leaf.data, method=method, shape=new_leaf.shape,
                                     dtype=kernel_dtype, stacked=new_leaf.stacked,
                                     in_axes=new_leaf.in_axes)
-  return jnp.asarray(a, dtype), jnp.asarray(b, dtype), new_leaf
+  return to_device(a, dtype), to_device(b, dtype), new_leaf
 
 
 def check(spec, t, leaf, quantize: str | None) -> list[str]:

@@ -167,7 +167,7 @@ class BiasedLora(Lora):
 
   def init(self, spec, key, t, kernel, dtype, quantize):
     entry, new = super().init(spec, key, t, kernel, dtype, quantize)
-    entry[BIAS] = jnp.zeros(self.shapes(t)[BIAS], dtype)
+    entry[BIAS] = inits.zeros(self.shapes(t)[BIAS], dtype)
     return entry, new
 
   def factors(self, t, entry):

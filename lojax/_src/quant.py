@@ -261,7 +261,7 @@ def quantize(x: Any, method: str, /, *, in_axes: Sequence[int] | None = None,
   check_method(method)
   dtype = x.dtype if hasattr(x, "dtype") else np.float32
   data = quantize_np(np.asarray(x, np.float32), method, in_axes=in_axes, stacked=stacked)
-  return QuantizedArray({k: jnp.asarray(v) for k, v in data.items()}, method=method,
+  return QuantizedArray({k: jax.device_put(v) for k, v in data.items()}, method=method,
                         shape=np.shape(x), dtype=dtype, stacked=stacked, in_axes=in_axes)
 
 

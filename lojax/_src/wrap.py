@@ -111,8 +111,8 @@ def wrap(params: Any, spec: Any, /, *, key: jax.Array, adapter_name: str = DEFAU
     raise ValueError(f"{saved}: trained in full (modules_to_save) and with trainable tokens; "
                      "pick one.")
   adapter = {model.LORA: factors,
-             model.BIAS: {p: jnp.zeros(meta.bias_shape(p, np.shape(by_path[p])),
-                                       by_path[p].dtype) for p in resolution.bias_paths},
+             model.BIAS: {p: inits.zeros(meta.bias_shape(p, np.shape(by_path[p])),
+                                         by_path[p].dtype) for p in resolution.bias_paths},
              model.SAVED: {p: jnp.array(by_path[p], copy=True) for p in paths
                            if any(P.is_under(p, m) for m in resolution.modules_to_save)},
              **({model.TOKENS: tokens.init(meta, by_path, dtype)} if token_rows else {}),
