@@ -275,7 +275,7 @@ class _How:
 
 def _from_compiled(how, lora, dyn, rng, ids, bank, *, static, deterministic):
   treedef, dyn_idx, constants = static
-  leaves = dict(constants)
+  leaves = {i: x for i, _, x in constants}
   leaves.update(zip(dyn_idx, dyn))
   args, kwargs = jax.tree_util.tree_unflatten(treedef, [leaves[i] for i in range(len(leaves))])
   return _interpreted(how, lora, args, kwargs, rng, deterministic, ids, bank)
@@ -354,7 +354,8 @@ def _compiled_call(lora, args, kwargs, opts):
   if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
     return None
   dyn_idx = tuple(i for i, x in enumerate(leaves) if analysis.is_dynamic(x))
-  constants = tuple((i, x) for i, x in enumerate(leaves) if i not in dyn_idx)
+  # typed: 1, 1.0 and True are equal (and hash alike) but trace differently
+  constants = tuple((i, type(x), x) for i, x in enumerate(leaves) if i not in dyn_idx)
   try:
     hash(constants)
   except TypeError:   # e.g. a list or dict leaf of a custom pytree: interpreted op by op
