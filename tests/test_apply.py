@@ -338,7 +338,8 @@ def test_grouped_conv_gets_the_merged_kernel_with_a_warning():
 
 def test_a_call_outside_jit_runs_as_one_compiled_program(caplog):
   """Called on concrete values (or under jax.grad without jax.jit), a lorafied function still
-  compiles one program, not one per op it runs; a new lorafy of the same function reuses it."""
+  compiles one program, not one per op it runs; a new lorafy of the same function reuses it.
+  lojax.wrap compiles nothing for LoRA's inits."""
   import logging
   m = gpt.GPT()
   params, ids = gpt.init(m)
@@ -351,6 +352,12 @@ def test_a_call_outside_jit_runs_as_one_compiled_program(caplog):
       out = call()
     return out, [r.getMessage() for r in caplog.records if r.getMessage().startswith(what)]
 
+  # wrap's random inits are made on the host and placed, not compiled per shape (these
+  # shapes are this test's own, so no earlier test compiled them in this process)
+  odd = gpt.GPT(vocab=71, d=44, heads=4, layers=1, max_len=8)
+  odd_params, _ = gpt.init(odd)
+  spec = lojax.LoraSpec(r=3, target_modules="all-linear")
+  assert programs(lambda: lojax.wrap(odd_params, spec, key=jax.random.key(1)))[1] == []
   first, second = lojax.lorafy(m.apply), lojax.lorafy(m.apply)   # both alive: distinct objects
   out, compiled = programs(lambda: first(lora, ids))
   assert len(compiled) == 1, compiled

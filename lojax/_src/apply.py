@@ -342,7 +342,7 @@ def _interpreted(how, lora, args, kwargs, lora_rng, lora_deterministic, lora_ada
 
 
 def _compiled_call(lora, args, kwargs, opts):
-  """``((dyn, rng, ids, bank), {static, deterministic})`` for ``jitted``, or None when the
+  """``((dyn, rng, ids, bank), {static, deterministic})`` for ``_JITTED``, or None when the
   call cannot go through ``jax.jit`` (an argument ``jax.jit`` refuses, or one that is not
   hashable as a static argument): it is then interpreted in the caller's trace. Concrete
   adapter ids are checked here, where their values are known."""

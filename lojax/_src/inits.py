@@ -75,7 +75,7 @@ def to_device(x, dtype) -> jax.Array:
 
 def zeros(shape, dtype) -> jax.Array:
   """``jnp.zeros`` without compiling a program per shape (a wrapped model has many)."""
-  return to_device(np.zeros(shape, np.dtype(dtype)), dtype)
+  return jax.device_put(np.zeros(shape, np.dtype(dtype)))
 
 
 def init_factors(init, key, target, dtype, kernel=None):
