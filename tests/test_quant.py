@@ -1,5 +1,7 @@
 """Quantized base kernels: NF4 (with double quantization) and int8."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -357,6 +359,52 @@ def test_a_quantized_step_holds_no_float_copy_of_the_kernels(scan, remat):
                 if quant.is_quantized(x))
   assert kernels == 12 * 2**20
   assert temp["nf4"] <= temp["float"] + kernels // 8, (temp, kernels)
+  (l1, g1), (l2, g2) = step(nf4.trainable, nf4), step(plain.trainable, plain)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (True, True)],
+                         ids=["unrolled", "scan", "scan_remat"])
+def test_untargeted_kernels_quantized_by_hand_keep_their_codes(scan, remat):
+  """Kernels outside the targets, stored with lojax.quantize before wrap, are kept as codes
+  as the targets are: the dense op decodes them again in the backward (their input gradient
+  needs the kernel), a scan slices their codes and decodes one layer per step, a checkpoint
+  takes the codes. Without that the step keeps each decoded kernel for the backward (9.5 MiB
+  here), or the whole decoded stack; its temp memory is the float step's but for the
+  kernels decoded while their matmuls run, and it computes what the decoded model
+  computes."""
+  import optax
+  model = gpt.GPT(vocab=512, d=256, heads=4, layers=4, max_len=64, scan=scan, remat=remat)
+  params, ids = gpt.init(model, batch=4, seq=64)
+  labels = jnp.roll(ids, -1, 1)
+  spec = lojax.LoraSpec(r=8, target_modules=["c_attn"], init_lora_weights=False)
+  how = dict(apply_fn=model.apply, example_args=(ids,))
+  f = lojax.lorafy(model.apply)
+
+  def loss(t, lora):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        f(lora.with_trainable(t), ids), labels).mean()
+
+  step = jax.jit(jax.value_and_grad(loss))
+  untargeted = re.compile(r"c_proj|c_fc|lm_head")
+  hand = jax.tree_util.tree_map_with_path(
+      lambda kp, x: lojax.quantize(x, "nf4", stacked=scan and "lm_head" not in str(kp))
+      if x.ndim >= 2 and untargeted.search(jax.tree_util.keystr(kp)) and "kernel" in str(kp)
+      else x, params)
+  nf4 = lojax.wrap(hand, spec, key=jax.random.key(0), quantize="nf4", **how)
+  decoded = jax.tree.map(lojax.dequantize, nf4.base, is_leaf=quant.is_quantized)
+  plain = lojax.wrap(decoded, spec, key=jax.random.key(0), **how).with_trainable(nf4.trainable)
+  temp = {}
+  for name, lora in (("nf4", nf4), ("float", plain)):
+    temp[name] = step.lower(lora.trainable, lora).compile().memory_analysis().temp_size_in_bytes
+  by_hand = sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(hand, is_leaf=quant.is_quantized)
+                if quant.is_quantized(x))
+  assert by_hand == 9 * 2**20 + 256 * 512 * 4   # 3 of 4 linears per block, and the head
+  # a decoded kernel lives while its matmul runs (at most two at once: 1 MiB each here);
+  # kept for the backward, they would add all 9.5 MiB
+  assert temp["nf4"] <= temp["float"] + 2 * 2**20, (temp, by_hand)
   (l1, g1), (l2, g2) = step(nf4.trainable, nf4), step(plain.trainable, plain)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):

@@ -310,6 +310,13 @@ def _interpreted(how, lora, args, kwargs, lora_rng, lora_deterministic, lora_ada
 
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
   invals = list(leaves)
+  for i, enc in enumerate(encoded):
+    if enc is not None and i not in terms:
+      # a quantized leaf with no adapter (lojax.quantize by hand): tagged without terms, so
+      # its consumers may keep its codes (a matmul's backward, a scan, a checkpoint) rather
+      # than the decoded value
+      invals[i] = tg.Tagged(leaves[i], paths[i], None, (), tuple(range(np.ndim(leaves[i]))),
+                            source=tg.Source(enc))
   for i, ts in terms.items():
     t0 = ts[0][0]
     sides = t0.sides()

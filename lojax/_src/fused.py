@@ -205,7 +205,8 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
   never writes the ``[w2; b]`` concatenation (a copy of the kernel per call).
 
   ``x2`` is ``[N, C]``, ``w2`` ``[C, D]`` (it gets no gradient), ``factors``
-  a sequence of ``(a [C, r], b [r, D])`` in ``x2``'s dtype. With
+  a sequence of ``(a [C, r], b [r, D])`` in ``x2``'s dtype (empty for a quantized kernel
+  with no adapter: only ``w_source`` then, and nothing of ``x2`` is kept). With
   ``recompute``, the backward recomputes ``x2`` as ``recompute.g(anchors)``
   instead of keeping it. With ``w_source = (fn, arrays)`` (a quantized
   kernel: ``w2 == fn(arrays)``, its codes and scales), ``w2`` is made from
@@ -224,6 +225,7 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
   else:
     w_fn = None
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  x_dtype = x2.dtype
   a_s = tuple(a for a, _ in factors)
   b_s = tuple(b for _, b in factors)
   anchors = () if recompute is None else recompute.anchors
@@ -233,14 +235,14 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
   def fwd(x2, anchors, w_in, a_s, b_s):
     w2 = w_in if w_fn is None else w_fn(w_in)
     ts = tuple(jnp.matmul(x2, a, **kw).astype(x2.dtype) for a in a_s)
-    if concat:
+    if concat and ts:
       y = jnp.matmul(jnp.concatenate((x2,) + ts, axis=1),
                      jnp.concatenate((w2,) + b_s, axis=0), **kw)
     else:
       y = jnp.matmul(x2, w2, **kw)
       for t, b in zip(ts, b_s):
         y = y + jnp.matmul(t, b, **kw)
-    kept = None if recompute is not None else x2
+    kept = None if recompute is not None or not factors else x2   # only dA needs x
     return y, (kept, anchors, w_in, a_s, b_s, ts)
 
   def bwd(res, dy):
@@ -256,12 +258,12 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
         x2, g_vjp = jax.vjp(recompute.g, anchors)
       else:
         x2 = recompute.g(anchors)
-    dy = dy.astype(x2.dtype)
-    gs = tuple(lax.dot_general(dy, b, t_dims, **kw).astype(x2.dtype) for b in b_s)
+    dy = dy.astype(x_dtype)
+    gs = tuple(lax.dot_general(dy, b, t_dims, **kw).astype(x_dtype) for b in b_s)
     dx = lax.dot_general(dy, w2, t_dims, **kw)
     for gi, a in zip(gs, a_s):
       dx = dx + lax.dot_general(gi, a, t_dims, **kw)
-    dx = dx.astype(x2.dtype)
+    dx = dx.astype(x_dtype)
     da = tuple(lax.dot_general(x2, gi, n_dims, **kw).astype(a.dtype) for gi, a in zip(gs, a_s))
     db = tuple(lax.dot_general(t, dy, n_dims, **kw).astype(b.dtype) for t, b in zip(ts, b_s))
     if recompute is not None and recompute.remat:

@@ -213,6 +213,9 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
   if ctx.record is not None:
     ctx.record(k, "dot_general", contract=tuple(kc), batch=tuple(kb))
   if not k.terms:
+    if (k.source is not None and ctx.remat and kc and not kb and out_sharding is None
+        and x.dtype == k.dtype):
+      return _dot_decoded(x, k, xc, kc, k_first, precision, preferred_element_type)
     return base
   sides = k.sides
   csides = {sides[a] for a in kc}
@@ -348,9 +351,11 @@ class _Layout:
     return jnp.transpose(kernel, self.f1_axes + self.k_free).reshape(self.c, self.d)
 
 
-def _layout(x, k, xc, kc, k_first, side) -> _Layout:
-  f1_axes = [j for j, s in enumerate(k.sides) if s == side]        # value order
-  k_free = [j for j in range(len(k.sides)) if j not in kc]
+def _layout(x, k, xc, kc, k_first, side=None) -> _Layout:
+  # the contracted side's axes in value order; without a side, in the order dot_general pairs
+  # them with x's (a kernel with no terms)
+  f1_axes = list(kc) if side is None else [j for j, s in enumerate(k.sides) if s == side]
+  k_free = [j for j in range(len(k.shape)) if j not in kc]
   pair = dict(zip(kc, xc))
   x_free = [j for j in range(x.ndim) if j not in xc]
   return _Layout(
@@ -464,14 +469,8 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
     f1 = term.a.astype(dtype).reshape(lay.c, -1)                    # [C, r]
     factors.append((f1, term.b.astype(dtype).reshape(f1.shape[1], lay.d)))
   w2 = lay.w2(k.value)
-  w_source = None
-  if k.source is not None:   # a quantized kernel: the backward decodes its codes again
-    src = k.source
-    children, treedef = jax.tree_util.tree_flatten(src.encoded)
-    w_source = (lambda arrs: lay.w2(src.make(jax.tree_util.tree_unflatten(treedef, arrs))),
-                tuple(children))
   y = fused.dense(lay.to_2d(x), w2, factors, recompute, precision=precision,
-                  preferred_element_type=preferred_element_type, w_source=w_source,
+                  preferred_element_type=preferred_element_type, w_source=_w_source(k, lay),
                   concat=not ctx.split)
   m = k.terms[0].m if len(k.terms) == 1 else None
   if m is not None:   # DoRA: (m/n) * z, a [D] scale on the one output
@@ -481,6 +480,28 @@ def _dot_fused(ctx, x, k, xc, kc, k_first, base, precision, preferred_element_ty
     if term.bias is not None:
       y = y + term.bias.astype(y.dtype).reshape(lay.d)
   return lay.from_2d(y).astype(base.dtype)
+
+
+def _w_source(k, lay: _Layout):
+  """``(fn, arrays)`` with ``fn(arrays) == lay.w2(k.value)`` for a quantized kernel (its codes
+  and scales, decoded by ``fn``), so :func:`fused.dense` keeps the codes; None otherwise."""
+  if k.source is None:
+    return None
+  src = k.source
+  children, treedef = jax.tree_util.tree_flatten(src.encoded)
+  return (lambda arrs: lay.w2(src.make(jax.tree_util.tree_unflatten(treedef, arrs))),
+          tuple(children))
+
+
+def _dot_decoded(x, k, xc, kc, k_first, precision, preferred_element_type):
+  """``x @ W`` for a quantized kernel with no adapter (one stored with :func:`lojax.quantize`
+  outside the targets) as :func:`fused.dense` without factors: the backward's input gradient
+  decodes the codes again instead of keeping the decoded kernel from the forward, as for a
+  target. Nothing of ``x`` is kept (no adapter gradient needs it)."""
+  lay = _layout(x, k, xc, kc, k_first)
+  y = fused.dense(lay.to_2d(x), lay.w2(k.value), (), precision=precision,
+                  preferred_element_type=preferred_element_type, w_source=_w_source(k, lay))
+  return lay.from_2d(y)
 
 
 # --------------------------------------------------------------------------
