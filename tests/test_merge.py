@@ -341,3 +341,41 @@ def test_merge_two_adapters_saving_the_same_module_raises():
     lojax.lorafy(fn)(lora, jnp.ones((1, 4)))
   with pytest.raises(ValueError, match=r"head/kernel"):
     lojax.merge(lora)
+
+
+def test_an_eager_merge_compiles_one_program_per_kernel_layout(caplog):
+  """lojax.merge / unmerge and lojax.dequantize called outside jit compile one program per
+  variant and kernel layout, which the layers share, not one per op (op by op, this 6-layer
+  model's DoRA merge compiled 72 programs and decoding its NF4 kernels 64); the values are
+  the op-by-op ones."""
+  import logging
+  m = gpt.GPT(vocab=89, d=60, heads=4, layers=6, max_len=12)   # shapes of this test alone
+  params, _ = gpt.init(m, batch=1, seq=12)
+
+  def programs(call):
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+      out = call()
+    return out, [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+
+  layouts = 4   # c_attn, attn c_proj, c_fc, mlp c_proj
+  for kw in ({}, {"use_dora": True}):
+    lora = lojax.wrap(params, lojax.LoraSpec(r=4, target_modules="all-linear",
+                                             init_lora_weights=False, **kw), key=jax.random.key(0))
+    merged, compiled = programs(lambda: lojax.merge(lora))
+    assert len(compiled) <= layouts, compiled
+    base, compiled = programs(lambda: lojax.unmerge(lora, merged))
+    assert len(compiled) <= layouts, compiled
+    with jax.disable_jit():
+      by_op = lojax.merge(lora)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(by_op)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  q = lojax.wrap(params, lojax.LoraSpec(r=4, target_modules="all-linear"), key=jax.random.key(0),
+                 quantize="nf4")
+  is_q = lambda x: isinstance(x, lojax.QuantizedArray)  # noqa: E731
+  decoded, compiled = programs(lambda: jax.tree.map(lojax.dequantize, q.base, is_leaf=is_q))
+  assert len(compiled) <= layouts, compiled
+  with jax.disable_jit():
+    by_op = jax.tree.map(lojax.dequantize, q.base, is_leaf=is_q)
+  for a, b in zip(jax.tree.leaves(decoded), jax.tree.leaves(by_op)):
+    np.testing.assert_array_equal(a, b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -53,11 +55,8 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
     for t in meta.targets:
       i = index[t.leaf_path]
       w, entry = floats[i], ad[model.LORA][t.path]
-      if sign > 0:
-        new = variant.merge(t, w, entry)
-      else:
-        new = variant.unmerge(t, w, entry, model.decode(base_by_path[t.leaf_path]))
-      floats[i] = new.astype(w.dtype)
+      base_w = None if sign > 0 else model.decode(base_by_path[t.leaf_path])
+      floats[i] = _folded(variant, t, sign, w, entry, base_w)
       touched.add(t.leaf_path)
       c = variant.bias_delta(t, entry)
       if c is not None:   # lora_bias: into the module's own bias
@@ -93,6 +92,24 @@ def _apply(lora: LoraParams, params, adapter_names, sign: float, safe: bool):
       if model.is_encoded(base := base_by_path.get(p)):
         floats[index[p]] = base.encode_like(floats[index[p]])
   return jax.tree_util.tree_unflatten(treedef, floats)
+
+
+def _fold(variant, t, sign, w, entry, base_w):
+  new = variant.merge(t, w, entry) if sign > 0 else variant.unmerge(t, w, entry, base_w)
+  return new.astype(w.dtype)
+
+
+# One compiled program per variant, kernel layout and shapes (the target's path is not part of
+# the math, so the layers of a model share it), instead of one per op of an eager merge.
+_fold_jit = functools.partial(jax.jit, static_argnums=(0, 1, 2))(_fold)
+
+
+def _folded(variant, t, sign, w, entry, base_w):
+  """``variant.merge`` (``sign`` 1) or ``unmerge`` (-1) of one target, in ``w``'s dtype."""
+  try:
+    return _fold_jit(variant, dataclasses.replace(t, path="", leaf=""), sign, w, entry, base_w)
+  except (ValueError, TypeError):
+    return _fold(variant, t, sign, w, entry, base_w)   # the error, naming the target
 
 
 def _module_bias(t, index, floats, shape, name: str) -> int:

@@ -34,6 +34,7 @@ shape); dequantization is written once for NumPy and ``jax.numpy``.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from typing import Any, Sequence
@@ -353,11 +354,19 @@ def dequantize(x: Any, dtype: Any = None):
   if not is_quantized(x):
     return x
   data = x.data
-  if x.gather is not None and isinstance(next(iter(data.values())), jax.core.Tracer):
+  dtype = np.dtype(x.dtype if dtype is None else dtype)
+  if not any(isinstance(v, jax.core.Tracer) for v in data.values()):
+    # concrete arrays: one compiled program per layout, not one per op
+    return _decoded(data, x.method, tuple(x.shape), bool(x.stacked), dtype)
+  if x.gather is not None:
     gather = dict(x.gather)   # FSDP: gather the stored arrays, then decode the whole kernel
     data = {k: _all_gather(v, *gather[k]) if k in gather else v for k, v in data.items()}
-  out = _dequantize(jnp, data, x.method, x.shape, x.stacked)
-  return out.astype(x.dtype if dtype is None else dtype)
+  return _dequantize(jnp, data, x.method, x.shape, x.stacked).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _decoded(data, method, shape, stacked, dtype):
+  return _dequantize(jnp, data, method, shape, stacked).astype(dtype)
 
 
 def _all_gather(v, stored, gathered):
