@@ -140,7 +140,9 @@ def merge(lora: LoraParams, /, *, adapter_names: str | Sequence[str] | None = No
   Each adapted kernel becomes ``W + s*A@B`` (with ``lora_bias``, its module's
   bias ``+ s*b``; a module without a bias raises), trained biases ``b + delta``,
   saved modules their trained copies — PEFT's ``merge_and_unload``. The
-  result has the structure of ``lora.base``.
+  result has the structure of ``lora.base``. Called outside ``jax.jit``, each
+  kernel is folded by one compiled program per variant and kernel layout
+  (shared by a model's layers).
 
   Args:
     lora: the LoRA tree.

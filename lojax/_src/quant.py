@@ -335,7 +335,8 @@ def _dequantize(xp, data: dict, method: str, shape, stacked: bool):
 
 
 def dequantize(x: Any, dtype: Any = None):
-  """The float kernel that a :class:`QuantizedArray` stands for (jit-able).
+  """The float kernel that a :class:`QuantizedArray` stands for (jit-able; on concrete
+  arrays, one compiled program per layout).
 
   Args:
     x: a :class:`QuantizedArray` (other values are returned unchanged).
