@@ -327,20 +327,20 @@ def test_training_on_a_quantized_base_equals_the_dequantized_float_model(method)
   assert abs(float_loss - float(got_loss)) > 1e-6
 
 
-@pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (True, True)],
-                         ids=["unrolled", "scan", "scan_remat"])
-def test_a_quantized_step_holds_no_float_copy_of_the_kernels(scan, remat):
-  """A QLoRA step keeps the codes, not the decoded kernels: the lean dense op decodes again
-  in the backward, a scan over a quantized stack decodes one layer per step, and a
-  checkpointed layer (nn.remat) takes the codes as its input and decodes inside (else it
-  would keep each layer's decoded kernel for the backward). Its temp memory is then the
-  float32 LoRA step's (a float copy of the adapted kernels would add their 12 MiB here),
-  and it computes what the same adapters compute on the decoded base."""
+SCAN_REMAT = pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (True, True)],
+                                     ids=["unrolled", "scan", "scan_remat"])
+
+
+def _nf4_and_float_steps(scan, remat, targets, by_hand=lambda path: False):
+  """A 4-block GPT wrapped with NF4 ``targets`` (and the kernels ``by_hand(path)`` stored
+  with lojax.quantize before wrap) and the same adapters on the decoded float base: the
+  temp memory of each one's training step, and the float kernel bytes stored as NF4. Both
+  steps' losses and gradients are checked equal."""
   import optax
   model = gpt.GPT(vocab=512, d=256, heads=4, layers=4, max_len=64, scan=scan, remat=remat)
   params, ids = gpt.init(model, batch=4, seq=64)
   labels = jnp.roll(ids, -1, 1)
-  spec = lojax.LoraSpec(r=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+  spec = lojax.LoraSpec(r=8, target_modules=targets, init_lora_weights=False)
   how = dict(apply_fn=model.apply, example_args=(ids,))
   f = lojax.lorafy(model.apply)
 
@@ -349,24 +349,38 @@ def test_a_quantized_step_holds_no_float_copy_of_the_kernels(scan, remat):
         f(lora.with_trainable(t), ids), labels).mean()
 
   step = jax.jit(jax.value_and_grad(loss))
-  nf4 = lojax.wrap(params, spec, key=jax.random.key(0), quantize="nf4", **how)
+  hand = jax.tree_util.tree_map_with_path(
+      lambda kp, x: lojax.quantize(x, "nf4", stacked=scan and "lm_head" not in str(kp))
+      if by_hand(jax.tree_util.keystr(kp)) else x, params)
+  nf4 = lojax.wrap(hand, spec, key=jax.random.key(0), quantize="nf4", **how)
   decoded = jax.tree.map(lojax.dequantize, nf4.base, is_leaf=quant.is_quantized)
   plain = lojax.wrap(decoded, spec, key=jax.random.key(0), **how).with_trainable(nf4.trainable)
   temp = {}
   for name, lora in (("nf4", nf4), ("float", plain)):
     temp[name] = step.lower(lora.trainable, lora).compile().memory_analysis().temp_size_in_bytes
-  kernels = sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(nf4.base, is_leaf=quant.is_quantized)
-                if quant.is_quantized(x))
-  assert kernels == 12 * 2**20
-  assert temp["nf4"] <= temp["float"] + kernels // 8, (temp, kernels)
   (l1, g1), (l2, g2) = step(nf4.trainable, nf4), step(plain.trainable, plain)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+  stored = lambda tree: sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(  # noqa: E731
+      tree, is_leaf=quant.is_quantized) if quant.is_quantized(x))
+  return temp, stored(nf4.base), stored(hand)
 
 
-@pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (True, True)],
-                         ids=["unrolled", "scan", "scan_remat"])
+@SCAN_REMAT
+def test_a_quantized_step_holds_no_float_copy_of_the_kernels(scan, remat):
+  """A QLoRA step keeps the codes, not the decoded kernels: the lean dense op decodes again
+  in the backward, a scan over a quantized stack decodes one layer per step, and a
+  checkpointed layer (nn.remat) takes the codes as its input and decodes inside (else it
+  would keep each layer's decoded kernel for the backward). Its temp memory is then the
+  float32 LoRA step's (a float copy of the adapted kernels would add their 12 MiB here),
+  and it computes what the same adapters compute on the decoded base."""
+  temp, kernels, _ = _nf4_and_float_steps(scan, remat, ["c_attn", "c_proj", "c_fc"])
+  assert kernels == 12 * 2**20
+  assert temp["nf4"] <= temp["float"] + kernels // 8, (temp, kernels)
+
+
+@SCAN_REMAT
 def test_untargeted_kernels_quantized_by_hand_keep_their_codes(scan, remat):
   """Kernels outside the targets, stored with lojax.quantize before wrap, are kept as codes
   as the targets are: the dense op decodes them again in the backward (their input gradient
@@ -375,40 +389,13 @@ def test_untargeted_kernels_quantized_by_hand_keep_their_codes(scan, remat):
   here), or the whole decoded stack; its temp memory is the float step's but for the
   kernels decoded while their matmuls run, and it computes what the decoded model
   computes."""
-  import optax
-  model = gpt.GPT(vocab=512, d=256, heads=4, layers=4, max_len=64, scan=scan, remat=remat)
-  params, ids = gpt.init(model, batch=4, seq=64)
-  labels = jnp.roll(ids, -1, 1)
-  spec = lojax.LoraSpec(r=8, target_modules=["c_attn"], init_lora_weights=False)
-  how = dict(apply_fn=model.apply, example_args=(ids,))
-  f = lojax.lorafy(model.apply)
-
-  def loss(t, lora):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        f(lora.with_trainable(t), ids), labels).mean()
-
-  step = jax.jit(jax.value_and_grad(loss))
-  untargeted = re.compile(r"c_proj|c_fc|lm_head")
-  hand = jax.tree_util.tree_map_with_path(
-      lambda kp, x: lojax.quantize(x, "nf4", stacked=scan and "lm_head" not in str(kp))
-      if x.ndim >= 2 and untargeted.search(jax.tree_util.keystr(kp)) and "kernel" in str(kp)
-      else x, params)
-  nf4 = lojax.wrap(hand, spec, key=jax.random.key(0), quantize="nf4", **how)
-  decoded = jax.tree.map(lojax.dequantize, nf4.base, is_leaf=quant.is_quantized)
-  plain = lojax.wrap(decoded, spec, key=jax.random.key(0), **how).with_trainable(nf4.trainable)
-  temp = {}
-  for name, lora in (("nf4", nf4), ("float", plain)):
-    temp[name] = step.lower(lora.trainable, lora).compile().memory_analysis().temp_size_in_bytes
-  by_hand = sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(hand, is_leaf=quant.is_quantized)
-                if quant.is_quantized(x))
+  untargeted = re.compile(r"(c_proj|c_fc|lm_head).*kernel")
+  temp, _, by_hand = _nf4_and_float_steps(scan, remat, ["c_attn"],
+                                          lambda path: bool(untargeted.search(path)))
   assert by_hand == 9 * 2**20 + 256 * 512 * 4   # 3 of 4 linears per block, and the head
   # a decoded kernel lives while its matmul runs (at most two at once: 1 MiB each here);
   # kept for the backward, they would add all 9.5 MiB
   assert temp["nf4"] <= temp["float"] + 2 * 2**20, (temp, by_hand)
-  (l1, g1), (l2, g2) = step(nf4.trainable, nf4), step(plain.trainable, plain)
-  np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
 
 
 def test_a_quantized_embedding_decodes_only_the_gathered_rows():
