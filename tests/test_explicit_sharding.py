@@ -34,13 +34,15 @@ def check_equiv(line):
 
 
 def test_lora_dense_and_scanned_layers():
-  checks = run("lora", "scan")
+  checks = run("lora", "scan", "quantized")
   equiv = [c for c in checks if re.match(r"CHECK explicit (lora|scan) ", c)]
   assert len(equiv) == 2
   for line in equiv:
     check_equiv(line)
   (coll,) = [c for c in checks if c.startswith("CHECK explicit collectives")]
   assert "kernel_shaped_bytes lora=0 " in coll and "all_to_alls lora=0 " in coll, coll
+  # a kernel outside the targets stored quantized by hand: the decoded float kernel's numbers
+  assert any(c.startswith("CHECK explicit quantized ") for c in checks), checks
 
 
 @pytest.mark.slow

@@ -398,6 +398,41 @@ def test_untargeted_kernels_quantized_by_hand_keep_their_codes(scan, remat):
   assert temp["nf4"] <= temp["float"] + 2 * 2**20, (temp, by_hand)
 
 
+def test_a_hand_quantized_leaf_replaced_or_multiplied_by_a_target():
+  """A hand-quantized base leaf whose modules_to_save copy is trained (adapters trained on the
+  float base, loaded onto a quantized one) is that copy in the step, not the base's codes; a
+  target multiplied by a hand-quantized kernel (x @ (T @ U)) stays factorized."""
+  import warnings
+  k = jax.random.split(jax.random.key(0), 3)
+  t, u = (jax.random.normal(key, (64, 64)) * 0.1 for key in k[:2])
+  x = jax.random.normal(k[2], (4, 64))
+  spec = lojax.LoraSpec(r=4, target_modules=["t"], modules_to_save=["u"],
+                        init_lora_weights=False)
+  lo = lojax.wrap({"t": {"kernel": t}, "u": {"kernel": u}}, spec, key=jax.random.key(0))
+  tr = lo.trainable
+  tr["default"]["modules_to_save"]["u/kernel"] = 2 * tr["default"]["modules_to_save"]["u/kernel"]
+  lo = lo.with_trainable(tr)
+  lq = lojax.LoraParams({"t": {"kernel": t}, "u": {"kernel": lojax.quantize(u, "nf4")}},
+                        lo.adapters, lo.meta)
+  f = lambda p, x: (x @ p["t"]["kernel"]) @ p["u"]["kernel"]  # noqa: E731
+  np.testing.assert_allclose(lojax.lorafy(f)(lq, x), lojax.lorafy(f)(lo, x), rtol=1e-6)
+  grad = lambda lora: jax.grad(lambda tr: jnp.sum(lojax.lorafy(f)(lora.with_trainable(tr), x)))(
+      lora.trainable)["default"]["modules_to_save"]["u/kernel"]  # noqa: E731
+  np.testing.assert_allclose(grad(lq), grad(lo), rtol=1e-5, atol=1e-6)
+
+  q = {"t": {"kernel": t}, "u": {"kernel": lojax.quantize(u, "nf4")}}
+  lora = lojax.wrap(q, lojax.LoraSpec(r=4, target_modules=["t"], init_lora_weights=False),
+                    key=jax.random.key(0))
+  g = lambda p, x: x @ (p["t"]["kernel"] @ p["u"]["kernel"])  # noqa: E731
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=".*cannot factorize")
+    out = lojax.lorafy(g)(lora, x)
+  merged = lojax.merge(lora)
+  np.testing.assert_allclose(out, g(jax.tree.map(lojax.dequantize, merged,
+                                                 is_leaf=quant.is_quantized), x),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_a_quantized_embedding_decodes_only_the_gathered_rows():
   """XLA fuses the decoding of a hand-quantized (untargeted) embedding into the lookup: the
   step holds no decoded table (1 MiB here), only the codes unpacked to a byte each."""

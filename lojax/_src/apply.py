@@ -88,9 +88,11 @@ def view(lora: LoraParams):
             f"'{p}' (modules_to_save); activate only one of them.")
       saved_by[p] = name
       leaves[index[p]] = x
+      encoded[index[p]] = None   # the trained copy is what the step uses, not the base's codes
     for p, d in params[model.BIAS].items():
       x = leaves[index[p]]
       leaves[index[p]] = x + meta.expand_bias(p, d.astype(x.dtype), x.shape)
+      encoded[index[p]] = None
     for t in meta.targets:
       f = model.factors(meta, t, params[model.LORA][t.path])
       terms.setdefault(index[t.leaf_path], []).append((t, f, name))
@@ -155,7 +157,8 @@ def lorafy(fn: Callable, /, *, remat: bool = True, split_kernels: bool = False) 
   Args:
     fn: any function whose first argument is the param tree.
     remat: a compile-time choice, default True: plain ``x @ W`` uses of
-      adapted kernels run as one matmul under a custom VJP whose backward
+      adapted kernels (and of quantized kernels outside the targets, whose
+      backward decodes them again) run as one matmul under a custom VJP whose backward
       recomputes the kernel input from the values it was computed from (see
       ``lojax/_src/fused.py``), instead of keeping an activation-sized
       buffer per adapted kernel for the adapter gradients. Set False to
@@ -311,10 +314,10 @@ def _interpreted(how, lora, args, kwargs, lora_rng, lora_deterministic, lora_ada
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
   invals = list(leaves)
   for i, enc in enumerate(encoded):
-    if enc is not None and i not in terms:
+    if enc is not None and i not in terms and not _explicit(leaves[i]):
       # a quantized leaf with no adapter (lojax.quantize by hand): tagged without terms, so
       # its consumers may keep its codes (a matmul's backward, a scan, a checkpoint) rather
-      # than the decoded value
+      # than the decoded value (on an Explicit mesh it stays a plain decoded array)
       invals[i] = tg.Tagged(leaves[i], paths[i], None, (), tuple(range(np.ndim(leaves[i]))),
                             source=tg.Source(enc))
   for i, ts in terms.items():
@@ -346,6 +349,12 @@ def _interpreted(how, lora, args, kwargs, lora_rng, lora_deterministic, lora_ada
   _warn_transposed(terms, ctx.contracted)
   outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _explicit(x) -> bool:
+  """Whether ``x``'s type is on a mesh with Explicit axes."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  return any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
 
 
 def _compiled_call(lora, args, kwargs, opts):

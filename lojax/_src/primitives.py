@@ -207,8 +207,9 @@ def _encoded(x: Tagged):
 def _with_codes(x: Tagged, value, triples) -> Tagged:
   """``x`` rebuilt from :func:`_pack`'s arrays: the value, its encoded leaf, the factors."""
   value, encoded = value
+  ops = () if x.source is None else x.source.ops   # _with_factors drops the source
   x = _with_factors(x, value, triples)
-  return x if encoded is None else x.replace(source=tg.Source(encoded, x.source.ops))
+  return x if encoded is None else x.replace(source=tg.Source(encoded, ops))
 
 
 def _reshard(eqn, invals, ctx, run):
