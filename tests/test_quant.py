@@ -433,6 +433,31 @@ def test_a_hand_quantized_leaf_replaced_or_multiplied_by_a_target():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_a_bf16_matmul_with_f32_accumulation_has_jaxs_input_gradient():
+  """bf16 activations times a quantized bf16 kernel with ``preferred_element_type=f32``: the
+  lean op's backward forms the input gradient from the f32 cotangent, as JAX's own rule does
+  (rounding it to bf16 first changed the gradients by ~3e-3), so the step's gradients are
+  those of the same model on the decoded float kernel."""
+  k = jax.random.split(jax.random.key(0), 3)
+  t = jax.random.normal(k[0], (64, 64)) * 0.1
+  u = jax.random.normal(k[1], (64, 256))
+  x = jax.random.normal(k[2], (8, 64))
+
+  def f(p, x):
+    h = (x @ p["t"]["kernel"]).astype(jnp.bfloat16)
+    return jnp.matmul(h, p["u"]["kernel"], preferred_element_type=jnp.float32)
+
+  spec = lojax.LoraSpec(r=4, target_modules=["t"], init_lora_weights=False)
+  stored = lojax.quantize(u.astype(jnp.bfloat16), "nf4")
+  lq = lojax.wrap({"t": {"kernel": t}, "u": {"kernel": stored}}, spec, key=jax.random.key(0))
+  lf = lojax.wrap({"t": {"kernel": t}, "u": {"kernel": lojax.dequantize(stored)}}, spec,
+                  key=jax.random.key(0)).with_trainable(lq.trainable)
+  grad = lambda lo: jax.jit(jax.grad(lambda tr: jnp.sum(jnp.sin(3 * lojax.lorafy(f)(  # noqa
+      lo.with_trainable(tr), x)))))(lo.trainable)
+  for a, b in zip(jax.tree.leaves(grad(lq)), jax.tree.leaves(grad(lf))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
+
+
 def test_a_quantized_embedding_decodes_only_the_gathered_rows():
   """XLA fuses the decoding of a hand-quantized (untargeted) embedding into the lookup: the
   step holds no decoded table (1 MiB here), only the codes unpacked to a byte each."""

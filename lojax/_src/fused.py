@@ -258,9 +258,11 @@ def dense(x2, w2, factors, recompute: Recompute | None = None, *, precision=None
         x2, g_vjp = jax.vjp(recompute.g, anchors)
       else:
         x2 = recompute.g(anchors)
+    # the frozen input gradient from the cotangent as it comes (an f32 cotangent of a bf16
+    # matmul with preferred_element_type=f32 is not rounded first, as in JAX's own rule)
+    dx = lax.dot_general(dy, w2, t_dims, **kw)
     dy = dy.astype(x_dtype)
     gs = tuple(lax.dot_general(dy, b, t_dims, **kw).astype(x_dtype) for b in b_s)
-    dx = lax.dot_general(dy, w2, t_dims, **kw)
     for gi, a in zip(gs, a_s):
       dx = dx + lax.dot_general(gi, a, t_dims, **kw)
     dx = dx.astype(x_dtype)
