@@ -16,6 +16,7 @@ from lojax._src import analysis
 from lojax._src import interpret
 from lojax._src import model
 from lojax._src import paths as P
+from lojax._src import primitives
 from lojax._src import rules
 from lojax._src import tagged as tg
 from lojax._src import tokens
@@ -314,7 +315,8 @@ def _interpreted(how, lora, args, kwargs, lora_rng, lora_deterministic, lora_ada
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, dyn)
   invals = list(leaves)
   for i, enc in enumerate(encoded):
-    if enc is not None and i not in terms and not _explicit(leaves[i]):
+    if (enc is not None and i not in terms
+        and not primitives.on_explicit_mesh(getattr(jax.typeof(leaves[i]), "sharding", None))):
       # a quantized leaf with no adapter (lojax.quantize by hand): tagged without terms, so
       # its consumers may keep its codes (a matmul's backward, a scan, a checkpoint) rather
       # than the decoded value (on an Explicit mesh it stays a plain decoded array)
@@ -349,12 +351,6 @@ def _interpreted(how, lora, args, kwargs, lora_rng, lora_deterministic, lora_ada
   _warn_transposed(terms, ctx.contracted)
   outs = [tg.materialize(o) if isinstance(o, tg.Tagged) else o for o in outs]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
-
-
-def _explicit(x) -> bool:
-  """Whether ``x``'s type is on a mesh with Explicit axes."""
-  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-  return any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
 
 
 def _compiled_call(lora, args, kwargs, opts):

@@ -68,6 +68,14 @@ def run_closed(closed, args, ctx):
 
 
 def _tagged_eqn(eqn, invals, ctx):
+  if (ctx.record is None and sum(isinstance(x, Tagged) for x in invals) > 1
+      and not _has_body(eqn)):
+    # a tagged value without terms (a quantized leaf outside the targets) beside an adapted
+    # kernel is an operand like any other (e.g. x @ (T @ U), T adapted): the rules see one
+    # tagged input. (A scan, checkpoint, ... keeps it tagged: its body decodes the codes.)
+    invals = [x.value if isinstance(x, Tagged) and not x.terms else x for x in invals]
+    if not any(isinstance(x, Tagged) for x in invals):
+      return primitives.bind(eqn, invals)
   handler = primitives.HANDLERS.get(eqn.primitive)
   if handler is not None:
     out = handler(eqn, invals, ctx, run)
@@ -82,3 +90,11 @@ def _tagged_eqn(eqn, invals, ctx):
           f"`{name}`, which lojax cannot factorize, so there is no such output. Leave this "
           "module out of the targets, or use `lora_bias=False`.")
   return primitives.bind(eqn, [primitives.merged(ctx, x, name) for x in invals])
+
+
+def _has_body(eqn) -> bool:
+  """Whether ``eqn`` runs inner jaxprs (scan, while, cond, checkpoint, jit, custom rules)."""
+  inner = (jcore.Jaxpr, jcore.ClosedJaxpr)
+  return any(isinstance(v, inner) or (isinstance(v, (tuple, list)) and
+                                      any(isinstance(b, inner) for b in v))
+             for v in eqn.params.values())

@@ -155,14 +155,16 @@ def _consumer(rule) -> Handler:
   return handle
 
 
+def on_explicit_mesh(sharding) -> bool:
+  """Whether ``sharding`` (a type's, or None) is on a mesh with ``Explicit`` axes."""
+  mesh = getattr(sharding, "mesh", None)
+  return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
 def _explicit_outs(eqn):
   """The output shardings of ``eqn`` if any is typed on an ``Explicit`` mesh axis, else None."""
   shardings = [getattr(v.aval, "sharding", None) for v in eqn.outvars]
-  for sh in shardings:
-    mesh = getattr(sh, "mesh", None)
-    if mesh is not None and any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-      return shardings
-  return None
+  return shardings if any(map(on_explicit_mesh, shardings)) else None
 
 
 def _in_auto_axes(eqn, invals, ctx, rule, outs):

@@ -205,12 +205,7 @@ def dot_general(ctx: Context, lhs, rhs, *, dimension_numbers, precision=None,
       out_sharding=out_sharding)
   (lc, rc), (lb, rb) = dimension_numbers
   if isinstance(lhs, tg.Tagged) and isinstance(rhs, tg.Tagged):
-    if ctx.record is None and not lhs.terms:    # a quantized leaf with no adapter: its value
-      lhs = lhs.value
-    elif ctx.record is None and not rhs.terms:
-      rhs = rhs.value
-    else:
-      return None  # kernel @ kernel: materialise both (caller handles)
+    return None  # kernel @ kernel: materialise both (caller handles)
   if isinstance(rhs, tg.Tagged):
     k, x, kc, xc, kb, xb, k_first = rhs, lhs, rc, lc, rb, lb, False
   else:
@@ -514,8 +509,6 @@ def _dot_decoded(x, k, xc, kc, k_first, precision, preferred_element_type):
 # --------------------------------------------------------------------------
 
 def conv(ctx: Context, lhs, rhs, **params):
-  if isinstance(lhs, tg.Tagged) and ctx.record is None and not lhs.terms:
-    lhs = lhs.value   # a quantized leaf with no adapter, convolved with a kernel
   if isinstance(lhs, tg.Tagged) or not isinstance(rhs, tg.Tagged):
     return None
   base = lax.conv_general_dilated_p.bind(lhs, rhs.value, **params)
