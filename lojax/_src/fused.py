@@ -182,16 +182,21 @@ def _after(vals, dy):
   """
   if dy.size == 0:
     return vals
+  # lax, not jnp: the same ops without a jitted wrapper per call, which is most of the cost
+  # of tracing this (once per adapted kernel in every step's trace)
   d0 = lax.reshape(lax.slice(dy, (0,) * dy.ndim, (1,) * dy.ndim), ())
-  finite = jnp.isfinite(d0)
-  z = -(jnp.abs(d0) * jnp.zeros((), d0.dtype))
+  finite = lax.is_finite(d0)
+  z = lax.neg(lax.mul(lax.abs(d0), lax.full((), 0, d0.dtype)))
 
   def tie(v):
+    v = jnp.asarray(v)
     if jnp.issubdtype(v.dtype, jnp.integer):   # e.g. quantized codes: + 0 from dy
-      return jnp.where(finite, v + (jnp.abs(d0) * 0).astype(v.dtype), v)
-    if not jnp.issubdtype(v.dtype, jnp.floating):
+      zero = lax.convert_element_type(lax.mul(lax.abs(d0), lax.full((), 0, d0.dtype)), v.dtype)
+    elif jnp.issubdtype(v.dtype, jnp.floating):
+      zero = lax.convert_element_type(z, v.dtype)
+    else:
       return v
-    return jnp.where(finite, v + z.astype(v.dtype), v)
+    return lax.select(finite, lax.add(v, lax.broadcast(zero, v.shape)), v)
 
   return jax.tree.map(tie, vals)
 
