@@ -25,17 +25,8 @@ suite's compile time is programs compiled again, in another test or worker.
 The cache stores XLA's executables; the HLO, cost and memory analyses the tests
 read come back with them. Set LOJAX_TEST_XLA_CACHE=0 to compile everything
 afresh; the benchmark scripts switch the cache off for their own timings.
-
-Python's cyclic garbage collector takes about a quarter of the time JAX spends
-tracing and lowering (a 16-layer LoRA step lowers in 1.7 s, 1.2 s with the
-collector off; the frozen model's step alike), most of it scanning the
-millions of objects that importing jax, torch and transformers leaves behind.
-After collection each process freezes those (``gc.freeze``) and collects the
-youngest generation every 50000 allocations instead of 700; cycles are still
-collected. Set LOJAX_TEST_GC=0 for Python's defaults.
 """
 
-import gc
 import os
 import shutil
 import subprocess
@@ -69,13 +60,6 @@ if (os.environ.get("LOJAX_TEST_XLA_CACHE") != "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   _CACHE_OWNER = True
-
-
-def pytest_collection_finish(session):
-  if os.environ.get("LOJAX_TEST_GC") != "0":   # see the module docstring
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def pytest_unconfigure(config):
