@@ -186,17 +186,17 @@ def _after(vals, dy):
   # of tracing this (once per adapted kernel in every step's trace)
   d0 = lax.reshape(lax.slice(dy, (0,) * dy.ndim, (1,) * dy.ndim), ())
   finite = lax.is_finite(d0)
-  z = lax.neg(lax.mul(lax.abs(d0), lax.full((), 0, d0.dtype)))
+  zero = lax.mul(lax.abs(d0), lax.full((), 0, d0.dtype))   # +0.0 where d0 is finite
 
   def tie(v):
     v = jnp.asarray(v)
     if jnp.issubdtype(v.dtype, jnp.integer):   # e.g. quantized codes: + 0 from dy
-      zero = lax.convert_element_type(lax.mul(lax.abs(d0), lax.full((), 0, d0.dtype)), v.dtype)
+      z = lax.convert_element_type(zero, v.dtype)
     elif jnp.issubdtype(v.dtype, jnp.floating):
-      zero = lax.convert_element_type(z, v.dtype)
+      z = lax.convert_element_type(lax.neg(zero), v.dtype)   # -0.0: v + -0.0 == v, even -0.0
     else:
       return v
-    return lax.select(finite, lax.add(v, lax.broadcast(zero, v.shape)), v)
+    return lax.select(finite, lax.add(v, lax.broadcast(z, v.shape)), v)
 
   return jax.tree.map(tie, vals)
 
